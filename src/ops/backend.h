@@ -1,0 +1,123 @@
+#pragma once
+// The backend interface: every op the model needs, declared once, implemented per device
+// (ops/cpu is the reference; ops/cuda the Hopper backend). Model code calls only these, so it has no
+// device-specific branches. Conventions:
+//  - PyTorch dimension order, a Linear is y = x W^T with W [out, in].
+//  - Activations are allocated by the backend (alloc) in its activation dtype (fp32 on the CPU).
+//  - Weights may be F32 or BF16 (fp8 checkpoints are dequantized at load); every op accepts both.
+//  - Outputs are overwritten unless the name says accumulate (`_acc`: out += ...).
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace dsv3 {
+
+struct ModelConfig;
+
+// The latent KV cache of MLA in fixed-size blocks (paged): for every layer and every cached token, the
+// normalized latent c (kv_lora_rank) followed by the rotated k_pe (qk_rope_head_dim). A sequence owns a list
+// of blocks; position p of a sequence lives in block table[p / block_size] at slot p % block_size.
+struct KvPoolSpec {
+  int64_t layers = 0, num_blocks = 0, block_size = 64, kv_lora_rank = 0, rope_dim = 0;
+  int64_t row() const { return kv_lora_rank + rope_dim; }
+};
+
+// One sequence of a forward batch: `len` new tokens at rows [row0, row0 + len) of the batch, at positions
+// [pos0, pos0 + len); its cache blocks.
+struct SeqSlice {
+  int64_t row0 = 0, len = 0, pos0 = 0;
+  const int32_t* blocks = nullptr;  // block table (host memory), covers pos0 + len positions
+  int64_t num_blocks = 0;
+};
+
+// Router hyper-parameters (from the config) for moe_route.
+struct RouteParams {
+  int64_t n_experts = 0, top_k = 0, n_group = 1, topk_group = 1;
+  bool sigmoid = true, norm_topk_prob = true, group_limited = true, noaux_bias = true;
+  double scaling = 1.0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+  virtual DType act_dtype() const = 0;
+
+  // ---- memory
+  virtual Tensor alloc(DType t, Shape s, const char* name = "") = 0;          // uninitialized
+  virtual Tensor upload(const Tensor& host) = 0;                               // copy of a CPU tensor here
+  virtual Tensor to_host(const Tensor& t) = 0;                                 // CPU copy, as fp32 for float dtypes
+  virtual Tensor alloc_kv_pool(const KvPoolSpec& spec) = 0;                    // [layers, blocks, block, r + dr] f32
+  virtual void synchronize() {}
+
+  // ---- elementwise / norms
+  // out[T, H] = table[ids[t], :]; ids host int32 [T]; every id checked < V by the caller.
+  virtual void embedding(Tensor& out, const Tensor& table, const std::vector<int32_t>& ids) = 0;
+  // out[T, D] = x * rsqrt(mean(x^2) + eps) * w, rows of x may have a stride (x_stride >= D; 0 = D).
+  virtual void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps, int64_t x_stride = 0) = 0;
+  virtual void add(Tensor& out, const Tensor& a, const Tensor& b) = 0;            // out = a + b
+  virtual void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) = 0;  // out = silu(gate) * up
+  // Columns [c0, c0 + out.cols) of x [T, C] into out [T, n].
+  virtual void copy_cols(Tensor& out, const Tensor& x, int64_t c0) = 0;
+  // out[T, a + b] = concat(a [T, a], b [T, b]) along columns.
+  virtual void concat_cols(Tensor& out, const Tensor& a, const Tensor& b) = 0;
+
+  // ---- matrices
+  // y[M, N] = x[M, K] W[N, K]^T.
+  virtual void linear(Tensor& y, const Tensor& x, const Tensor& w) = 0;
+
+  // ---- rotary embedding, applied in place to x viewed as [T, n, stride] on columns [off, off + dr) of each
+  // of the n rows; positions host int32 [T]; cos/sin tables [max_pos, dr/2] made by make_rope_tables.
+  virtual void rope(Tensor& x, int64_t n, int64_t stride, int64_t off, const std::vector<int32_t>& pos,
+                    const Tensor& cos, const Tensor& sin, bool interleave) = 0;
+
+  // ---- MLA attention over the paged latent cache
+  // Write c [T, r] and k_pe [T, dr] of each sequence's new tokens into its cache blocks.
+  virtual void kv_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs,
+                        const Tensor& c, const Tensor& kpe) = 0;
+  // Gather the first n positions of one sequence: c_out [n, r], kpe_out [n, dr].
+  virtual void kv_gather(Tensor& c_out, Tensor& kpe_out, const Tensor& pool, const KvPoolSpec& spec, int64_t layer,
+                         const SeqSlice& seq, int64_t n) = 0;
+  // Causal attention for one sequence's `len` new queries at positions pos0.. against n = pos0 + len keys:
+  // q [len, nh, dn + dr] (nope then pe), kv [n, nh, dn + dv] (k_nope then v), kpe [n, dr] shared by heads;
+  // out [len, nh, dv].
+  virtual void mla_attention(Tensor& out, const Tensor& q, const Tensor& kv, const Tensor& kpe, int64_t pos0,
+                             int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale) = 0;
+  // Absorbed decode, one query per sequence (row b of q_lat/q_pe is sequence b, at position pos0 = n - 1):
+  // q_lat [B, nh, r], q_pe [B, nh, dr]; out_lat [B, nh, r] = sum_t softmax_t(q_lat.c_t + q_pe.kpe_t) c_t.
+  virtual void mla_decode(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const Tensor& pool,
+                          const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs, float scale) = 0;
+  // q_lat[b, h, :] = q[b, h, :dn] . W_UK[h]   where W_UK[h] = kv_b_proj rows [h*(dn+dv), h*(dn+dv)+dn) [dn, r];
+  // q [B, nh, dn + dr].
+  virtual void mla_absorb_q(Tensor& q_lat, const Tensor& q, const Tensor& kv_b, int64_t nh, int64_t dn,
+                            int64_t dr, int64_t dv) = 0;
+  // out[b, h, :] = W_UV[h] . o_lat[b, h, :]   where W_UV[h] = kv_b_proj rows [h*(dn+dv)+dn, (h+1)*(dn+dv)) [dv, r].
+  virtual void mla_absorb_out(Tensor& out, const Tensor& o_lat, const Tensor& kv_b, int64_t nh, int64_t dn,
+                              int64_t dv) = 0;
+
+  // ---- DeepSeekMoE
+  // From router logits [T, E] (fp32) and the selection bias [E]: expert ids [T, K] (int32) and weights
+  // [T, K] (fp32), exactly as the config's routing rule says.
+  virtual void moe_route(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const Tensor& bias,
+                         const RouteParams& p) = 0;
+  // out[T, H] += sum_k w[t, k] * Expert_{idx[t, k]}(x[t]); experts as grouped tensors
+  // gate/up [E, I, H], down [E, H, I]. Experts that received no token cost nothing.
+  virtual void moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
+                               const Tensor& gate, const Tensor& up, const Tensor& down) = 0;
+};
+
+// The CPU reference backend (always available).
+std::unique_ptr<Backend> make_cpu_backend();
+// The CUDA backend; throws InputError when dsv3 was built without CUDA or no GPU is present.
+std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
+bool cuda_available();
+std::unique_ptr<Backend> make_backend(const std::string& device);  // "cpu" | "cuda" | "cuda:N"
+
+// RoPE tables for a config (YaRN included): cos, sin [max_pos, dr/2] fp32 on the CPU.
+void make_rope_tables(const ModelConfig& cfg, int64_t max_pos, Tensor* cos, Tensor* sin);
+
+}  // namespace dsv3

@@ -1,8 +1,247 @@
+// Model subcommands: info, init, logits, generate.
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
 #include "cli/commands.h"
+#include "cli/common.h"
+#include "io/safetensors.h"
+#include "model/generate.h"
+#include "model/loader.h"
+
 namespace dsv3::cli {
-void add_info(CLI::App&) {}
-void add_init(CLI::App&) {}
-void add_logits(CLI::App&) {}
-void add_generate(CLI::App&) {}
-void add_bench(CLI::App&) {}
+
+using json = nlohmann::json;
+
+void add_info(CLI::App& app) {
+  auto* c = app.add_subcommand("info", "Summarize a model: config, parameters, KV-cache bytes per token");
+  auto dir = std::make_shared<std::string>();
+  auto as_json = std::make_shared<bool>(false);
+  c->add_option("--model", *dir, "Model directory (config.json + safetensors)")->required();
+  c->add_flag("--json", *as_json, "Print one JSON object");
+  c->callback([=] {
+    ModelConfig cfg = ModelConfig::load(*dir);
+    ModelWeights w = load_weights(cfg, *dir);
+    auto be = make_cpu_backend();
+    Model m(cfg, std::move(w), *be);
+    const int64_t lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+    const int64_t full = cfg.num_attention_heads * (cfg.qk_head_dim() + cfg.v_head_dim);
+    json j = {{"model_type", "deepseek_v3"},
+              {"layers", cfg.num_hidden_layers},
+              {"hidden_size", cfg.hidden_size},
+              {"heads", cfg.num_attention_heads},
+              {"q_lora_rank", cfg.q_lora_rank},
+              {"kv_lora_rank", cfg.kv_lora_rank},
+              {"routed_experts", cfg.n_routed_experts},
+              {"shared_experts", cfg.n_shared_experts},
+              {"experts_per_token", cfg.num_experts_per_tok},
+              {"dense_layers", cfg.first_k_dense_replace},
+              {"vocab_size", cfg.vocab_size},
+              {"max_position_embeddings", cfg.max_position_embeddings},
+              {"yarn", cfg.yarn.enabled},
+              {"mtp_modules", cfg.num_nextn_predict_layers},
+              {"fp8_checkpoint", cfg.fp8},
+              {"weights_dtype", dtype_name(m.weights().flat.dtype)},
+              {"total_params", m.total_params()},
+              {"active_params_per_token", m.active_params()},
+              {"mtp_params", m.mtp_params()},
+              {"kv_cache_values_per_token_per_layer", lat},
+              {"kv_cache_bytes_per_token_f32", cfg.num_hidden_layers * lat * 4},
+              {"kv_cache_bytes_per_token_bf16", cfg.num_hidden_layers * lat * 2},
+              {"full_kv_bytes_per_token_bf16", cfg.num_hidden_layers * full * 2}};
+    if (*as_json) {
+      std::printf("%s\n", j.dump().c_str());
+      return;
+    }
+    std::printf("model            %s\n", dir->c_str());
+    std::printf("architecture     DeepSeek-V3: %lld layers (%lld dense), hidden %lld, %lld heads, vocab %lld\n",
+                (long long)cfg.num_hidden_layers, (long long)std::min(cfg.first_k_dense_replace, cfg.num_hidden_layers),
+                (long long)cfg.hidden_size, (long long)cfg.num_attention_heads, (long long)cfg.vocab_size);
+    std::printf("attention        MLA: q_lora_rank %s, kv_lora_rank %lld, head dims nope %lld + rope %lld, v %lld%s\n",
+                cfg.q_lora_rank ? std::to_string(cfg.q_lora_rank).c_str() : "null (q_proj)",
+                (long long)cfg.kv_lora_rank, (long long)cfg.qk_nope_head_dim, (long long)cfg.qk_rope_head_dim,
+                (long long)cfg.v_head_dim, cfg.yarn.enabled ? fmt::format(", YaRN x{}", cfg.yarn.factor).c_str() : "");
+    std::printf("moe              %lld routed (top-%lld, %lld groups, top-%lld groups, %s, %s) + %lld shared, width %lld\n",
+                (long long)cfg.n_routed_experts, (long long)cfg.num_experts_per_tok, (long long)cfg.n_group,
+                (long long)cfg.topk_group, cfg.scoring_func.c_str(), cfg.topk_method.c_str(),
+                (long long)cfg.n_shared_experts, (long long)cfg.moe_intermediate_size);
+    std::printf("mtp modules      %lld (%s params)\n", (long long)cfg.num_nextn_predict_layers, human(m.mtp_params()).c_str());
+    std::printf("parameters       %s total, %s active per token\n", human(m.total_params()).c_str(),
+                human(m.active_params()).c_str());
+    std::printf("weights          %s in memory%s\n", dtype_name(m.weights().flat.dtype), cfg.fp8 ? " (fp8 checkpoint, dequantized)" : "");
+    std::printf("kv cache         %lld values per token per layer (latent %lld + rope key %lld): %lld bytes/token in bf16,"
+                " %lld in fp32 (full per-head K/V would be %lld bytes/token in bf16, %.1fx more)\n",
+                (long long)lat, (long long)cfg.kv_lora_rank, (long long)cfg.qk_rope_head_dim,
+                (long long)(cfg.num_hidden_layers * lat * 2), (long long)(cfg.num_hidden_layers * lat * 4),
+                (long long)(cfg.num_hidden_layers * full * 2), double(full) / double(lat));
+  });
+}
+
+void add_init(CLI::App& app) {
+  auto* c = app.add_subcommand("init", "Create a model directory with random weights from a config.json");
+  auto cfg_path = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto seed = std::make_shared<uint64_t>(0);
+  auto dtype = std::make_shared<std::string>("bf16");
+  auto tok = std::make_shared<std::string>();
+  c->add_option("--config", *cfg_path, "Hub-style config.json")->required();
+  c->add_option("--output", *out, "Output directory")->required();
+  c->add_option("--seed", *seed, "Random seed");
+  c->add_option("--dtype", *dtype, "bf16 or f32")->check(CLI::IsMember({"bf16", "f32"}));
+  c->add_option("--tokenizer", *tok, "Copy tokenizer files (tokenizer.json, tokenizer_config.json) from this directory");
+  c->callback([=] {
+    ModelConfig cfg = ModelConfig::load(*cfg_path);
+    DType dt = *dtype == "f32" ? DType::F32 : DType::BF16;
+    ModelWeights w = init_weights(cfg, *seed, dt);
+    save_weights(cfg, w, *out, dt);
+    if (!tok->empty()) copy_tokenizer_files(*tok, *out);
+    std::fprintf(stderr, "wrote %s (%s parameters, %s)\n", out->c_str(), human(w.layout.num_params).c_str(), dtype->c_str());
+  });
+}
+
+void add_logits(CLI::App& app) {
+  auto* c = app.add_subcommand("logits", "Full-sequence logits (and MTP logits) for int32 input_ids [B,T]");
+  auto dir = std::make_shared<std::string>();
+  auto in = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto device = std::make_shared<std::string>("cpu");
+  auto dtype = std::make_shared<std::string>("auto");
+  c->add_option("--model", *dir, "Model directory")->required();
+  c->add_option("--input", *in, "safetensors with int32 input_ids [B,T]")->required();
+  c->add_option("--output", *out, "safetensors to write: logits [B,T,V] (+ mtp_logits.<k> [B,T-k,V])")->required();
+  c->add_option("--device", *device, "cpu | cuda");
+  c->add_option("--dtype", *dtype, "weights in memory: auto | f32 | bf16");
+  c->callback([=] {
+    SafetensorsFile f(*in);
+    Tensor ids = f.get("input_ids");
+    if (ids.dtype != DType::I32 && ids.dtype != DType::I64)
+      fail("{}: input_ids must be int32 (or int64), got {}", *in, dtype_name(ids.dtype));
+    if (ids.ndim() != 2 || ids.dim(0) < 1 || ids.dim(1) < 1)
+      fail("{}: input_ids must be [B, T] with B, T >= 1, got {}", *in, shape_str(ids.shape));
+    const int64_t B = ids.dim(0), T = ids.dim(1);
+    std::vector<int32_t> flat(B * T);
+    for (int64_t i = 0; i < B * T; ++i)
+      flat[i] = ids.dtype == DType::I32 ? ids.ptr<int32_t>()[i] : int32_t(ids.ptr<int64_t>()[i]);
+    LoadedModel lm = open_model(*dir, *device, *dtype);
+    Model& m = *lm.model;
+    const ModelConfig& cfg = m.config();
+    const int64_t V = cfg.vocab_size, D = cfg.num_nextn_predict_layers;
+    KvCache cache(*lm.backend, cfg, B * (((T + 63) / 64) * 64) * (1 + D));
+    std::vector<SeqCache> seqs(B);
+    std::vector<BatchSeq> batch(B);
+    for (int64_t b = 0; b < B; ++b) {
+      batch[b].cache = &seqs[b];
+      batch[b].tokens.assign(flat.begin() + b * T, flat.begin() + (b + 1) * T);
+    }
+    ForwardOptions fo;
+    fo.all_logits = true;
+    fo.keep_hidden = D > 0;
+    ForwardResult r = m.forward(batch, cache, fo);
+    std::vector<Tensor> outs;
+    Tensor logits = r.logits.reshape({B, T, V});
+    logits.name = "logits";
+    outs.push_back(logits);
+    // MTP module k at row i consumes token i+k with the previous stage's state at row i; rows i < T-k.
+    Tensor h = r.hidden;  // [B*T_prev, H], T_prev = T for k = 1
+    int64_t t_prev = T;
+    std::vector<std::vector<SeqCache>> mtp_seqs(D, std::vector<SeqCache>(B));
+    for (int64_t k = 1; k <= D && T - k >= 1; ++k) {
+      const int64_t tk = T - k;
+      std::vector<int64_t> rows;
+      std::vector<BatchSeq> mb(B);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < tk; ++i) rows.push_back(b * t_prev + i);
+        mb[b].cache = &mtp_seqs[k - 1][b];
+        mb[b].tokens.assign(flat.begin() + b * T + k, flat.begin() + (b + 1) * T);
+      }
+      Tensor hs = lm.backend->alloc(lm.backend->act_dtype(), {B * tk, cfg.hidden_size}, "mtp_in");
+      lm.backend->gather_rows(hs, h, rows);
+      Tensor ml;
+      h = m.mtp_forward(k, hs, mb, cache, &ml);
+      t_prev = tk;
+      Tensor o = ml.reshape({B, tk, V});
+      o.name = "mtp_logits." + std::to_string(k);
+      outs.push_back(o);
+    }
+    write_safetensors(*out, outs);
+  });
+}
+
+void add_generate(CLI::App& app) {
+  auto* c = app.add_subcommand("generate", "Generate tokens from a prompt (greedy or sampled) over the latent cache");
+  struct Args {
+    std::string dir, prompt_ids, prompt, device = "cpu", dtype = "auto", tokenizer;
+    int64_t max_new = 32;
+    SamplingParams sp;
+    bool json = false, no_absorb = false, ignore_eos = false;
+  };
+  auto a = std::make_shared<Args>();
+  c->add_option("--model", a->dir, "Model directory")->required();
+  c->add_option("--prompt-ids", a->prompt_ids, "Comma-separated token ids, e.g. 5,6,7");
+  c->add_option("--prompt", a->prompt, "Prompt text (needs a tokenizer)");
+  c->add_option("--tokenizer", a->tokenizer, "Tokenizer file or directory (default: the model directory's)");
+  c->add_option("--max-new-tokens,-n", a->max_new, "Tokens to generate");
+  c->add_option("--temperature", a->sp.temperature, "0 = greedy");
+  c->add_option("--top-k", a->sp.top_k, "Sample among the k most likely (0 = off)");
+  c->add_option("--top-p", a->sp.top_p, "Nucleus sampling threshold (1 = off)");
+  c->add_option("--seed", a->sp.seed, "Sampling seed");
+  c->add_option("--device", a->device, "cpu | cuda");
+  c->add_option("--dtype", a->dtype, "weights in memory: auto | f32 | bf16");
+  c->add_flag("--json", a->json, "Print one JSON object with output_ids and timings");
+  c->add_flag("--no-absorb", a->no_absorb, "Decode by decompressing the cache instead of the absorbed path (debug)");
+  c->add_flag("--ignore-eos", a->ignore_eos, "Do not stop at the end-of-sequence token");
+  c->callback([=] {
+    validate_sampling(a->sp);
+    if (a->max_new < 0 || a->max_new > (int64_t(1) << 24)) fail("--max-new-tokens must be in [0, 16777216], got {}", a->max_new);
+    if (a->prompt_ids.empty() == a->prompt.empty()) fail("give exactly one of --prompt-ids or --prompt");
+    LoadedModel lm = open_model(a->dir, a->device, a->dtype);
+    std::vector<int32_t> prompt;
+    std::unique_ptr<TextCodec> codec;
+    if (!a->prompt.empty()) {
+      codec = open_text_codec(a->tokenizer.empty() ? a->dir : a->tokenizer);
+      prompt = codec->encode(a->prompt);
+    } else {
+      prompt = parse_id_list(a->prompt_ids);
+    }
+    GenerateOptions go;
+    go.max_new_tokens = a->max_new;
+    go.sampling = a->sp;
+    go.absorb_decode = !a->no_absorb;
+    if (!a->ignore_eos && !a->json) go.stop_ids = {int32_t(lm.model->config().eos_token_id)};
+    if (!a->ignore_eos && !a->prompt.empty()) go.stop_ids = {int32_t(lm.model->config().eos_token_id)};
+    GenerateStats st;
+    bool stream = !a->json && codec;
+    std::unique_ptr<TextStream> ts = stream ? codec->stream() : nullptr;
+    if (stream) std::printf("%s", a->prompt.c_str());
+    auto ids = generate(*lm.model, prompt, go, &st, [&](int32_t t) {
+      if (ts) {
+        std::printf("%s", ts->push(t).c_str());
+        std::fflush(stdout);
+      }
+      return true;
+    });
+    if (a->json) {
+      json j = {{"output_ids", ids},
+                {"prompt_tokens", st.prompt_tokens},
+                {"new_tokens", st.new_tokens},
+                {"finish_reason", st.finish_reason},
+                {"prefill_tokens_per_s", st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0},
+                {"decode_tokens_per_s", st.decode_s > 0 && st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_s : 0.0}};
+      if (codec) j["text"] = codec->decode(ids);
+      std::printf("%s\n", j.dump().c_str());
+    } else if (stream) {
+      std::printf("%s\n", ts->flush().c_str());
+      std::fprintf(stderr, "[%lld prompt tokens, %lld new; prefill %.1f tok/s, decode %.1f tok/s]\n",
+                   (long long)st.prompt_tokens, (long long)st.new_tokens,
+                   st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,
+                   st.decode_s > 0 && st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_s : 0.0);
+    } else {
+      std::string s;
+      for (size_t i = 0; i < ids.size(); ++i) s += (i ? "," : "") + std::to_string(ids[i]);
+      std::printf("%s\n", s.c_str());
+    }
+  });
+}
+
 }  // namespace dsv3::cli

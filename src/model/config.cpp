@@ -105,7 +105,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
       y.factor = get_num<double>(*rs, "factor", std::nullopt);
       y.beta_fast = get_num<double>(*rs, "beta_fast", 32.0);
       y.beta_slow = get_num<double>(*rs, "beta_slow", 1.0);
-      y.mscale = get_num<double>(*rs, "mscale", 1.0);
+      y.mscale = get_num<double>(*rs, "mscale", 0.0);  // 0 = absent (transformers then uses mscale(s, 1))
       y.mscale_all_dim = get_num<double>(*rs, "mscale_all_dim", 0.0);
       y.original_max_position = get_num<int64_t>(*rs, "original_max_position_embeddings", c.max_position_embeddings);
       y.rope_factor = y.factor;

@@ -55,6 +55,9 @@ class Backend {
   virtual void synchronize() {}
 
   // ---- elementwise / norms
+  virtual void zero(Tensor& t) = 0;
+  // out[i, :] = x[rows[i], :]; x [T, C], rows host int64.
+  virtual void gather_rows(Tensor& out, const Tensor& x, const std::vector<int64_t>& rows) = 0;
   // out[T, H] = table[ids[t], :]; ids host int32 [T]; every id checked < V by the caller.
   virtual void embedding(Tensor& out, const Tensor& table, const std::vector<int32_t>& ids) = 0;
   // out[T, D] = x * rsqrt(mean(x^2) + eps) * w, rows of x may have a stride (x_stride >= D; 0 = D).

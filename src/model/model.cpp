@@ -1,0 +1,252 @@
+#include "model/model.h"
+
+#include <algorithm>
+
+namespace dsv3 {
+
+struct Model::Step {
+  int64_t T = 0;
+  std::vector<int32_t> ids;    // [T] token ids
+  std::vector<int32_t> pos;    // [T] positions
+  std::vector<SeqSlice> seqs;  // one per batch sequence, decode sequences first
+  int64_t n_decode = 0;        // leading sequences that take the absorbed single-token path
+};
+
+Model::Model(ModelConfig cfg, ModelWeights w, Backend& be) : cfg_(std::move(cfg)), w_(std::move(w)), be_(be) {
+  Tensor c, s;
+  make_rope_tables(cfg_, cfg_.max_position_embeddings, &c, &s);
+  rope_cos_ = be_.upload(c);
+  rope_sin_ = be_.upload(s);
+  route_.n_experts = cfg_.n_routed_experts;
+  route_.top_k = cfg_.num_experts_per_tok;
+  route_.n_group = cfg_.n_group;
+  route_.topk_group = cfg_.topk_group;
+  route_.sigmoid = cfg_.scoring_func == "sigmoid";
+  route_.norm_topk_prob = cfg_.norm_topk_prob;
+  route_.group_limited = cfg_.topk_method != "greedy";
+  route_.noaux_bias = cfg_.topk_method == "noaux_tc";
+  route_.scaling = cfg_.routed_scaling_factor;
+}
+
+Model::Step Model::prepare(std::vector<BatchSeq>& batch, KvCache& cache, int64_t) {
+  Step st;
+  // Single-token sequences go first so that the absorbed decode path sees rows [0, n_decode).
+  std::stable_partition(batch.begin(), batch.end(), [](const BatchSeq& b) { return b.tokens.size() == 1; });
+  for (auto& b : batch) {
+    if (!b.cache) fail("forward: a sequence has no cache");
+    if (b.tokens.empty()) fail("forward: a sequence has no tokens");
+    const int64_t pos0 = b.cache->len, len = int64_t(b.tokens.size());
+    if (pos0 + len > cfg_.max_position_embeddings)
+      fail("sequence of {} tokens exceeds max_position_embeddings = {}", pos0 + len, cfg_.max_position_embeddings);
+    for (auto id : b.tokens)
+      if (id < 0 || id >= cfg_.vocab_size) fail("token id {} is out of range for vocab_size {}", id, cfg_.vocab_size);
+    if (!cache.reserve(*b.cache, pos0 + len))
+      fail("the KV cache is full ({} blocks of {} tokens): cannot hold {} more tokens", cache.total_blocks(),
+           cache.spec().block_size, len);
+    SeqSlice s;
+    s.row0 = st.T;
+    s.len = len;
+    s.pos0 = pos0;
+    s.blocks = b.cache->blocks.data();
+    s.num_blocks = int64_t(b.cache->blocks.size());
+    st.seqs.push_back(s);
+    for (int64_t i = 0; i < len; ++i) {
+      st.ids.push_back(b.tokens[i]);
+      st.pos.push_back(int32_t(pos0 + i));
+    }
+    st.T += len;
+  }
+  while (st.n_decode < int64_t(st.seqs.size()) && st.seqs[st.n_decode].len == 1) ++st.n_decode;
+  return st;
+}
+
+ForwardResult Model::forward(std::vector<BatchSeq>& batch, KvCache& cache, const ForwardOptions& opt) {
+  Step st = prepare(batch, cache, 0);
+  if (!opt.absorb_decode) st.n_decode = 0;
+  const int64_t H = cfg_.hidden_size;
+  Tensor x = be_.alloc(be_.act_dtype(), {st.T, H}, "x");
+  be_.embedding(x, w_.embed, st.ids);
+  for (auto& L : w_.layers) layer_forward(L, x, st, cache, L.index);
+  Tensor hn = be_.alloc(be_.act_dtype(), {st.T, H}, "hidden");
+  be_.rmsnorm(hn, x, w_.final_norm, float(cfg_.rms_norm_eps));
+  ForwardResult r;
+  if (opt.all_logits) {
+    for (int64_t t = 0; t < st.T; ++t) r.rows.push_back(t);
+  } else {
+    for (auto& s : st.seqs) r.rows.push_back(s.row0 + s.len - 1);
+  }
+  r.logits = logits_for(hn, r.rows);
+  if (opt.keep_hidden) r.hidden = hn;
+  for (auto& b : batch) b.cache->len += int64_t(b.tokens.size());
+  return r;
+}
+
+Tensor Model::logits_for(const Tensor& hn, const std::vector<int64_t>& rows) {
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size, n = int64_t(rows.size());
+  bool identity = n == hn.dim(0);
+  for (int64_t i = 0; identity && i < n; ++i) identity = rows[i] == i;
+  Tensor sel = hn;
+  if (!identity) {
+    sel = be_.alloc(be_.act_dtype(), {n, H}, "hidden_rows");
+    be_.gather_rows(sel, hn, rows);
+  }
+  Tensor logits = be_.alloc(DType::F32, {n, V}, "logits");
+  be_.linear(logits, sel, w_.lm_head);
+  return be_.to_host(logits);
+}
+
+void Model::layer_forward(const LayerWeights& L, Tensor& x, Step& st, KvCache& cache, int64_t slot) {
+  const float eps = float(cfg_.rms_norm_eps);
+  Tensor h = be_.alloc(be_.act_dtype(), x.shape, "h");
+  be_.rmsnorm(h, x, L.input_norm, eps);
+  Tensor a = attention(L.attn, h, st, cache, slot);
+  be_.add(x, x, a);
+  be_.rmsnorm(h, x, L.post_norm, eps);
+  Tensor f = L.is_moe ? moe(L.moe, h) : mlp(L.mlp, h);
+  be_.add(x, x, f);
+}
+
+Tensor Model::attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache& cache, int64_t slot) {
+  const int64_t T = st.T, nh = cfg_.num_attention_heads, dn = cfg_.qk_nope_head_dim, dr = cfg_.qk_rope_head_dim,
+                dv = cfg_.v_head_dim, r = cfg_.kv_lora_rank;
+  const float eps = float(cfg_.rms_norm_eps), scale = float(cfg_.softmax_scale());
+  const DType at = be_.act_dtype();
+  // Queries: [T, nh, dn + dr], nope part then rope part per head.
+  Tensor q = be_.alloc(at, {T, nh * (dn + dr)}, "q");
+  if (cfg_.q_lora_rank > 0) {
+    Tensor qa = be_.alloc(at, {T, cfg_.q_lora_rank}, "q_a");
+    be_.linear(qa, h, A.q_a_proj);
+    be_.rmsnorm(qa, qa, A.q_a_norm, eps);
+    be_.linear(q, qa, A.q_b_proj);
+  } else {
+    be_.linear(q, h, A.q_proj);
+  }
+  // Latent and the shared rope key: a = [c_raw (r) | k_pe (dr)].
+  Tensor kva = be_.alloc(at, {T, r + dr}, "kv_a");
+  be_.linear(kva, h, A.kv_a_proj);
+  Tensor c = be_.alloc(at, {T, r}, "c");
+  be_.rmsnorm(c, kva, A.kv_a_norm, eps, r + dr);
+  Tensor kpe = be_.alloc(at, {T, dr}, "k_pe");
+  be_.copy_cols(kpe, kva, r);
+  be_.rope(q, nh, dn + dr, dn, st.pos, rope_cos_, rope_sin_, cfg_.rope_interleave);
+  be_.rope(kpe, 1, dr, 0, st.pos, rope_cos_, rope_sin_, cfg_.rope_interleave);
+  const KvPoolSpec& spec = cache.spec();
+  be_.kv_write(cache.pool(), spec, slot, st.seqs, c, kpe);
+
+  Tensor out = be_.alloc(at, {T, nh * dv}, "attn_out");
+  const int64_t nd = st.n_decode;
+  if (nd > 0) {
+    // Absorbed decode: scores and values in the latent space, never expanding the cache.
+    Tensor qd = q.rows(0, nd).reshape({nd, nh, dn + dr});
+    Tensor q_lat = be_.alloc(at, {nd, nh, r}, "q_lat");
+    be_.mla_absorb_q(q_lat, qd, A.kv_b_proj, nh, dn, dr, dv);
+    Tensor q_pe = be_.alloc(at, {nd * nh, dr}, "q_pe");
+    be_.copy_cols(q_pe, qd.reshape({nd * nh, dn + dr}), dn);
+    Tensor o_lat = be_.alloc(at, {nd, nh, r}, "o_lat");
+    std::vector<SeqSlice> dseqs(st.seqs.begin(), st.seqs.begin() + nd);
+    be_.mla_decode(o_lat, q_lat, q_pe.reshape({nd, nh, dr}), cache.pool(), spec, slot, dseqs, scale);
+    Tensor od = out.rows(0, nd);
+    be_.mla_absorb_out(od, o_lat, A.kv_b_proj, nh, dn, dv);
+  }
+  for (size_t i = nd; i < st.seqs.size(); ++i) {
+    // Prefill: decompress keys/values of the whole sequence from its cached latents.
+    const SeqSlice& s = st.seqs[i];
+    const int64_t n = s.pos0 + s.len;
+    Tensor c_all = be_.alloc(at, {n, r}, "c_all"), kpe_all = be_.alloc(at, {n, dr}, "kpe_all");
+    be_.kv_gather(c_all, kpe_all, cache.pool(), spec, slot, s, n);
+    Tensor kv = be_.alloc(at, {n, nh * (dn + dv)}, "kv");
+    be_.linear(kv, c_all, A.kv_b_proj);
+    Tensor os = out.rows(s.row0, s.row0 + s.len);
+    be_.mla_attention(os, q.rows(s.row0, s.row0 + s.len), kv, kpe_all, s.pos0, nh, dn, dr, dv, scale);
+  }
+  Tensor o = be_.alloc(at, {T, cfg_.hidden_size}, "o");
+  be_.linear(o, out, A.o_proj);
+  return o;
+}
+
+Tensor Model::mlp(const MlpWeights& M, const Tensor& h) {
+  const int64_t T = h.dim(0), I = M.gate.dim(0);
+  Tensor g = be_.alloc(be_.act_dtype(), {T, I}, "mlp_gate"), u = be_.alloc(be_.act_dtype(), {T, I}, "mlp_up");
+  be_.linear(g, h, M.gate);
+  be_.linear(u, h, M.up);
+  be_.silu_mul(g, g, u);
+  Tensor d = be_.alloc(be_.act_dtype(), {T, cfg_.hidden_size}, "mlp_down");
+  be_.linear(d, g, M.down);
+  return d;
+}
+
+Tensor Model::moe(const MoeWeights& M, const Tensor& h) {
+  const int64_t T = h.dim(0), E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
+  Tensor logits = be_.alloc(DType::F32, {T, E}, "router_logits");
+  be_.linear(logits, h, M.router);
+  Tensor idx = be_.alloc(DType::I32, {T, K}, "topk_idx"), wts = be_.alloc(DType::F32, {T, K}, "topk_w");
+  be_.moe_route(idx, wts, logits, M.bias, route_);
+  Tensor out;
+  if (M.has_shared) {
+    out = mlp(M.shared, h);
+  } else {
+    out = be_.alloc(be_.act_dtype(), {T, cfg_.hidden_size}, "moe_out");
+    be_.zero(out);
+  }
+  be_.moe_experts_acc(out, h, idx, wts, M.gate, M.up, M.down);
+  return out;
+}
+
+Tensor Model::mtp_forward(int64_t k, const Tensor& h_prev, std::vector<BatchSeq>& batch, KvCache& cache,
+                          Tensor* logits_out) {
+  if (k < 1 || k > cfg_.num_nextn_predict_layers) fail("model has no MTP module {}", k);
+  // Positions: MTP rows continue from the sequence's MTP-cache length, kept in a shadow SeqCache len.
+  Step st = prepare(batch, cache, 0);
+  st.n_decode = 0;  // MTP rows use the prefill path (their count differs from the main model's)
+  const MtpWeights& M = w_.mtp[k - 1];
+  const int64_t H = cfg_.hidden_size;
+  const float eps = float(cfg_.rms_norm_eps);
+  Tensor emb = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_emb");
+  be_.embedding(emb, w_.embed, st.ids);
+  be_.rmsnorm(emb, emb, M.enorm, eps);
+  Tensor hp = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_h");
+  be_.rmsnorm(hp, h_prev, M.hnorm, eps);
+  Tensor cat = be_.alloc(be_.act_dtype(), {st.T, 2 * H}, "mtp_cat");
+  be_.concat_cols(cat, emb, hp);  // embedding first, as the released weights expect
+  Tensor x = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_x");
+  be_.linear(x, cat, M.eh_proj);
+  layer_forward(M.layer, x, st, cache, M.layer.index);
+  if (logits_out) {
+    Tensor hn = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_hn");
+    be_.rmsnorm(hn, x, M.head_norm, eps);
+    std::vector<int64_t> rows(st.T);
+    for (int64_t t = 0; t < st.T; ++t) rows[t] = t;
+    *logits_out = logits_for(hn, rows);
+  }
+  for (auto& b : batch) b.cache->len += int64_t(b.tokens.size());
+  return x;
+}
+
+int64_t Model::total_params() const {
+  int64_t n = 0;
+  for (auto& s : w_.layout.specs)
+    if (!s.is_bias && s.name.rfind("model.layers.", 0) == 0) {
+      int64_t li = std::stoll(s.name.substr(13));
+      if (li < cfg_.num_hidden_layers) n += shape_numel(s.shape);
+    } else if (!s.is_bias) {
+      n += shape_numel(s.shape);
+    }
+  return n;
+}
+
+int64_t Model::mtp_params() const {
+  int64_t n = 0;
+  for (auto& s : w_.layout.specs) n += s.is_bias ? 0 : shape_numel(s.shape);
+  return n - total_params();
+}
+
+int64_t Model::active_params() const {
+  int64_t idle_experts = 0;
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+    if (cfg_.is_moe_layer(l))
+      idle_experts += (cfg_.n_routed_experts - cfg_.num_experts_per_tok) * 3 * cfg_.moe_intermediate_size * cfg_.hidden_size;
+  // The embedding is a row lookup, not a matrix product: count one row.
+  return total_params() - idle_experts - (cfg_.vocab_size - 1) * cfg_.hidden_size;
+}
+
+}  // namespace dsv3

@@ -1,0 +1,69 @@
+#pragma once
+// The DeepSeek-V3 model, read top to bottom: embedding -> decoder layers (MLA attention, dense or MoE FFN)
+// -> final norm -> lm_head, plus the MTP modules. All compute goes through the Backend interface; this file
+// has no device-specific code. Forward runs a batch of sequences, each appending `len` new tokens to its
+// latent cache: a prompt (prefill), one token (decode, absorbed MLA), or a mix, in one pass.
+#include <memory>
+#include <vector>
+
+#include "model/config.h"
+#include "model/kv_cache.h"
+#include "model/weights.h"
+#include "ops/backend.h"
+
+namespace dsv3 {
+
+struct BatchSeq {
+  SeqCache* cache = nullptr;      // positions [cache->len, cache->len + tokens.size()) are computed and cached
+  std::vector<int32_t> tokens;    // new tokens
+};
+
+struct ForwardOptions {
+  bool absorb_decode = true;      // single-token sequences use the absorbed latent path
+  bool all_logits = false;        // logits for every new token (else the last of each sequence)
+  bool keep_hidden = false;       // keep the final-normed hidden states [T, H] (MTP needs them)
+};
+
+struct ForwardResult {
+  Tensor logits;                  // host fp32 [rows, V]
+  Tensor hidden;                  // device [T, H] when keep_hidden
+  std::vector<int64_t> rows;      // batch row of each logits row
+};
+
+class Model {
+ public:
+  Model(ModelConfig cfg, ModelWeights w, Backend& be);
+  const ModelConfig& config() const { return cfg_; }
+  const ModelWeights& weights() const { return w_; }
+  Backend& backend() { return be_; }
+
+  // Validates ids and lengths (InputError), reserves cache blocks (InputError if full), runs the layers.
+  ForwardResult forward(std::vector<BatchSeq>& batch, KvCache& cache, const ForwardOptions& opt = {});
+
+  // MTP module k (1-based) over a batch: h_prev [T, H] hidden states, tokens t_{i+k} [T] (the token each row
+  // consumes), caches/positions as in forward (pool slot num_hidden_layers + k - 1). Returns the module's
+  // block output [T, H] (device) and logits for every row (host) when want_logits.
+  Tensor mtp_forward(int64_t k, const Tensor& h_prev, std::vector<BatchSeq>& batch, KvCache& cache,
+                     Tensor* logits_out);
+
+  int64_t total_params() const;       // main model (without MTP)
+  int64_t active_params() const;      // per token: attention, dense, shared + top-k experts, embed row, head
+  int64_t mtp_params() const;
+
+ private:
+  struct Step;  // per-forward scratch: positions, sequence slices
+  void layer_forward(const LayerWeights& L, Tensor& x, Step& st, KvCache& cache, int64_t slot);
+  Tensor attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache& cache, int64_t slot);
+  Tensor mlp(const MlpWeights& M, const Tensor& h);
+  Tensor moe(const MoeWeights& M, const Tensor& h);
+  Tensor logits_for(const Tensor& hidden_normed, const std::vector<int64_t>& rows);
+  Step prepare(std::vector<BatchSeq>& batch, KvCache& cache, int64_t slot_len_offset);
+
+  ModelConfig cfg_;
+  ModelWeights w_;
+  Backend& be_;
+  Tensor rope_cos_, rope_sin_;
+  RouteParams route_;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,327 @@
+#include "model/weights.h"
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "core/rng.h"
+#include "io/atomic_file.h"
+#include "io/safetensors.h"
+
+namespace dsv3 {
+
+namespace fs = std::filesystem;
+
+const ParamSpec& ParamLayout::at(const std::string& name) const {
+  auto it = index.find(name);
+  if (it == index.end()) fail("no parameter named {}", name);
+  return specs[it->second];
+}
+
+namespace {
+
+void add_layer_specs(const ModelConfig& c, int64_t li, std::vector<ParamSpec>& out) {
+  const std::string p = "model.layers." + std::to_string(li) + ".";
+  const int64_t H = c.hidden_size, nh = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim,
+                dv = c.v_head_dim, r = c.kv_lora_rank;
+  auto add = [&](std::string n, Shape s, bool norm = false, bool bias = false) {
+    ParamSpec ps;
+    ps.name = p + n;
+    ps.shape = std::move(s);
+    ps.is_norm = norm;
+    ps.is_bias = bias;
+    out.push_back(ps);
+  };
+  add("input_layernorm.weight", {H}, true);
+  if (c.q_lora_rank > 0) {
+    add("self_attn.q_a_proj.weight", {c.q_lora_rank, H});
+    add("self_attn.q_a_layernorm.weight", {c.q_lora_rank}, true);
+    add("self_attn.q_b_proj.weight", {nh * (dn + dr), c.q_lora_rank});
+  } else {
+    add("self_attn.q_proj.weight", {nh * (dn + dr), H});
+  }
+  add("self_attn.kv_a_proj_with_mqa.weight", {r + dr, H});
+  add("self_attn.kv_a_layernorm.weight", {r}, true);
+  add("self_attn.kv_b_proj.weight", {nh * (dn + dv), r});
+  add("self_attn.o_proj.weight", {H, nh * dv});
+  add("post_attention_layernorm.weight", {H}, true);
+  if (c.is_moe_layer(li)) {
+    const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
+    add("mlp.gate.weight", {E, H});
+    if (c.topk_method == "noaux_tc") add("mlp.gate.e_score_correction_bias", {E}, false, true);
+    for (const char* w : {"gate_proj", "up_proj", "down_proj"})
+      for (int64_t e = 0; e < E; ++e)
+        add("mlp.experts." + std::to_string(e) + "." + w + ".weight", std::string(w) == "down_proj" ? Shape{H, I} : Shape{I, H});
+    if (c.n_shared_experts > 0) {
+      const int64_t Is = I * c.n_shared_experts;
+      add("mlp.shared_experts.gate_proj.weight", {Is, H});
+      add("mlp.shared_experts.up_proj.weight", {Is, H});
+      add("mlp.shared_experts.down_proj.weight", {H, Is});
+    }
+  } else {
+    const int64_t I = c.intermediate_size;
+    add("mlp.gate_proj.weight", {I, H});
+    add("mlp.up_proj.weight", {I, H});
+    add("mlp.down_proj.weight", {H, I});
+  }
+}
+
+}  // namespace
+
+ParamLayout make_param_layout(const ModelConfig& c) {
+  ParamLayout L;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  L.specs.push_back({"model.embed_tokens.weight", {V, H}});
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) add_layer_specs(c, i, L.specs);
+  L.specs.push_back({"model.norm.weight", {H}, 0, false, true});
+  L.specs.push_back({"lm_head.weight", {V, H}});
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    const int64_t li = c.num_hidden_layers + k;
+    const std::string p = "model.layers." + std::to_string(li) + ".";
+    L.specs.push_back({p + "enorm.weight", {H}, 0, false, true});
+    L.specs.push_back({p + "hnorm.weight", {H}, 0, false, true});
+    L.specs.push_back({p + "eh_proj.weight", {H, 2 * H}});
+    add_layer_specs(c, li, L.specs);
+    L.specs.push_back({p + "shared_head.norm.weight", {H}, 0, false, true});
+  }
+  for (size_t i = 0; i < L.specs.size(); ++i) {
+    auto& s = L.specs[i];
+    int64_t& counter = s.is_bias ? L.num_bias : L.num_params;
+    s.offset = counter;
+    counter += shape_numel(s.shape);
+    L.index[s.name] = i;
+  }
+  return L;
+}
+
+Tensor ModelWeights::view(const std::string& name) {
+  const ParamSpec& s = layout.at(name);
+  Tensor& base = s.is_bias ? bias_flat : flat;
+  Tensor t = base;
+  t.name = name;
+  t.shape = s.shape;
+  t.data = static_cast<char*>(base.data) + size_t(s.offset) * dtype_size(base.dtype);
+  return t;
+}
+
+namespace {
+
+Tensor grouped(ModelWeights& w, const std::string& prefix, int64_t E, const char* which) {
+  Tensor first = w.view(prefix + "experts.0." + which + ".weight");
+  Tensor g = first;
+  g.name = prefix + "experts.*." + which + ".weight";
+  g.shape = {E, first.shape[0], first.shape[1]};
+  // The layout places experts.e.<which> right after experts.(e-1).<which>; check it once.
+  if (E > 1) {
+    Tensor last = w.view(prefix + "experts." + std::to_string(E - 1) + "." + which + ".weight");
+    DSV3_CHECK(static_cast<char*>(last.data) - static_cast<char*>(first.data) ==
+                   ptrdiff_t((E - 1) * first.numel() * dtype_size(first.dtype)),
+               "experts of {} are not contiguous", prefix);
+  }
+  return g;
+}
+
+void bind_layer(ModelWeights& w, const ModelConfig& c, LayerWeights& L, int64_t li) {
+  const std::string p = "model.layers." + std::to_string(li) + ".";
+  L.index = li;
+  L.input_norm = w.view(p + "input_layernorm.weight");
+  L.post_norm = w.view(p + "post_attention_layernorm.weight");
+  auto& a = L.attn;
+  if (c.q_lora_rank > 0) {
+    a.q_a_proj = w.view(p + "self_attn.q_a_proj.weight");
+    a.q_a_norm = w.view(p + "self_attn.q_a_layernorm.weight");
+    a.q_b_proj = w.view(p + "self_attn.q_b_proj.weight");
+  } else {
+    a.q_proj = w.view(p + "self_attn.q_proj.weight");
+  }
+  a.kv_a_proj = w.view(p + "self_attn.kv_a_proj_with_mqa.weight");
+  a.kv_a_norm = w.view(p + "self_attn.kv_a_layernorm.weight");
+  a.kv_b_proj = w.view(p + "self_attn.kv_b_proj.weight");
+  a.o_proj = w.view(p + "self_attn.o_proj.weight");
+  L.is_moe = c.is_moe_layer(li);
+  if (L.is_moe) {
+    auto& m = L.moe;
+    m.router = w.view(p + "mlp.gate.weight");
+    if (c.topk_method == "noaux_tc") m.bias = w.view(p + "mlp.gate.e_score_correction_bias");
+    m.gate = grouped(w, p + "mlp.", c.n_routed_experts, "gate_proj");
+    m.up = grouped(w, p + "mlp.", c.n_routed_experts, "up_proj");
+    m.down = grouped(w, p + "mlp.", c.n_routed_experts, "down_proj");
+    m.has_shared = c.n_shared_experts > 0;
+    if (m.has_shared) {
+      m.shared.gate = w.view(p + "mlp.shared_experts.gate_proj.weight");
+      m.shared.up = w.view(p + "mlp.shared_experts.up_proj.weight");
+      m.shared.down = w.view(p + "mlp.shared_experts.down_proj.weight");
+    }
+  } else {
+    L.mlp.gate = w.view(p + "mlp.gate_proj.weight");
+    L.mlp.up = w.view(p + "mlp.up_proj.weight");
+    L.mlp.down = w.view(p + "mlp.down_proj.weight");
+  }
+}
+
+}  // namespace
+
+void ModelWeights::bind() {
+  const ModelConfig& c = cfg;
+  embed = view("model.embed_tokens.weight");
+  final_norm = view("model.norm.weight");
+  lm_head = view("lm_head.weight");
+  layers.assign(c.num_hidden_layers, {});
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) bind_layer(*this, c, layers[i], i);
+  mtp.assign(c.num_nextn_predict_layers, {});
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    const int64_t li = c.num_hidden_layers + k;
+    const std::string p = "model.layers." + std::to_string(li) + ".";
+    mtp[k].enorm = view(p + "enorm.weight");
+    mtp[k].hnorm = view(p + "hnorm.weight");
+    mtp[k].eh_proj = view(p + "eh_proj.weight");
+    mtp[k].head_norm = view(p + "shared_head.norm.weight");
+    bind_layer(*this, c, mtp[k].layer, li);
+  }
+}
+
+ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype) {
+  ModelWeights w;
+  w.cfg = cfg;
+  w.layout = make_param_layout(cfg);
+  w.flat = Tensor::zeros(dtype, {w.layout.num_params}, "params");
+  w.bias_flat = Tensor::zeros(DType::F32, {std::max<int64_t>(w.layout.num_bias, 1)}, "biases");
+  w.bind();
+  return w;
+}
+
+namespace {
+
+// Stores n fp32 values into the flat buffer at an element offset, converting to its dtype.
+void store(Tensor& flat, int64_t offset, const float* src, int64_t n) {
+  if (flat.dtype == DType::F32) {
+    std::copy(src, src + n, flat.ptr<float>() + offset);
+  } else {
+    uint16_t* d = flat.ptr<uint16_t>() + offset;
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+  }
+}
+
+// fp8 e4m3 weight [N, K] times its block scale [ceil(N/bn), ceil(K/bk)] -> fp32, exactly.
+std::vector<float> dequant_fp8(const Tensor& wt, const Tensor& sc, int64_t bn, int64_t bk) {
+  const int64_t N = wt.dim(0), K = wt.dim(1);
+  Shape want = {(N + bn - 1) / bn, (K + bk - 1) / bk};
+  if (sc.shape != want)
+    fail("tensor {}_scale_inv: expected shape {} for weight {} with {}x{} blocks, got {}", wt.name, shape_str(want),
+         shape_str(wt.shape), bn, bk, shape_str(sc.shape));
+  std::vector<float> scale(sc.numel());
+  convert_to_f32(sc.dtype, sc.data, scale.data(), scale.size());
+  std::vector<float> out(N * K);
+  convert_to_f32(DType::F8E4M3, wt.data, out.data(), out.size());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) out[n * K + k] *= scale[(n / bn) * want[1] + k / bk];
+  return out;
+}
+
+}  // namespace
+
+ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt) {
+  WeightSet ws(dir);
+  ParamLayout layout = make_param_layout(cfg);
+  // Decide the buffer dtype: bf16 only if every parameter is stored as bf16 (then it stays bf16 in memory).
+  DType dt = DType::BF16;
+  for (auto& s : layout.specs) {
+    if (s.is_bias) continue;
+    if (!ws.has(s.name)) fail("missing tensor {} in {} (expected shape {})", s.name, dir, shape_str(s.shape));
+    Tensor t = ws.get(s.name);
+    if (t.dtype != DType::BF16) dt = DType::F32;
+  }
+  if (opt.dtype == "f32") dt = DType::F32;
+  else if (opt.dtype == "bf16") dt = DType::BF16;
+  else if (opt.dtype != "auto") fail("unknown --dtype '{}' (auto, f32 or bf16)", opt.dtype);
+  ModelWeights w = alloc_weights(cfg, dt);
+  std::vector<std::string> errors;
+#pragma omp parallel for schedule(dynamic)
+  for (size_t i = 0; i < layout.specs.size(); ++i) {
+    const ParamSpec& s = layout.specs[i];
+    try {
+      if (s.is_bias && !ws.has(s.name)) fail("missing tensor {} in {} (expected shape {})", s.name, dir, shape_str(s.shape));
+      Tensor t = ws.get(s.name);
+      if (t.shape != s.shape)
+        fail("tensor {} in {}: expected shape {} from config.json, got {}", s.name, dir, shape_str(s.shape), shape_str(t.shape));
+      std::vector<float> v;
+      if (t.dtype == DType::F8E4M3) {
+        std::string sn = s.name + "_scale_inv";
+        if (!ws.has(sn)) fail("fp8 tensor {} has no {} in {}", s.name, sn, dir);
+        if (t.ndim() != 2) fail("fp8 tensor {} must be 2-D, got {}", s.name, shape_str(t.shape));
+        v = dequant_fp8(t, ws.get(sn), cfg.fp8_block_n, cfg.fp8_block_k);
+      } else if (t.dtype == DType::F32 || t.dtype == DType::BF16 || t.dtype == DType::F16) {
+        v.resize(t.numel());
+        convert_to_f32(t.dtype, t.data, v.data(), v.size());
+      } else {
+        fail("tensor {} in {} has dtype {}; expected a float type", s.name, dir, dtype_name(t.dtype));
+      }
+      if (s.is_bias) store(w.bias_flat, s.offset, v.data(), int64_t(v.size()));
+      else store(w.flat, s.offset, v.data(), int64_t(v.size()));
+    } catch (const std::exception& e) {
+#pragma omp critical
+      errors.push_back(e.what());
+    }
+  }
+  if (!errors.empty()) {
+    std::sort(errors.begin(), errors.end());
+    throw InputError(errors.front());
+  }
+  // MTP copies of the shared embedding and head: checked for shape if present (they duplicate the main ones).
+  for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) {
+    const std::string p = "model.layers." + std::to_string(cfg.num_hidden_layers + k) + ".";
+    for (const char* n : {"embed_tokens.weight", "shared_head.head.weight"})
+      if (ws.has(p + n) && ws.get(p + n).shape != Shape{cfg.vocab_size, cfg.hidden_size})
+        fail("tensor {}{} in {}: expected shape {}", p, n, dir, shape_str({cfg.vocab_size, cfg.hidden_size}));
+  }
+  return w;
+}
+
+ModelWeights init_weights(const ModelConfig& cfg, uint64_t seed, DType dtype) {
+  ModelWeights w = alloc_weights(cfg, dtype);
+  const auto& specs = w.layout.specs;
+#pragma omp parallel for schedule(dynamic)
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const ParamSpec& s = specs[i];
+    if (s.is_bias) continue;  // zeros
+    const int64_t n = shape_numel(s.shape);
+    std::vector<float> v(n);
+    if (s.is_norm) {
+      std::fill(v.begin(), v.end(), 1.f);
+    } else {
+      Rng rng(hash_str(s.name.c_str(), seed * 0x9e3779b97f4a7c15ull + 1));  // per-tensor stream: order-free
+      for (auto& x : v) x = float(rng.normal() * cfg.initializer_range);
+    }
+    store(w.flat, s.offset, v.data(), n);
+  }
+  return w;
+}
+
+void save_weights(const ModelConfig& cfg, const ModelWeights& w, const std::string& dir, DType dtype) {
+  fs::create_directories(dir);
+  std::vector<Tensor> out;
+  auto emit = [&](const std::string& name, const ParamSpec& s) {
+    const Tensor& base = s.is_bias ? w.bias_flat : w.flat;
+    DSV3_CHECK(base.device == Device::CPU, "save_weights needs CPU weights");
+    const DType odt = s.is_bias ? DType::F32 : dtype;
+    Tensor t = Tensor::empty(odt, s.shape, name);
+    const int64_t n = t.numel();
+    std::vector<float> v(n);
+    convert_to_f32(base.dtype, static_cast<const char*>(base.data) + size_t(s.offset) * dtype_size(base.dtype), v.data(), n);
+    if (odt == DType::F32) std::copy(v.begin(), v.end(), t.ptr<float>());
+    else for (int64_t i = 0; i < n; ++i) t.ptr<uint16_t>()[i] = f32_to_bf16(v[i]);
+    out.push_back(std::move(t));
+  };
+  for (auto& s : w.layout.specs) emit(s.name, s);
+  for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) {
+    const std::string p = "model.layers." + std::to_string(cfg.num_hidden_layers + k) + ".";
+    emit(p + "embed_tokens.weight", w.layout.at("model.embed_tokens.weight"));
+    emit(p + "shared_head.head.weight", w.layout.at("lm_head.weight"));
+  }
+  write_safetensors((fs::path(dir) / "model.safetensors").string(), out, {{"format", "pt"}});
+  ModelConfig c = cfg;
+  c.torch_dtype = dtype == DType::F32 ? "float32" : "bfloat16";
+  c.fp8 = false;
+  write_file_atomic((fs::path(dir) / "config.json").string(), c.to_json().dump(2) + "\n");
+}
+
+}  // namespace dsv3

@@ -1,0 +1,153 @@
+// The CPU reference backend: fp32 activations, OpenBLAS for matrix products, OpenMP for the rest.
+#include <cmath>
+#include <cstring>
+
+#include "ops/cpu/cpu_ops.h"
+#include "ops/cpu/gemm.h"
+
+namespace dsv3 {
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::CPU; }
+  std::string name() const override { return "cpu"; }
+  DType act_dtype() const override { return DType::F32; }
+
+  Tensor alloc(DType t, Shape s, const char* name) override { return Tensor::empty(t, std::move(s), name); }
+  Tensor upload(const Tensor& host) override { return host; }
+  Tensor to_host(const Tensor& t) override { return t; }
+  Tensor alloc_kv_pool(const KvPoolSpec& spec) override {
+    return Tensor::zeros(DType::F32, {spec.layers, spec.num_blocks, spec.block_size, spec.row()}, "kv_pool");
+  }
+
+  void zero(Tensor& t) override { std::memset(t.data, 0, t.nbytes()); }
+  void gather_rows(Tensor& out, const Tensor& x, const std::vector<int64_t>& rows) override {
+    const int64_t C = x.dim(-1);
+    for (size_t i = 0; i < rows.size(); ++i) std::memcpy(out.f32() + i * C, x.f32() + rows[i] * C, C * 4);
+  }
+  void embedding(Tensor& out, const Tensor& table, const std::vector<int32_t>& ids) override {
+    const int64_t H = table.dim(1);
+#pragma omp parallel for schedule(static) if (ids.size() > 64)
+    for (int64_t t = 0; t < int64_t(ids.size()); ++t)
+      cpu::widen_rows(out.f32() + t * H, H, static_cast<const char*>(table.data) + size_t(ids[t]) * H * dtype_size(table.dtype),
+                      table.dtype, H, 1, H);
+  }
+  void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps, int64_t x_stride) override {
+    const int64_t D = out.dim(-1), T = out.numel() / D;
+    cpu::rmsnorm(out.f32(), x.f32(), x_stride ? x_stride : D, w, T, D, eps);
+  }
+  void add(Tensor& out, const Tensor& a, const Tensor& b) override {
+    const int64_t n = out.numel();
+    float* o = out.f32();
+    const float *pa = a.f32(), *pb = b.f32();
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) o[i] = pa[i] + pb[i];
+  }
+  void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) override {
+    const int64_t n = out.numel();
+    float* o = out.f32();
+    const float *g = gate.f32(), *u = up.f32();
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
+  void copy_cols(Tensor& out, const Tensor& x, int64_t c0) override {
+    const int64_t T = out.dim(0), n = out.dim(1), C = x.dim(-1);
+    for (int64_t t = 0; t < T; ++t) std::memcpy(out.f32() + t * n, x.f32() + t * C + c0, n * 4);
+  }
+  void concat_cols(Tensor& out, const Tensor& a, const Tensor& b) override {
+    const int64_t T = out.dim(0), na = a.dim(-1), nb = b.dim(-1);
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(out.f32() + t * (na + nb), a.f32() + t * na, na * 4);
+      std::memcpy(out.f32() + t * (na + nb) + na, b.f32() + t * nb, nb * 4);
+    }
+  }
+  void linear(Tensor& y, const Tensor& x, const Tensor& w) override {
+    const int64_t K = w.dim(1), N = w.dim(0), M = x.numel() / K;
+    DSV3_CHECK(x.numel() == M * K && y.numel() == M * N, "linear {}: x {} y {} w {}", w.name, shape_str(x.shape),
+               shape_str(y.shape), shape_str(w.shape));
+    cpu::gemm_xwT(M, N, K, x.f32(), K, w.data, w.dtype, K, y.f32(), N);
+  }
+  void rope(Tensor& x, int64_t n, int64_t stride, int64_t off, const std::vector<int32_t>& pos, const Tensor& cos,
+            const Tensor& sin, bool interleave) override {
+    cpu::rope(x.f32(), int64_t(pos.size()), n, stride, off, cos.dim(1) * 2, pos.data(), cos.f32(), sin.f32(), interleave);
+  }
+  void kv_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs,
+                const Tensor& c, const Tensor& kpe) override {
+    const int64_t r = spec.kv_lora_rank, dr = spec.rope_dim, bs = spec.block_size;
+    float* base = pool.f32() + size_t(layer) * spec.num_blocks * bs * spec.row();
+    for (auto& s : seqs)
+      for (int64_t i = 0; i < s.len; ++i) {
+        int64_t p = s.pos0 + i;
+        DSV3_CHECK(p / bs < s.num_blocks, "kv_write: position {} beyond the sequence's {} blocks", p, s.num_blocks);
+        float* dst = base + (size_t(s.blocks[p / bs]) * bs + p % bs) * spec.row();
+        std::memcpy(dst, c.f32() + (s.row0 + i) * r, r * 4);
+        std::memcpy(dst + r, kpe.f32() + (s.row0 + i) * dr, dr * 4);
+      }
+  }
+  void kv_gather(Tensor& c_out, Tensor& kpe_out, const Tensor& pool, const KvPoolSpec& spec, int64_t layer,
+                 const SeqSlice& s, int64_t n) override {
+    const int64_t r = spec.kv_lora_rank, dr = spec.rope_dim, bs = spec.block_size;
+    const float* base = pool.f32() + size_t(layer) * spec.num_blocks * bs * spec.row();
+    for (int64_t p = 0; p < n; ++p) {
+      const float* src = base + (size_t(s.blocks[p / bs]) * bs + p % bs) * spec.row();
+      std::memcpy(c_out.f32() + p * r, src, r * 4);
+      std::memcpy(kpe_out.f32() + p * dr, src + r, dr * 4);
+    }
+  }
+  void mla_attention(Tensor& out, const Tensor& q, const Tensor& kv, const Tensor& kpe, int64_t pos0, int64_t nh,
+                     int64_t dn, int64_t dr, int64_t dv, float scale) override {
+    cpu::mla_attention(out.f32(), q.f32(), kv.f32(), kpe.f32(), q.dim(0), pos0, nh, dn, dr, dv, scale);
+  }
+  void mla_decode(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const Tensor& pool,
+                  const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs, float scale) override {
+    cpu::mla_decode(out_lat, q_lat, q_pe, pool, spec, layer, seqs, scale);
+  }
+  void mla_absorb_q(Tensor& q_lat, const Tensor& q, const Tensor& kv_b, int64_t nh, int64_t dn, int64_t dr,
+                    int64_t dv) override {
+    const int64_t B = q.dim(0), r = kv_b.dim(1);
+    for (int64_t h = 0; h < nh; ++h) {
+      const char* w = static_cast<const char*>(kv_b.data) + size_t(h * (dn + dv) * r) * dtype_size(kv_b.dtype);
+      cpu::gemm_xw(B, r, dn, q.f32() + h * (dn + dr), nh * (dn + dr), w, kv_b.dtype, r, q_lat.f32() + h * r, nh * r);
+    }
+  }
+  void mla_absorb_out(Tensor& out, const Tensor& o_lat, const Tensor& kv_b, int64_t nh, int64_t dn,
+                      int64_t dv) override {
+    const int64_t B = o_lat.dim(0), r = kv_b.dim(1);
+    for (int64_t h = 0; h < nh; ++h) {
+      const char* w = static_cast<const char*>(kv_b.data) + size_t((h * (dn + dv) + dn) * r) * dtype_size(kv_b.dtype);
+      cpu::gemm_xwT(B, dv, r, o_lat.f32() + h * r, nh * r, w, kv_b.dtype, r, out.f32() + h * dv, nh * dv);
+    }
+  }
+  void moe_route(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const Tensor& bias,
+                 const RouteParams& p) override {
+    cpu::moe_route(topk_idx.ptr<int32_t>(), topk_w.f32(), logits.f32(), bias ? bias.f32() : nullptr, logits.dim(0), p);
+  }
+  void moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, const Tensor& gate,
+                       const Tensor& up, const Tensor& down) override {
+    cpu::moe_experts_acc(out.f32(), x.f32(), topk_idx.ptr<int32_t>(), topk_w.f32(), x.dim(0), topk_idx.dim(1),
+                         x.dim(1), gate, up, down);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+std::unique_ptr<Backend> make_backend(const std::string& device) {
+  if (device == "cpu") return make_cpu_backend();
+  if (device == "cuda") return make_cuda_backend(0);
+  if (device.rfind("cuda:", 0) == 0) {
+    int idx = 0;
+    try {
+      idx = std::stoi(device.substr(5));
+    } catch (...) {
+      fail("bad device '{}' (expected cpu, cuda or cuda:N)", device);
+    }
+    return make_cuda_backend(idx);
+  }
+  fail("unknown device '{}' (expected cpu, cuda or cuda:N)", device);
+}
+
+}  // namespace dsv3

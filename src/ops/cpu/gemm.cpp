@@ -1,0 +1,119 @@
+#include "ops/cpu/gemm.h"
+
+#include <cblas.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "core/error.h"
+
+namespace dsv3::cpu {
+
+namespace {
+
+inline __m256 load_bf16x8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Small-M kernel over bf16 weights: each weight row is read once and dotted with every row of A.
+// Parallel over output columns; this is the decode hot path (bound by weight bytes).
+template <int MB>
+void gemv_bf16_block(int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* W, int64_t ldw, float* C,
+                     int64_t ldc, float beta) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* w = W + n * ldw;
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      __m256 wv = load_bf16x8(w + k);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(A + m * lda + k), acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      float s = hsum(acc[m]);
+      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_f32(w[kk]) * A[m * lda + kk];
+      float* c = C + m * ldc + n;
+      *c = beta == 0.f ? s : s + beta * *c;
+    }
+  }
+}
+
+}  // namespace
+
+void widen_rows(float* dst, int64_t ld_dst, const void* src, DType t, int64_t ld_src, int64_t rows, int64_t cols) {
+  if (t == DType::F32) {
+    auto s = static_cast<const float*>(src);
+#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+    for (int64_t r = 0; r < rows; ++r) std::copy(s + r * ld_src, s + r * ld_src + cols, dst + r * ld_dst);
+    return;
+  }
+  DSV3_CHECK(t == DType::BF16, "widen_rows: dtype {}", dtype_name(t));
+  auto s = static_cast<const uint16_t*>(src);
+#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* in = s + r * ld_src;
+    float* out = dst + r * ld_dst;
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) _mm256_storeu_ps(out + c, load_bf16x8(in + c));
+    for (; c < cols; ++c) out[c] = bf16_to_f32(in[c]);
+  }
+}
+
+void gemm_xwT(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* W, DType wt, int64_t ldw,
+              float* C, int64_t ldc, float beta) {
+  if (M == 0 || N == 0) return;
+  if (wt == DType::F32) {
+    auto w = static_cast<const float*>(W);
+    if (M == 1 && beta == 0.f)
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, int(N), int(K), 1.f, w, int(ldw), A, 1, 0.f, C, 1);
+    else
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.f, A, int(lda), w, int(ldw), beta,
+                  C, int(ldc));
+    return;
+  }
+  DSV3_CHECK(wt == DType::BF16, "gemm_xwT: weight dtype {}", dtype_name(wt));
+  auto w = static_cast<const uint16_t*>(W);
+  if (M <= 8) {
+    // Blocks of up to 4 rows of A share one pass over the weights.
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) gemv_bf16_block<4>(N, K, A + m * lda, lda, w, ldw, C + m * ldc, ldc, beta);
+    for (; m < M; ++m) gemv_bf16_block<1>(N, K, A + m * lda, lda, w, ldw, C + m * ldc, ldc, beta);
+    return;
+  }
+  // Panels of weight rows widened to fp32, then threaded sgemm per panel.
+  const int64_t panel = std::max<int64_t>(64, std::min<int64_t>(N, (int64_t(8) << 20) / std::max<int64_t>(K, 1)));
+  std::vector<float> buf(size_t(std::min(panel, N) * K));
+  for (int64_t n0 = 0; n0 < N; n0 += panel) {
+    int64_t nb = std::min(panel, N - n0);
+    widen_rows(buf.data(), K, w + n0 * ldw, DType::BF16, ldw, nb, K);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(nb), int(K), 1.f, A, int(lda), buf.data(), int(K),
+                beta, C + n0, int(ldc));
+  }
+}
+
+void gemm_xw(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* W, DType wt, int64_t ldw,
+             float* C, int64_t ldc, float beta) {
+  if (M == 0 || N == 0) return;
+  if (wt == DType::F32) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(N), int(K), 1.f, A, int(lda),
+                static_cast<const float*>(W), int(ldw), beta, C, int(ldc));
+    return;
+  }
+  std::vector<float> buf(size_t(K * N));
+  widen_rows(buf.data(), N, W, wt, ldw, K, N);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(N), int(K), 1.f, A, int(lda), buf.data(), int(N),
+              beta, C, int(ldc));
+}
+
+}  // namespace dsv3::cpu

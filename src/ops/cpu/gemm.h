@@ -1,0 +1,21 @@
+#pragma once
+// CPU matrix products with fp32 activations and fp32 or bf16 weights, fp32 accumulation.
+// OpenBLAS does the fp32 work; bf16 weights are either read directly by a small-M kernel (decode: bound by
+// weight bytes, and OpenBLAS has no fp32-activation x bf16-weight GEMV) or widened to fp32 in panels and
+// handed to sgemm (prefill: bound by FLOPs, the widening is O(N K) against O(M N K)).
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace dsv3::cpu {
+
+// C[M, N] = A[M, K] W[N, K]^T + beta C, with leading dimensions; W is F32 or BF16.
+void gemm_xwT(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* W, DType wt, int64_t ldw,
+              float* C, int64_t ldc, float beta = 0.f);
+// C[M, N] = A[M, K] W[K, N] + beta C; W is F32 or BF16 (row-major [K, N] with leading dimension ldw).
+void gemm_xw(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* W, DType wt, int64_t ldw,
+             float* C, int64_t ldc, float beta = 0.f);
+// Widen rows of a bf16/f32 matrix to fp32: dst[r, :] = src[r, :cols] for r < rows.
+void widen_rows(float* dst, int64_t ld_dst, const void* src, DType t, int64_t ld_src, int64_t rows, int64_t cols);
+
+}  // namespace dsv3::cpu

@@ -1,0 +1,115 @@
+// DeepSeekMoE on the CPU: routing (sigmoid + bias + group-limited top-k, or V2's softmax variants) and the
+// routed experts as grouped tensors. Routing is separate from expert compute so expert parallelism can sit
+// between them later.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "ops/cpu/cpu_ops.h"
+#include "ops/cpu/gemm.h"
+
+namespace dsv3::cpu {
+
+namespace {
+
+// Indices of the k largest values, descending; ties go to the lower index (torch.topk on CPU agrees for
+// distinct values, which is all that random fp32 data produces).
+void topk_desc(const float* v, int64_t n, int64_t k, int32_t* out) {
+  std::vector<int32_t> ix(n);
+  std::iota(ix.begin(), ix.end(), 0);
+  std::partial_sort(ix.begin(), ix.begin() + k, ix.end(), [&](int32_t a, int32_t b) {
+    return v[a] > v[b] || (v[a] == v[b] && a < b);
+  });
+  std::copy(ix.begin(), ix.begin() + k, out);
+}
+
+}  // namespace
+
+void moe_route(int32_t* idx, float* w, const float* logits, const float* bias, int64_t T, const RouteParams& p,
+               float* scores_out) {
+  const int64_t E = p.n_experts, K = p.top_k, G = p.n_group, per = E / std::max<int64_t>(G, 1);
+#pragma omp parallel for schedule(static) if (T > 16)
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<float> s(E), sel(E);
+    const float* l = logits + t * E;
+    if (p.sigmoid) {
+      for (int64_t e = 0; e < E; ++e) s[e] = 1.f / (1.f + std::exp(-l[e]));
+    } else {
+      float mx = *std::max_element(l, l + E);
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += (s[e] = std::exp(l[e] - mx));
+      for (int64_t e = 0; e < E; ++e) s[e] = float(s[e] / sum);
+    }
+    if (scores_out) std::copy(s.begin(), s.end(), scores_out + t * E);
+    for (int64_t e = 0; e < E; ++e) sel[e] = s[e] + (p.noaux_bias && bias ? bias[e] : 0.f);
+    if (p.group_limited && G > 1) {
+      std::vector<float> gscore(G);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* v = sel.data() + g * per;
+        if (p.noaux_bias) {  // V3: sum of the group's two best biased scores
+          int32_t top2[2];
+          int64_t k2 = std::min<int64_t>(2, per);
+          topk_desc(v, per, k2, top2);
+          gscore[g] = 0;
+          for (int64_t i = 0; i < k2; ++i) gscore[g] += v[top2[i]];
+        } else {  // V2 group_limited_greedy: the group's best score
+          gscore[g] = *std::max_element(v, v + per);
+        }
+      }
+      std::vector<int32_t> keep(p.topk_group);
+      topk_desc(gscore.data(), G, p.topk_group, keep.data());
+      std::vector<char> allowed(G, 0);
+      for (auto g : keep) allowed[g] = 1;
+      // Experts of dropped groups get selection score 0.0 (transformers' masked_fill), not -inf.
+      for (int64_t e = 0; e < E; ++e)
+        if (!allowed[e / per]) sel[e] = 0.f;
+    }
+    int32_t* it = idx + t * K;
+    topk_desc(sel.data(), E, K, it);
+    float* wt = w + t * K;
+    double sum = 0;
+    for (int64_t k = 0; k < K; ++k) sum += (wt[k] = s[it[k]]);
+    if (p.sigmoid) {
+      if (p.norm_topk_prob)
+        for (int64_t k = 0; k < K; ++k) wt[k] = float(wt[k] / (sum + 1e-20));
+      for (int64_t k = 0; k < K; ++k) wt[k] = float(wt[k] * p.scaling);
+    } else if (p.norm_topk_prob && K > 1) {  // DeepSeek-V2: normalized weights are not scaled
+      for (int64_t k = 0; k < K; ++k) wt[k] = float(wt[k] / (sum + 1e-20));
+    } else {
+      for (int64_t k = 0; k < K; ++k) wt[k] = float(wt[k] * p.scaling);
+    }
+  }
+}
+
+void moe_experts_acc(float* out, const float* x, const int32_t* idx, const float* w, int64_t T, int64_t K,
+                     int64_t H, const Tensor& gate, const Tensor& up, const Tensor& down) {
+  const int64_t E = gate.dim(0), I = gate.dim(1);
+  // Bucket (token, slot) pairs by expert, in token order, so accumulation order is deterministic.
+  std::vector<int64_t> count(E + 1, 0);
+  for (int64_t i = 0; i < T * K; ++i) count[idx[i] + 1]++;
+  for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
+  std::vector<int64_t> order(T * K), fill(count.begin(), count.end() - 1);
+  for (int64_t i = 0; i < T * K; ++i) order[fill[idx[i]]++] = i;
+  int64_t maxn = 0;
+  for (int64_t e = 0; e < E; ++e) maxn = std::max(maxn, count[e + 1] - count[e]);
+  std::vector<float> xe(maxn * H), g(maxn * I), u(maxn * I), y(maxn * H);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = count[e + 1] - count[e];
+    if (n == 0) continue;  // experts without tokens cost nothing
+    const int64_t* rows = order.data() + count[e];
+    for (int64_t i = 0; i < n; ++i) std::copy(x + (rows[i] / K) * H, x + (rows[i] / K + 1) * H, xe.data() + i * H);
+    gemm_xwT(n, I, H, xe.data(), H, expert_slice(gate, e), gate.dtype, H, g.data(), I);
+    gemm_xwT(n, I, H, xe.data(), H, expert_slice(up, e), up.dtype, H, u.data(), I);
+    for (int64_t i = 0; i < n * I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    gemm_xwT(n, H, I, g.data(), I, expert_slice(down, e), down.dtype, I, y.data(), H);
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = out + (rows[i] / K) * H;
+      const float wk = w[rows[i]];
+      const float* yr = y.data() + i * H;
+      for (int64_t j = 0; j < H; ++j) o[j] += wk * yr[j];
+    }
+  }
+}
+
+}  // namespace dsv3::cpu

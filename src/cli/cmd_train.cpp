@@ -72,6 +72,8 @@ void add_plot(CLI::App& app);
 
 void add_train_commands(CLI::App& app) {
   add_grads(app);
+  add_train_run(app);
+  add_prepare_data(app);
 }
 
 }  // namespace dsv3::cli

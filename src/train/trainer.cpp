@@ -1,0 +1,319 @@
+#include "train/trainer.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "io/atomic_file.h"
+#include "model/weights.h"
+#include "train/checkpoint.h"
+#include "train/data.h"
+#include "train/report.h"
+#include "train/train_model.h"
+
+namespace dsv3 {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+json TrainArgs::to_json() const {
+  return {{"config", config}, {"init-from", init_from}, {"out", out}, {"data", data}, {"save-dtype", save_dtype},
+          {"batch", batch}, {"seq", seq}, {"grad-accum", grad_accum}, {"steps", steps}, {"tokens", tokens},
+          {"lr", sched.lr}, {"min-lr", sched.min_lr}, {"warmup", sched.warmup}, {"lr-schedule", sched.kind},
+          {"wsd-decay", sched.decay_frac}, {"beta1", adam.beta1}, {"beta2", adam.beta2}, {"eps", adam.eps},
+          {"weight-decay", adam.weight_decay}, {"clip", adam.clip}, {"bias-gamma", bias_gamma},
+          {"balance-alpha", balance_alpha}, {"mtp-lambda", mtp_lambda}, {"eval-every", eval_every},
+          {"eval-batches", eval_batches}, {"save-every", save_every}, {"log-every", log_every}, {"seed", seed}};
+}
+
+TrainArgs TrainArgs::from_json(const json& j) {
+  TrainArgs a;
+  auto get = [&](const char* k, auto& v) {
+    if (j.contains(k)) v = j.at(k).get<std::decay_t<decltype(v)>>();
+  };
+  get("config", a.config), get("init-from", a.init_from), get("out", a.out), get("data", a.data);
+  get("save-dtype", a.save_dtype), get("batch", a.batch), get("seq", a.seq), get("grad-accum", a.grad_accum);
+  get("steps", a.steps), get("tokens", a.tokens), get("lr", a.sched.lr), get("min-lr", a.sched.min_lr);
+  get("warmup", a.sched.warmup), get("lr-schedule", a.sched.kind), get("wsd-decay", a.sched.decay_frac);
+  get("beta1", a.adam.beta1), get("beta2", a.adam.beta2), get("eps", a.adam.eps);
+  get("weight-decay", a.adam.weight_decay), get("clip", a.adam.clip), get("bias-gamma", a.bias_gamma);
+  get("balance-alpha", a.balance_alpha), get("mtp-lambda", a.mtp_lambda), get("eval-every", a.eval_every);
+  get("eval-batches", a.eval_batches), get("save-every", a.save_every), get("log-every", a.log_every);
+  get("seed", a.seed);
+  return a;
+}
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+void on_sigint(int) {
+  g_stop = true;
+  std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C kills at once
+}
+
+std::string fmt_eta(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const int64_t t = int64_t(s);
+  if (t >= 3600) return fmt::format("{}h{:02}m", t / 3600, (t / 60) % 60);
+  if (t >= 60) return fmt::format("{}m{:02}s", t / 60, t % 60);
+  return fmt::format("{}s", t);
+}
+
+double max_vio(const std::vector<int64_t>& load) {
+  int64_t sum = 0, mx = 0;
+  for (auto v : load) sum += v, mx = std::max(mx, v);
+  if (sum == 0) return 0;
+  const double mean = double(sum) / double(load.size());
+  return double(mx) / mean - 1.0;
+}
+
+// Keeps the metrics lines of steps <= `step` (a resumed run rewrites what came after its checkpoint).
+void truncate_metrics(const std::string& path, int64_t step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    try {
+      if (json::parse(line).value("step", int64_t(0)) <= step) kept += line + "\n";
+    } catch (...) {
+    }
+  }
+  write_file_atomic(path, kept);
+}
+
+}  // namespace
+
+void run_training(const TrainArgs& a_in) {
+  TrainArgs a = a_in;
+  if (a.data.empty()) fail("--data is required (a directory made by dsv3 prepare-data)");
+  if (a.batch < 1 || a.seq < 2 || a.grad_accum < 1) fail("--batch >= 1, --seq >= 2 and --grad-accum >= 1 are required");
+  if (a.save_dtype != "f32" && a.save_dtype != "bf16") fail("--save-dtype must be f32 or bf16, got {}", a.save_dtype);
+  const int64_t tokens_per_step = a.batch * a.seq * a.grad_accum;
+  int64_t total_steps = a.steps;
+  if (total_steps <= 0 && a.tokens > 0) total_steps = (a.tokens + tokens_per_step - 1) / tokens_per_step;
+  if (total_steps <= 0) fail("give --steps or --tokens");
+  a.sched.total = total_steps;
+  a.sched.validate();
+
+  // ---- model, optimizer state
+  ModelConfig cfg;
+  ModelWeights params;
+  TrainerState state;
+  std::vector<float> adam_m, adam_v;
+  if (!a.resume.empty()) {
+    Checkpoint ck = load_checkpoint(a.resume);
+    cfg = ck.cfg;
+    params = std::move(ck.params);
+    adam_m = std::move(ck.adam_m);
+    adam_v = std::move(ck.adam_v);
+    state = ck.state;
+  } else if (!a.init_from.empty()) {
+    cfg = ModelConfig::load(a.init_from);
+    LoadOptions lo;
+    lo.dtype = "f32";
+    params = load_weights(cfg, a.init_from, lo);
+  } else if (!a.config.empty()) {
+    cfg = ModelConfig::load(a.config);
+    params = init_weights(cfg, a.seed, DType::F32);
+  } else {
+    fail("give --config (random init), --init-from DIR or --resume CHECKPOINT");
+  }
+  if (a.seq > cfg.max_position_embeddings)
+    fail("--seq {} exceeds the model's max_position_embeddings {}", a.seq, cfg.max_position_embeddings);
+  ModelWeights grads = alloc_weights(cfg, DType::F32);
+  AdamW adam(params.layout, a.adam);
+  if (!adam_m.empty()) {
+    adam.m = std::move(adam_m);
+    adam.v = std::move(adam_v);
+    adam.t = state.adam_t;
+  }
+  TrainModel tm(cfg, params, grads);
+
+  // ---- data
+  DataLoader data(a.data, a.seed);
+  data.check_vocab(cfg.vocab_size);
+  if (!a.resume.empty()) data.rng().set_state(state.rng.data());
+  const std::string tokenizer_dir = data.meta().tokenizer;
+
+  // ---- output
+  fs::create_directories(a.out);
+  const std::string ckpt_dir = (fs::path(a.out) / "checkpoint").string();
+  const std::string metrics_path = (fs::path(a.out) / "metrics.jsonl").string();
+  if (!a.resume.empty()) truncate_metrics(metrics_path, state.step);
+  else std::remove(metrics_path.c_str());
+  std::ofstream metrics(metrics_path, std::ios::app);
+  if (!metrics) fail("cannot write {}", metrics_path);
+  const bool tty = isatty(2);
+
+  LossOptions lopt;
+  lopt.mtp = a.mtp_lambda > 0;
+  lopt.mtp_lambda = a.mtp_lambda;
+  lopt.balance_alpha = a.balance_alpha;
+  const auto& moe_layers = tm.moe_layers();
+  const int64_t E = cfg.n_routed_experts;
+
+  auto save = [&](const char* why) {
+    state.adam_t = adam.t;
+    data.rng().get_state(state.rng.data());
+    state.args = a.to_json();
+    save_checkpoint(ckpt_dir, cfg, params, a.save_dtype == "bf16" ? DType::BF16 : DType::F32, adam.m, adam.v, state,
+                    tokenizer_dir);
+    if (tty) std::fprintf(stderr, "\n");
+    std::fprintf(stderr, "saved %s (%s, step %lld)\n", ckpt_dir.c_str(), why, (long long)state.step);
+  };
+
+  auto evaluate = [&]() {
+    const int64_t nb = std::min(a.eval_batches, data.val_batches(a.batch, a.seq));
+    if (nb <= 0) return;
+    std::vector<int32_t> ids(a.batch * a.seq);
+    const int64_t D = cfg.num_nextn_predict_layers;
+    double loss = 0;
+    std::vector<double> mloss(D, 0.0);
+    std::vector<int64_t> mc(D, 0), mn(D, 0);
+    int64_t correct = 0, count = 0;
+    for (int64_t i = 0; i < nb; ++i) {
+      data.val_batch(i, a.batch, a.seq, ids.data());
+      LossOptions eo = lopt;
+      eo.mtp = D > 0;
+      eo.mtp_lambda = a.mtp_lambda > 0 ? a.mtp_lambda : 0.3;  // the MTP heads are measured even when not trained
+      StepStats s = tm.run(ids.data(), a.batch, a.seq, eo, 1.0, false);
+      loss += s.loss;
+      correct += s.main_correct, count += s.main_count;
+      for (int64_t k = 0; k < D; ++k) mloss[k] += s.mtp_loss[k], mc[k] += s.mtp_correct[k], mn[k] += s.mtp_count[k];
+    }
+    json j = {{"type", "val"}, {"step", state.step}, {"val_loss", loss / double(nb)},
+              {"val_acc", count ? double(correct) / double(count) : 0.0}};
+    json ml = json::array(), ma = json::array();
+    for (int64_t k = 0; k < D; ++k) {
+      ml.push_back(mloss[k] / double(nb));
+      ma.push_back(mn[k] ? double(mc[k]) / double(mn[k]) : 0.0);
+    }
+    j["val_mtp_loss"] = ml;
+    j["val_mtp_acc"] = ma;
+    metrics << j.dump() << "\n";
+    metrics.flush();
+    if (tty) std::fprintf(stderr, "\n");
+    std::string mtp;
+    for (int64_t k = 0; k < D; ++k) mtp += fmt::format(" | mtp{} loss {:.4f} acc {:.3f}", k + 1, mloss[k] / double(nb), ma[k].get<double>());
+    std::fprintf(stderr, "validation step %lld: loss %.4f acc %.3f%s\n", (long long)state.step, loss / double(nb),
+                 j["val_acc"].get<double>(), mtp.c_str());
+  };
+
+  int64_t mtp_params = 0;
+  for (auto& s : params.layout.specs)
+    if (!s.is_bias && s.name.rfind("model.layers.", 0) == 0 && std::stoll(s.name.substr(13)) >= cfg.num_hidden_layers)
+      mtp_params += shape_numel(s.shape);
+  std::fprintf(stderr, "training %s: %lld params (%lld in MTP modules), %lld steps of %lld tokens (batch %lld x seq %lld x accum %lld), data %s (%lld tokens)\n",
+               a.resume.empty() ? "from scratch" : "resumed", (long long)params.layout.num_params, (long long)mtp_params,
+               (long long)total_steps, (long long)tokens_per_step, (long long)a.batch, (long long)a.seq,
+               (long long)a.grad_accum, a.data.c_str(), (long long)data.train_tokens());
+  g_stop = false;
+  auto prev_handler = std::signal(SIGINT, on_sigint);
+  struct Restore {
+    decltype(prev_handler) h;
+    ~Restore() { std::signal(SIGINT, h); }
+  } restore{prev_handler};
+
+  std::vector<int32_t> ids(a.batch * a.seq);
+  const auto t_start = std::chrono::steady_clock::now();
+  const int64_t first_step = state.step;
+  double tok_s = 0;
+  while (state.step < total_steps) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double lr = a.sched.at(state.step);
+    std::fill(grads.flat.ptr<float>(), grads.flat.ptr<float>() + grads.flat.numel(), 0.f);
+    tm.reset_load();
+    double loss = 0, bal = 0;
+    const int64_t D = cfg.num_nextn_predict_layers;
+    std::vector<double> mtp(D, 0.0);
+    for (int64_t micro = 0; micro < a.grad_accum; ++micro) {
+      data.next_batch(a.batch, a.seq, ids.data());
+      StepStats s = tm.run(ids.data(), a.batch, a.seq, lopt, 1.0 / double(a.grad_accum), true);
+      if (!std::isfinite(s.total))
+        fail("the loss became {} at step {}: stopping without saving{}; lower --lr or check the data", s.total,
+             state.step + 1, fs::exists(ckpt_dir) ? fmt::format(" (the last good checkpoint is {})", ckpt_dir) : "");
+      loss += s.loss / double(a.grad_accum);
+      bal += s.balance_loss / double(a.grad_accum);
+      for (int64_t k = 0; k < D; ++k) mtp[k] += s.mtp_loss[k] / double(a.grad_accum);
+    }
+    const double gnorm = adam.step(params.flat.ptr<float>(), grads.flat.ptr<float>(), lr);
+    if (!std::isfinite(gnorm))
+      fail("the gradient norm became {} at step {}: stopping without saving{}", gnorm, state.step + 1,
+           fs::exists(ckpt_dir) ? fmt::format(" (the last good checkpoint is {})", ckpt_dir) : "");
+    // Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per MoE layer.
+    json maxvio = json::array(), loads = json::array();
+    double worst = 0;
+    for (size_t r = 0; r < moe_layers.size(); ++r) {
+      const auto& ld = tm.load()[r];
+      const double vio = max_vio(ld);
+      worst = std::max(worst, vio);
+      maxvio.push_back(vio);
+      loads.push_back(ld);
+      if (a.bias_gamma > 0) {
+        Tensor b = params.view("model.layers." + std::to_string(moe_layers[r]) + ".mlp.gate.e_score_correction_bias");
+        int64_t sum = 0;
+        for (auto v : ld) sum += v;
+        const double mean = double(sum) / double(E);
+        for (int64_t e = 0; e < E; ++e) {
+          const double d = mean - double(ld[e]);
+          b.ptr<float>()[e] += float(a.bias_gamma * double((d > 0) - (d < 0)));
+        }
+      }
+    }
+    state.step++;
+    state.tokens += tokens_per_step;
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    tok_s = double(tokens_per_step) / dt;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    const double eta = elapsed / double(state.step - first_step) * double(total_steps - state.step);
+    json mj = {{"type", "train"}, {"step", state.step}, {"loss", loss}, {"lr", lr}, {"grad_norm", gnorm},
+               {"balance_loss", bal}, {"tokens", state.tokens}, {"tok_per_s", tok_s}, {"step_s", dt},
+               {"maxvio", maxvio}, {"load", loads}, {"moe_layers", moe_layers}};
+    mj["mtp_loss"] = mtp;
+    metrics << mj.dump() << "\n";
+    metrics.flush();
+    std::string mtp_s = D > 0 ? fmt::format(" | mtp {:.4f}", mtp[0]) : "";
+    const std::string line =
+        fmt::format("step {}/{} | loss {:.4f}{} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s | maxvio {:.3f} | ETA {}",
+                    state.step, total_steps, loss, mtp_s, lr, gnorm, tok_s, worst, fmt_eta(eta));
+    if (tty) std::fprintf(stderr, "\r%s\033[K", line.c_str());
+    else if (state.step % std::max<int64_t>(a.log_every, 1) == 0 || state.step == total_steps || state.step == first_step + 1)
+      std::fprintf(stderr, "%s\n", line.c_str());
+    if (a.eval_every > 0 && (state.step % a.eval_every == 0 || state.step == total_steps)) evaluate();
+    if (g_stop) {
+      save("interrupted");
+      std::fprintf(stderr, "interrupted at step %lld; resume with --resume %s\n", (long long)state.step, ckpt_dir.c_str());
+      return;
+    }
+    if (a.stop_after > 0 && state.step - first_step >= a.stop_after && state.step < total_steps) {
+      save("--stop-after");
+      return;
+    }
+    if (a.save_every > 0 && state.step % a.save_every == 0 && state.step < total_steps) save("periodic");
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  save("final");
+  metrics.close();
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  const double rss = double(ru.ru_maxrss) * 1024.0;
+  std::fprintf(stderr, "done: %lld steps, %lld tokens, last %.0f tok/s, peak RSS %.1f MiB (%.1f bytes/param)\n",
+               (long long)state.step, (long long)state.tokens, tok_s, rss / 1048576.0,
+               rss / double(params.layout.num_params));
+  if (a.report) {
+    const std::string rp = (fs::path(a.out) / "report.html").string();
+    write_report(metrics_path, rp);
+    std::fprintf(stderr, "report: %s\n", rp.c_str());
+  }
+}
+
+}  // namespace dsv3

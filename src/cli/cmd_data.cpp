@@ -5,10 +5,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "train/prepare.h"
-#if __has_include("tokenizer/tokenizer.h")
 #include "tokenizer/tokenizer.h"
-#define DSV3_HAVE_TOKENIZER 1
-#endif
 
 namespace dsv3::cli {
 
@@ -22,7 +19,7 @@ void add_prepare_data(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   c->add_option("--tokenizer", a->tokenizer,
-                "Tokenizer file or directory (tokenizer.json), or 'bytes' (UTF-8 bytes 0..255, EOS 256)")->required();
+                "Tokenizer file or directory (tokenizer.json), 'deepseek-v3' (bundled), or 'bytes' (UTF-8 bytes 0..255, EOS 256)")->required();
   c->add_option("--input", a->inputs, "Input files: *.jsonl ({\"text\": ...} per line) or text")->required();
   c->add_option("--output", a->out, "Output data directory")->required();
   c->add_option("--doc-sep", a->opt.doc_sep,
@@ -44,16 +41,18 @@ void add_prepare_data(CLI::App& app) {
         return out;
       };
     } else {
-#ifdef DSV3_HAVE_TOKENIZER
       auto tok = std::make_shared<Tokenizer>(Tokenizer::load(a->tokenizer));
       opt.vocab_size = tok->vocab_size();
       opt.eos_id = tok->eos_id();
       opt.bos_id = tok->bos_id();
       opt.tokenizer = std::filesystem::absolute(a->tokenizer).string();
-      enc = [tok](const std::vector<std::string>& docs) { return tok->encode_batch(docs, true); };
-#else
-      fail("this dsv3 was built without the tokenizer: use --tokenizer bytes");
-#endif
+      // Each document as the model sees it at inference: BOS (when the tokenizer adds one), then its text.
+      enc = [tok](const std::vector<std::string>& docs) {
+        auto ids = tok->encode_batch(docs);
+        if (tok->add_bos_token() && tok->bos_id() >= 0)
+          for (auto& v : ids) v.insert(v.begin(), tok->bos_id());
+        return ids;
+      };
     }
     PrepareStats st = prepare_data(a->inputs, a->out, enc, opt);
     std::fprintf(stderr, "wrote %s: %lld documents (%lld held out), %lld train tokens in %lld shard(s), %lld validation tokens, vocab %lld\n",

@@ -6,6 +6,9 @@
 
 namespace dsv3::cli {
 
+// Re-executes the binary with OPENBLAS_CORETYPE set when OpenBLAS fell back to generic kernels (blas_env.cpp).
+void select_blas_kernels(char** argv);
+
 std::string human(int64_t n);                          // 1234567 -> "1.23M"
 std::vector<int32_t> parse_id_list(const std::string& s);  // "5,6,7" -> {5, 6, 7}; InputError on junk
 void copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir);

@@ -3,9 +3,11 @@
 #include <exception>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "core/error.h"
 
 int main(int argc, char** argv) {
+  dsv3::cli::select_blas_kernels(argv);
   CLI::App app{"dsv3: train and serve DeepSeek-V3-architecture models (MLA, DeepSeekMoE, MTP, FP8)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "dsv3 0.1.0");

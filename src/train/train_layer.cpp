@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "ops/cpu/blas.h"
+#include "train/profile.h"
 #include "train/train_model.h"
 
 namespace dsv3 {
@@ -32,6 +33,7 @@ void TrainModel::positions(int64_t B, int64_t Tq) {
 }
 
 void TrainModel::mlp_forward(const MlpWeights& M, Mlp& m, const float* h, int64_t N, float* out) {
+  ProfileScope prof_("mlp_fwd");
   const int64_t H = cfg_.hidden_size, I = M.gate.dim(0);
   linear_forward(buf(m.g, N * I), h, P(M.gate), N, I, H);
   linear_forward(buf(m.u, N * I), h, P(M.up), N, I, H);
@@ -42,6 +44,7 @@ void TrainModel::mlp_forward(const MlpWeights& M, Mlp& m, const float* h, int64_
 // dh += d/dh of down(silu(gate h) * up h); weight gradients +=.
 void TrainModel::mlp_backward(const MlpWeights& M, MlpWeights& Gw, Mlp& m, const float* h, int64_t N,
                               const float* dout, float* dh) {
+  ProfileScope prof_("mlp_bwd");
   const int64_t H = cfg_.hidden_size, I = M.gate.dim(0);
   linear_backward(buf(s_dact_, N * I), false, G(Gw.down), dout, m.act.data(), P(M.down), N, H, I);
   swiglu_backward(buf(s_dg_, N * I), buf(s_du_, N * I), s_dact_.data(), m.g.data(), m.u.data(), N * I);
@@ -51,6 +54,7 @@ void TrainModel::mlp_backward(const MlpWeights& M, MlpWeights& Gw, Mlp& m, const
 
 void TrainModel::attention_forward(const AttnWeights& A, LayerCache& c, int64_t B, int64_t Tq,
                                    std::vector<float>& out) {
+  ProfileScope prof_("attn_fwd");
   const int64_t N = B * Tq, H = cfg_.hidden_size, nh = cfg_.num_attention_heads, dn = cfg_.qk_nope_head_dim,
                 dr = cfg_.qk_rope_head_dim, dv = cfg_.v_head_dim, r = cfg_.kv_lora_rank, qr = cfg_.q_lora_rank;
   const double eps = cfg_.rms_norm_eps;
@@ -70,14 +74,18 @@ void TrainModel::attention_forward(const AttnWeights& A, LayerCache& c, int64_t 
   rope_forward(q, N, nh, dn + dr, dn, dr, pos_.data(), cos_.f32(), sin_.f32(), cfg_.rope_interleave);
   rope_forward(kpe, N, 1, dr, 0, dr, pos_.data(), cos_.f32(), sin_.f32(), cfg_.rope_interleave);
   linear_forward(buf(c.kv, N * nh * (dn + dv)), c.c.data(), P(A.kv_b_proj), N, nh * (dn + dv), r);
-  cpu::attention_forward(buf(c.ao, N * nh * dv), buf(c.lse, B * nh * Tq), q, c.kv.data(), kpe, B, Tq, nh, dn, dr, dv,
+  {
+    ProfileScope p("attn_core_fwd");
+    cpu::attention_forward(buf(c.ao, N * nh * dv), buf(c.lse, B * nh * Tq), q, c.kv.data(), kpe, B, Tq, nh, dn, dr, dv,
                          cfg_.softmax_scale());
+  }
   linear_forward(buf(out, N * H), c.ao.data(), P(A.o_proj), N, H, nh * dv);
 }
 
 // dh (overwritten) = gradient w.r.t. the attention input h1, from dout = gradient w.r.t. o_proj's output.
 void TrainModel::attention_backward(const AttnWeights& A, AttnWeights& Gw, LayerCache& c, int64_t B, int64_t Tq,
                                     const std::vector<float>& dout, std::vector<float>& dh) {
+  ProfileScope prof_("attn_bwd");
   const int64_t N = B * Tq, H = cfg_.hidden_size, nh = cfg_.num_attention_heads, dn = cfg_.qk_nope_head_dim,
                 dr = cfg_.qk_rope_head_dim, dv = cfg_.v_head_dim, r = cfg_.kv_lora_rank, qr = cfg_.q_lora_rank;
   positions(B, Tq);
@@ -85,8 +93,11 @@ void TrainModel::attention_backward(const AttnWeights& A, AttnWeights& Gw, Layer
                   nh * dv);
   float* dq = buf(s_dq_, N * nh * (dn + dr));
   float* dkpe = buf(s_dkpe_, N * dr);
-  cpu::attention_backward(dq, buf(s_dkv_, N * nh * (dn + dv)), dkpe, s_dao_.data(), c.ao.data(), c.lse.data(),
+  {
+    ProfileScope p("attn_core_bwd");
+    cpu::attention_backward(dq, buf(s_dkv_, N * nh * (dn + dv)), dkpe, s_dao_.data(), c.ao.data(), c.lse.data(),
                           c.q.data(), c.kv.data(), c.kpe.data(), B, Tq, nh, dn, dr, dv, cfg_.softmax_scale());
+  }
   linear_backward(buf(s_dc_, N * r), false, G(Gw.kv_b_proj), s_dkv_.data(), c.c.data(), P(A.kv_b_proj), N,
                   nh * (dn + dv), r);
   rope_backward(dkpe, N, 1, dr, 0, dr, pos_.data(), cos_.f32(), sin_.f32(), cfg_.rope_interleave);
@@ -141,6 +152,7 @@ void TrainModel::layer_forward(const LayerWeights& L, LayerCache& c, std::vector
     for (int64_t i = 0; i < N * K; ++i) ld[c.idx[i]]++;
     if (M.has_shared) mlp_forward(M.shared, c.mlp, c.h2.data(), N, tmp_.data());
     else std::fill(tmp_.begin(), tmp_.end(), 0.f);
+    ProfileScope prof_("experts_fwd");
     experts_forward(tmp_.data(), c.experts, c.h2.data(), c.idx.data(), c.w.data(), P(M.gate), P(M.up), P(M.down), N,
                     K, H, I, E);
   }
@@ -158,6 +170,7 @@ void TrainModel::layer_backward(const LayerWeights& L, LayerWeights& Gl, LayerCa
     MoeWeights& GM = Gl.moe;
     const int64_t E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size;
     if (M.has_shared) mlp_backward(M.shared, GM.shared, c.mlp, c.h2.data(), N, dx.data(), s_dh_.data());
+    ProfileScope prof_("experts_bwd");
     experts_backward(s_dh_.data(), buf(s_dw_, N * K), G(GM.gate), G(GM.up), G(GM.down), dx.data(), c.experts,
                      c.h2.data(), c.idx.data(), c.w.data(), P(M.gate), P(M.up), P(M.down), N, K, H, I, E);
     route_backward(buf(s_drl_, N * E), s_dw_.data(), c.dscores.empty() ? nullptr : c.dscores.data(), c.scores.data(),

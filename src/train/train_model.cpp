@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "ops/cpu/blas.h"
+#include "train/profile.h"
 
 namespace dsv3 {
 
@@ -56,6 +57,7 @@ void TrainModel::reset_load() {
 
 double TrainModel::head_loss(const float* hn, const int32_t* targets, int64_t N, double scale, bool backward,
                              float* dhn, int64_t* correct) {
+  ProfileScope prof_("head_loss");
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   float* logits = buf(logits_, N * V);
   linear_forward(logits, hn, P(P_.lm_head), N, V, H);
@@ -66,6 +68,7 @@ double TrainModel::head_loss(const float* hn, const int32_t* targets, int64_t N,
 
 StepStats TrainModel::run(const int32_t* ids, int64_t B, int64_t T, const LossOptions& opt, double grad_scale,
                           bool backward) {
+  ProfileScope prof_("run");
   const int64_t H = cfg_.hidden_size, N = B * T, V = cfg_.vocab_size;
   const double eps = cfg_.rms_norm_eps;
   if (T < 2) fail("training needs sequences of at least 2 tokens, got {}", T);

@@ -16,6 +16,7 @@
 #include "model/weights.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
+#include "train/profile.h"
 #include "train/report.h"
 #include "train/train_model.h"
 
@@ -245,7 +246,11 @@ void run_training(const TrainArgs& a_in) {
       bal += s.balance_loss / double(a.grad_accum);
       for (int64_t k = 0; k < D; ++k) mtp[k] += s.mtp_loss[k] / double(a.grad_accum);
     }
-    const double gnorm = adam.step(params.flat.ptr<float>(), grads.flat.ptr<float>(), lr);
+    double gnorm;
+    {
+      ProfileScope prof("adamw");
+      gnorm = adam.step(params.flat.ptr<float>(), grads.flat.ptr<float>(), lr);
+    }
     if (!std::isfinite(gnorm))
       fail("the gradient norm became {} at step {}: stopping without saving{}", gnorm, state.step + 1,
            fs::exists(ckpt_dir) ? fmt::format(" (the last good checkpoint is {})", ckpt_dir) : "");

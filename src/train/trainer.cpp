@@ -240,7 +240,8 @@ void run_training(const TrainArgs& a_in) {
       data.next_batch(a.batch, a.seq, ids.data());
       StepStats s = tm.run(ids.data(), a.batch, a.seq, lopt, 1.0 / double(a.grad_accum), true);
       if (!std::isfinite(s.total))
-        fail("the loss became {} at step {}: stopping without saving{}; lower --lr or check the data", s.total,
+        fail("the loss is not finite ({}) at step {}: stopping without saving{}; lower --lr or check the data",
+             std::isnan(s.total) ? "NaN" : "Inf",
              state.step + 1, fs::exists(ckpt_dir) ? fmt::format(" (the last good checkpoint is {})", ckpt_dir) : "");
       loss += s.loss / double(a.grad_accum);
       bal += s.balance_loss / double(a.grad_accum);
@@ -252,7 +253,7 @@ void run_training(const TrainArgs& a_in) {
       gnorm = adam.step(params.flat.ptr<float>(), grads.flat.ptr<float>(), lr);
     }
     if (!std::isfinite(gnorm))
-      fail("the gradient norm became {} at step {}: stopping without saving{}", gnorm, state.step + 1,
+      fail("the gradient norm is not finite ({}) at step {}: stopping without saving{}", std::isnan(gnorm) ? "NaN" : "Inf", state.step + 1,
            fs::exists(ckpt_dir) ? fmt::format(" (the last good checkpoint is {})", ckpt_dir) : "");
     // Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per MoE layer.
     json maxvio = json::array(), loads = json::array();

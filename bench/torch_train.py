@@ -341,7 +341,7 @@ def bench(args):
         opt.step()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(float(main))
+        losses.append(main.item())
     tok = args.batch * args.seq
     print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "threads": args.threads, "batch": args.batch,
                       "seq": args.seq, "steps": args.steps, "tokens_per_s": tok * len(times) / sum(times),

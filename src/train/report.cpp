@@ -57,7 +57,7 @@ std::vector<double> ticks(double lo, double hi, int n) {
 }
 
 std::string line_chart(const std::string& title, const std::string& ylabel, const std::vector<Series>& ss) {
-  const double W = 640, Hh = 300, L = 60, R = 150, T = 30, B = 40;
+  const double W = 700, Hh = 300, L = 60, R = 200, T = 30, B = 40;
   double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
   for (auto& s : ss)
     for (size_t i = 0; i < s.x.size(); ++i)

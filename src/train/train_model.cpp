@@ -60,8 +60,16 @@ double TrainModel::head_loss(const float* hn, const int32_t* targets, int64_t N,
   ProfileScope prof_("head_loss");
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   float* logits = buf(logits_, N * V);
-  linear_forward(logits, hn, P(P_.lm_head), N, V, H);
-  const double sum = cross_entropy_forward_backward(logits, logits, targets, N, V, scale, correct);
+  {
+    ProfileScope p("head_gemm_fwd");
+    linear_forward(logits, hn, P(P_.lm_head), N, V, H);
+  }
+  double sum;
+  {
+    ProfileScope p("head_ce");
+    sum = cross_entropy_forward_backward(logits, logits, targets, N, V, scale, correct);
+  }
+  ProfileScope p("head_gemm_bwd");
   if (backward) linear_backward(dhn, false, G(G_.lm_head), logits, hn, P(P_.lm_head), N, V, H);
   return sum;
 }

@@ -1,11 +1,71 @@
 // Cross-entropy over logits rows, forward and backward in one pass (the logits are not needed afterwards,
 // so the gradient may overwrite them). Accumulation: dlogits is overwritten.
+#include <immintrin.h>
+
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "ops/cpu/train_ops.h"
 
 namespace dsv3::cpu {
+
+namespace {
+
+// exp(x) for 8 floats, x <= 0 here (logit - max): Cephes' expf polynomial (relative error ~2e-7), clamped at
+// -87 so that no result is denormal. The logits rows are [V] wide, so this loop is most of the loss' time.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One float row: writes exp(z - max) into dz (may alias z), returns the max and the sum of the exps.
+inline void row_exp(float* dz, const float* z, int64_t V, float* mx_out, double* sum_out) {
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  int64_t v = 0;
+  for (; v + 8 <= V; v += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(z + v));
+  float mx = hmax8(m8);
+  for (; v < V; ++v) mx = std::max(mx, z[v]);
+  __m256 s8 = _mm256_setzero_ps();
+  const __m256 mv = _mm256_set1_ps(mx);
+  for (v = 0; v + 8 <= V; v += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(z + v), mv));
+    s8 = _mm256_add_ps(s8, e);
+    _mm256_storeu_ps(dz + v, e);
+  }
+  double sum = hsum8(s8);
+  for (; v < V; ++v) sum += (dz[v] = std::exp(z[v] - mx));
+  *mx_out = mx;
+  *sum_out = sum;
+}
+
+}  // namespace
 
 // Forward: loss_t = log sum_v exp(z_tv) - z_t,target.
 // Backward: dz_tv = scale * (softmax(z_t)_v - [v == target]).
@@ -23,19 +83,24 @@ double cross_entropy_forward_backward(T* dlogits, const T* logits, const int32_t
       for (int64_t v = 0; v < V; ++v) dz[v] = T(0);
       continue;
     }
-    int64_t arg = 0;
-    T mx = z[0];
-    for (int64_t v = 1; v < V; ++v)
-      if (z[v] > mx) mx = z[v], arg = v;
     const T zy = z[y];
+    T mx = z[0];
     double sum = 0;
-    for (int64_t v = 0; v < V; ++v) {  // z[v] is read before dz[v] (which may alias it) is written
-      const T e = std::exp(z[v] - mx);
-      sum += double(e);
-      dz[v] = e;
+    if constexpr (std::is_same_v<T, float>) {
+      row_exp(dz, z, V, &mx, &sum);  // z is dead after this when dz aliases it; only its max and z[y] are kept
+      hit[t] = zy == mx;             // the target is (one of) the argmax
+    } else {
+      int64_t arg = 0;
+      for (int64_t v = 1; v < V; ++v)
+        if (z[v] > mx) mx = z[v], arg = v;
+      for (int64_t v = 0; v < V; ++v) {  // z[v] is read before dz[v] (which may alias it) is written
+        const T e = std::exp(z[v] - mx);
+        sum += double(e);
+        dz[v] = e;
+      }
+      hit[t] = arg == y;
     }
     row_loss[t] = double(mx) + std::log(sum) - double(zy);
-    hit[t] = arg == y;
     const T k = T(scale / sum);
     for (int64_t v = 0; v < V; ++v) dz[v] *= k;
     dz[y] -= T(scale);

@@ -127,6 +127,12 @@ def test_mtp_and_balance_grads_match_torch_reference(tmp_path, dsv3_bin):
         if k.startswith("grad."):
             assert rel(got[k], ref[k]) < 1e-4, k
     assert np.linalg.norm(got["grad.model.layers.3.eh_proj.weight"]) > 0  # module 2 was trained
+    # Without --mtp an MTP model reports the main-model loss only, and its MTP tensors get zero gradients.
+    r = run([dsv3_bin, "grads", "--model", mdir, "--input", tmp_path / "in.safetensors", "--output", tmp_path / "g0.safetensors"])
+    assert r.returncode == 0, r.stderr
+    g0 = load_file(str(tmp_path / "g0.safetensors"))
+    assert abs(g0["loss"][0] - ref["main_loss"][0]) / ref["main_loss"][0] < 1e-5
+    assert not g0["grad.model.layers.2.eh_proj.weight"].any()
 
 
 # ---- training runs on a tiny corpus ----------------------------------------------------------------------

@@ -264,7 +264,7 @@ void run_training(const TrainArgs& a_in) {
       worst = std::max(worst, vio);
       maxvio.push_back(vio);
       loads.push_back(ld);
-      if (a.bias_gamma > 0) {
+      if (a.bias_gamma > 0 && cfg.topk_method == "noaux_tc") {  // other routers have no selection bias
         Tensor b = params.view("model.layers." + std::to_string(moe_layers[r]) + ".mlp.gate.e_score_correction_bias");
         int64_t sum = 0;
         for (auto v : ld) sum += v;

@@ -11,12 +11,21 @@
 
 #include "ops/cpu/blas.h"
 #include "ops/cpu/train_ops.h"
+#include "ops/cpu/vec_math.h"
 
 namespace dsv3::cpu {
 
 namespace {
 
 // S[Tq, Tq] = scale * (Qn Kn^T + Qp Kpe^T) for one (sequence, head).
+// row[j] = exp(row[j] - sub) for j < n; returns the sum.
+inline float exp_row(float* row, int64_t n, float sub) { return exp_sub_sum(row, n, sub); }
+inline double exp_row(double* row, int64_t n, double sub) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += (row[j] = std::exp(row[j] - sub));
+  return s;
+}
+
 template <typename T>
 void scores(T* S, const T* q, const T* kv, const T* kpe, int64_t Tq, int64_t qs, int64_t ks, int64_t dn,
             int64_t dr, T scale) {
@@ -45,8 +54,7 @@ void attention_forward(T* out, T* lse, const T* q, const T* kv, const T* kpe, in
         T* row = S.data() + i * Tq;
         T mx = -std::numeric_limits<T>::infinity();
         for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
-        T sum = 0;
-        for (int64_t j = 0; j <= i; ++j) sum += (row[j] = std::exp(row[j] - mx));
+        const T sum = exp_row(row, i + 1, mx);
         const T inv = T(1) / sum;
         for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
         for (int64_t j = i + 1; j < Tq; ++j) row[j] = T(0);
@@ -81,7 +89,7 @@ void attention_backward(T* dq, T* dkv, T* dkpe, const T* dout, const T* out, con
       const T* l = lse + bh * Tq;
       for (int64_t i = 0; i < Tq; ++i) {
         T* row = P.data() + i * Tq;
-        for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(row[j] - l[i]);
+        exp_row(row, i + 1, l[i]);
         for (int64_t j = i + 1; j < Tq; ++j) row[j] = T(0);
         T d = 0;
         for (int64_t c = 0; c < dv; ++c) d += doh[i * os + c] * oh[i * os + c];

@@ -186,7 +186,7 @@ void experts_forward(T* out, MoeSaved<T>& s, const T* x, const int32_t* idx, con
       T* U = s.U.data() + o * I;
       linear_forward(G, xe.data(), Wg + e * I * H, n, I, H);
       linear_forward(U, xe.data(), Wu + e * I * H, n, I, H);
-      for (int64_t i = 0; i < n * I; ++i) a[i] = G[i] / (T(1) + std::exp(-G[i])) * U[i];
+      swiglu_forward(a.data(), G, U, n * I);
       linear_forward(s.Y.data() + o * H, a.data(), Wd + e * H * I, n, H, I);
     }
   }

@@ -7,7 +7,10 @@
 #include <cmath>
 #include <vector>
 
+#include <type_traits>
+
 #include "ops/cpu/train_ops.h"
+#include "ops/cpu/vec_math.h"
 
 namespace dsv3::cpu {
 
@@ -102,15 +105,38 @@ void rope_backward(T* dx, int64_t N, int64_t n, int64_t stride, int64_t off, int
 
 template <typename T>
 void swiglu_forward(T* out, const T* g, const T* u, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t nv = n / 8 * 8;
 #pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (T(1) + std::exp(-g[i])) * u[i];
+    for (int64_t i = 0; i < nv; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_loadu_ps(u + i)));
+    }
+    for (int64_t i = nv; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  } else {
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (T(1) + std::exp(-g[i])) * u[i];
+  }
 }
 
 // Forward: out = g * sig(g) * u. Backward: du = dout * g sig(g); dg = dout * u * sig(g) (1 + g (1 - sig(g))).
 template <typename T>
 void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int64_t n) {
+  int64_t nv = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    nv = n / 8 * 8;
+    const __m256 one = _mm256_set1_ps(1.f);
 #pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < nv; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i), d = _mm256_loadu_ps(dout + i);
+      const __m256 s = sigmoid8(gv);
+      _mm256_storeu_ps(du + i, _mm256_mul_ps(d, _mm256_mul_ps(gv, s)));
+      const __m256 k = _mm256_fmadd_ps(gv, _mm256_sub_ps(one, s), one);  // 1 + g (1 - s)
+      _mm256_storeu_ps(dg + i, _mm256_mul_ps(_mm256_mul_ps(d, uv), _mm256_mul_ps(s, k)));
+    }
+  }
+#pragma omp parallel for schedule(static) if (n - nv > 65536)
+  for (int64_t i = nv; i < n; ++i) {
     const T s = T(1) / (T(1) + std::exp(-g[i]));
     const T d = dout[i], gi = g[i], ui = u[i];
     du[i] = d * gi * s;

@@ -156,7 +156,7 @@ StepStats TrainModel::run(const int32_t* ids, int64_t B, int64_t T, const LossOp
   if (!backward) return st;
 
   // ---- backward: MTP modules D..1. The gradient w.r.t. module k's block output collects its head-norm
-  // backward and module k+1's hnorm-input gradient (stored in mtp_[k].hp_in's place: dprev below).
+  // backward and module k+1's hnorm-input gradient (handed down in `dnext`); module 1 hands it to dhn_.
   std::vector<float> dnext;  // gradient w.r.t. the rows of the stage after the current one, [B*Tk, H]
   for (int64_t k = d_run; k >= 1; --k) {
     MtpCache& m = mtp_[k - 1];

@@ -81,10 +81,11 @@ TEST(BackwardOps, RMSNormStrided) {
   EXPECT_LT(fd_error(loss, w, dw), kTol);
 }
 
-TEST(BackwardOps, RopeBothLayouts) {
+TEST(BackwardOps, RopeYarnScaledBothLayouts) {
   const int64_t N = 3, n = 2, stride = 6, off = 2, dr = 4;
   std::vector<float> cs(8 * dr / 2), sn(8 * dr / 2);
-  for (size_t i = 0; i < cs.size(); ++i) cs[i] = float(std::cos(0.3 * i)), sn[i] = float(std::sin(0.3 * i));
+  // Tables scaled by 1.2, as YaRN's mscale scales cos/sin: the backward must not assume a pure rotation.
+  for (size_t i = 0; i < cs.size(); ++i) cs[i] = float(1.2 * std::cos(0.3 * i)), sn[i] = float(1.2 * std::sin(0.3 * i));
   std::vector<int32_t> pos = {5, 1, 7};
   for (bool inter : {true, false}) {
     Vec x = randn(N * n * stride, 7), R = randn(N * n * stride, 8);

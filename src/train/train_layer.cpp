@@ -131,8 +131,9 @@ void TrainModel::layer_forward(const LayerWeights& L, LayerCache& c, std::vector
   c.x_in = x;
   rmsnorm_forward(buf(c.h1, N * H), buf(c.rstd_in, N), x.data(), H, P(L.input_norm), N, H, eps);
   attention_forward(L.attn, c, B, Tq, tmp_);
-  for (int64_t i = 0; i < N * H; ++i) x[i] += tmp_[i];
-  c.x_mid = x;
+  float* xm = buf(c.x_mid, N * H);
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < N * H; ++i) xm[i] = x[i] += tmp_[i];
   rmsnorm_forward(buf(c.h2, N * H), buf(c.rstd_post, N), x.data(), H, P(L.post_norm), N, H, eps);
   if (!L.is_moe) {
     mlp_forward(L.mlp, c.mlp, c.h2.data(), N, tmp_.data());
@@ -156,6 +157,7 @@ void TrainModel::layer_forward(const LayerWeights& L, LayerCache& c, std::vector
     experts_forward(tmp_.data(), c.experts, c.h2.data(), c.idx.data(), c.w.data(), P(M.gate), P(M.up), P(M.down), N,
                     K, H, I, E);
   }
+#pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < N * H; ++i) x[i] += tmp_[i];
 }
 

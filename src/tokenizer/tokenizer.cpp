@@ -1,0 +1,304 @@
+#include "tokenizer/tokenizer.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "tokenizer/added_vocab.h"
+#include "tokenizer/bpe.h"
+#include "tokenizer/byte_level.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/normalizer.h"
+#include "tokenizer/post_processor.h"
+#include "tokenizer/pre_tokenizer.h"
+#include "tokenizer/tokenizer_files.h"
+#include "tokenizer/utf8.h"
+
+namespace dsv3 {
+
+struct Tokenizer::Impl {
+  std::string source;
+  std::unique_ptr<Normalizer> normalizer;
+  std::unique_ptr<PreTokenizer> pre_tokenizer;
+  std::unique_ptr<BpeModel> model;
+  AddedVocabulary added;
+  SpecialsAround specials;
+  DecoderKind decoder = DecoderKind::None;
+  size_t vocab_size = 0;
+  std::vector<std::string> token_text;  // [vocab_size] the token's string (added tokens first, as HF looks up)
+  std::vector<std::string> piece;       // [vocab_size] bytes the decoder makes of it
+  std::vector<uint8_t> known;           // [vocab_size] 1 when some token has this id
+  std::vector<uint8_t> special;         // [vocab_size] 1 when the token's string is a special added token
+
+  // From tokenizer_config.json.
+  int32_t bos = -1, eos = -1;
+  bool add_bos = false;
+  nlohmann::ordered_json special_token_strings = nlohmann::ordered_json::object();  // bos_token, eos_token, ...
+  std::string chat_template_source;
+  std::unique_ptr<ChatTemplate> chat_template;
+  std::string chat_template_error;  // why it did not compile, reported when it is used
+
+  void encode_pieces(std::string_view text, std::vector<int32_t>& out) const {
+    auto to_model = [&](std::string_view word) { model->encode(word, out); };
+    auto normalized_part = [&](std::string_view part, int32_t id) {
+      if (id >= 0) out.push_back(id);
+      else if (pre_tokenizer) pre_tokenizer->split(part, to_model);
+      else model->encode(part, out);
+    };
+    added.split(text, /*normalized_set=*/false, [&](std::string_view part, int32_t id) {
+      if (id >= 0) {
+        out.push_back(id);
+        return;
+      }
+      if (!normalizer) {
+        added.split(part, true, normalized_part);
+        return;
+      }
+      std::string norm(part);
+      normalizer->normalize(norm);
+      added.split(norm, true, normalized_part);
+    });
+  }
+
+  void append_piece(int32_t id, bool skip_special, std::string& out) const {
+    if (id < 0 || size_t(id) >= vocab_size || !known[id]) return;  // Hugging Face skips unknown ids too
+    if (skip_special && special[id]) return;
+    out += piece[id];
+  }
+};
+
+namespace {
+
+std::string config_token(const nlohmann::json& cfg, const char* key) {
+  if (!cfg.contains(key) || cfg[key].is_null()) return "";
+  const auto& v = cfg[key];
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  fail("tokenizer_config.json: {} must be a string or an object with \"content\"", key);
+}
+
+std::string config_chat_template(const nlohmann::json& cfg) {
+  if (!cfg.contains("chat_template") || cfg["chat_template"].is_null()) return "";
+  const auto& t = cfg["chat_template"];
+  if (t.is_string()) return t.get<std::string>();
+  if (t.is_array()) {  // named templates: transformers uses the one called "default"
+    for (const auto& e : t)
+      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+        return e["template"].get<std::string>();
+    fail("tokenizer_config.json: chat_template is a list without a template named \"default\"");
+  }
+  fail("tokenizer_config.json: chat_template must be a string or a list of {{name, template}}");
+}
+
+nlohmann::json parse_json(const std::string& text, const std::string& what) {
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail("{} is not valid JSON: {}", what, e.what());
+  }
+}
+
+}  // namespace
+
+Tokenizer Tokenizer::load(const std::string& path_or_name) {
+  const TokenizerFiles files = locate_tokenizer(path_or_name);
+  const std::string config = files.config_json.empty() ? std::string() : read_text_file(files.config_json);
+  return from_json_text(read_text_file(files.tokenizer_json), config, files.tokenizer_json);
+}
+
+Tokenizer Tokenizer::from_json_text(const std::string& tokenizer_json, const std::string& config_json,
+                                    const std::string& source) {
+  auto impl = std::make_shared<Impl>();
+  impl->source = source;
+  try {
+    const nlohmann::json j = parse_json(tokenizer_json, "tokenizer.json");
+    if (!j.is_object()) fail("tokenizer.json must be a JSON object");
+    if (!j.contains("model")) fail("tokenizer.json has no \"model\"");
+    auto get = [&](const char* key) -> const nlohmann::json& {
+      static const nlohmann::json null_value;
+      return j.contains(key) ? j[key] : null_value;
+    };
+    impl->normalizer = make_normalizer(get("normalizer"));
+    impl->pre_tokenizer = PreTokenizer::from_json(get("pre_tokenizer"));
+    impl->model = std::make_unique<BpeModel>(BpeModel::from_json(j["model"]));
+    impl->model->set_byte_level_input(impl->pre_tokenizer && impl->pre_tokenizer->byte_level());
+    impl->added.load(get("added_tokens"), *impl->model, impl->normalizer.get());
+    impl->specials = post_processor_from_json(get("post_processor"));
+    impl->decoder = decoder_from_json(get("decoder"));
+
+    impl->vocab_size = size_t(std::max(impl->model->max_id(), impl->added.max_id()) + 1);
+    const size_t n = impl->vocab_size;
+    impl->token_text.assign(n, std::string());
+    impl->piece.assign(n, std::string());
+    impl->known.assign(n, 0);
+    impl->special.assign(n, 0);
+    for (size_t id = 0; id < n; ++id) {
+      const AddedToken* a = impl->added.by_id(int32_t(id));
+      const std::string* t = a ? &a->content : impl->model->id_to_token(int32_t(id));
+      if (!t) continue;
+      impl->known[id] = 1;
+      impl->token_text[id] = *t;
+      impl->special[id] = impl->added.is_special_content(*t);
+      if (impl->decoder == DecoderKind::ByteLevel) {
+        // Hugging Face's ByteLevel decoder keeps a token whose characters are not all byte-level ones as is.
+        auto bytes = byte_level::decode(*t);
+        impl->piece[id] = bytes ? *bytes : *t;
+      } else {
+        impl->piece[id] = *t;
+      }
+    }
+    for (int32_t id : impl->specials.prefix)
+      if (id < 0 || size_t(id) >= n) fail("tokenizer.json: post_processor adds id {} which is not in the vocabulary", id);
+    for (int32_t id : impl->specials.suffix)
+      if (id < 0 || size_t(id) >= n) fail("tokenizer.json: post_processor adds id {} which is not in the vocabulary", id);
+  } catch (const InputError& e) {
+    fail("{}: {}", source, e.what());
+  }
+
+  if (!config_json.empty()) {
+    try {
+      const nlohmann::json cfg = parse_json(config_json, "tokenizer_config.json");
+      if (!cfg.is_object()) fail("tokenizer_config.json must be a JSON object");
+      if (cfg.contains("add_bos_token") && !cfg["add_bos_token"].is_null()) {
+        if (!cfg["add_bos_token"].is_boolean()) fail("tokenizer_config.json: add_bos_token must be true or false");
+        impl->add_bos = cfg["add_bos_token"].get<bool>();
+      }
+      Tokenizer partial(impl);
+      for (const char* key : {"bos_token", "eos_token", "unk_token", "pad_token"}) {
+        const std::string s = config_token(cfg, key);
+        if (s.empty()) continue;
+        impl->special_token_strings[key] = s;
+        const auto id = partial.token_id(s);
+        if (!id) fail("tokenizer_config.json: {} {:?} is not a token of tokenizer.json", key, s);
+        if (std::string_view(key) == "bos_token") impl->bos = *id;
+        if (std::string_view(key) == "eos_token") impl->eos = *id;
+      }
+      impl->chat_template_source = config_chat_template(cfg);
+    } catch (const InputError& e) {
+      fail("{}: {}", source, e.what());
+    }
+    if (!impl->chat_template_source.empty()) {
+      // A broken template must not stop plain tokenization; it is reported when the template is used.
+      try {
+        impl->chat_template = std::make_unique<ChatTemplate>(impl->chat_template_source);
+      } catch (const InputError& e) {
+        impl->chat_template_error = e.what();
+      }
+    }
+  }
+  return Tokenizer(std::move(impl));
+}
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) const {
+  std::vector<int32_t> out;
+  out.reserve(text.size() / 3 + 4);
+  if (add_special) out = impl_->specials.prefix;
+  impl_->encode_pieces(text, out);
+  if (add_special) out.insert(out.end(), impl_->specials.suffix.begin(), impl_->specials.suffix.end());
+  return out;
+}
+
+void Tokenizer::encode_append(std::string_view text, std::vector<int32_t>& out) const { impl_->encode_pieces(text, out); }
+
+std::vector<int32_t> Tokenizer::encode_with_bos(std::string_view text) const {
+  std::vector<int32_t> out;
+  if (impl_->add_bos && impl_->bos >= 0) out.push_back(impl_->bos);
+  impl_->encode_pieces(text, out);
+  return out;
+}
+
+std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std::string>& texts, bool add_special) const {
+  std::vector<std::vector<int32_t>> out(texts.size());
+  // Documents vary in length, so hand them out dynamically.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (long i = 0; i < long(texts.size()); ++i) out[i] = encode(texts[i], add_special);
+  return out;
+}
+
+std::string Tokenizer::decode_bytes(const std::vector<int32_t>& ids, bool skip_special) const {
+  std::string out;
+  if (impl_->decoder == DecoderKind::None) {
+    // Without a decoder Hugging Face joins the token strings with spaces.
+    bool first = true;
+    for (int32_t id : ids) {
+      if (id < 0 || size_t(id) >= impl_->vocab_size || !impl_->known[id]) continue;
+      if (skip_special && impl_->special[id]) continue;
+      if (!first) out += ' ';
+      out += impl_->token_text[id];
+      first = false;
+    }
+    return out;
+  }
+  for (int32_t id : ids) impl_->append_piece(id, skip_special, out);
+  return out;
+}
+
+std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special) const {
+  return utf8::to_valid_lossy(decode_bytes(ids, skip_special));
+}
+
+std::string Tokenizer::token_to_piece(int32_t id) const {
+  std::string out;
+  impl_->append_piece(id, false, out);
+  return out;
+}
+
+std::optional<std::string> Tokenizer::id_to_token(int32_t id) const {
+  if (id < 0 || size_t(id) >= impl_->vocab_size || !impl_->known[id]) return std::nullopt;
+  return impl_->token_text[id];
+}
+
+std::optional<int32_t> Tokenizer::token_id(std::string_view token) const {
+  int32_t id = impl_->added.find(token);
+  if (id < 0) id = impl_->model->token_to_id(token);
+  if (id < 0) return std::nullopt;
+  return id;
+}
+
+bool Tokenizer::is_special(int32_t id) const {
+  return id >= 0 && size_t(id) < impl_->vocab_size && impl_->special[id];
+}
+
+int32_t Tokenizer::bos_id() const { return impl_->bos; }
+int32_t Tokenizer::eos_id() const { return impl_->eos; }
+bool Tokenizer::add_bos_token() const { return impl_->add_bos; }
+size_t Tokenizer::vocab_size() const { return impl_->vocab_size; }
+const std::string& Tokenizer::chat_template() const { return impl_->chat_template_source; }
+const std::string& Tokenizer::source() const { return impl_->source; }
+
+std::string Tokenizer::apply_chat_template(const nlohmann::ordered_json& messages, bool add_generation_prompt,
+                                           const nlohmann::ordered_json& extra) const {
+  if (!impl_->chat_template_error.empty()) fail("{}: chat template: {}", impl_->source, impl_->chat_template_error);
+  if (!impl_->chat_template) fail("{}: the tokenizer has no chat template (tokenizer_config.json chat_template)", impl_->source);
+  if (!messages.is_array()) fail("chat template: messages must be a JSON array");
+  if (!extra.is_object()) fail("chat template: extra variables must be a JSON object");
+  // The variables transformers passes: messages, tools, documents, add_generation_prompt, then the special
+  // token strings and any caller keyword arguments.
+  nlohmann::ordered_json ctx = nlohmann::ordered_json::object();
+  ctx["messages"] = messages;
+  ctx["tools"] = nullptr;
+  ctx["documents"] = nullptr;
+  ctx["add_generation_prompt"] = add_generation_prompt;
+  for (const auto& [k, v] : impl_->special_token_strings.items()) ctx[k] = v;
+  for (const auto& [k, v] : extra.items()) ctx[k] = v;
+  return impl_->chat_template->render(ctx);
+}
+
+std::string Tokenizer::apply_chat_template(const nlohmann::json& messages, bool add_generation_prompt) const {
+  return apply_chat_template(nlohmann::ordered_json::parse(messages.dump()), add_generation_prompt);
+}
+
+std::string StreamDecoder::push(int32_t id) {
+  pending_ += tok_.decode_bytes({id}, skip_special_);
+  const size_t n = utf8::complete_prefix_len(pending_);
+  std::string out = utf8::to_valid_lossy(std::string_view(pending_).substr(0, n));
+  pending_.erase(0, n);
+  return out;
+}
+
+std::string StreamDecoder::flush() {
+  std::string out = utf8::to_valid_lossy(pending_);
+  pending_.clear();
+  return out;
+}
+
+}  // namespace dsv3

@@ -187,7 +187,7 @@ class CpuBackend final : public Backend {
                       int64_t dv) override {
     const int64_t B = o_lat.dim(0), r = kv_b.dim(1);
     const size_t es = dtype_size(kv_b.dtype);
-    if (B <= 8) {  // decode: every head's W_UV in one parallel pass
+    if (B <= cpu::kSmallM) {  // decode: every head's W_UV in one parallel pass
       std::vector<cpu::GemvJob> jobs;
       for (int64_t h = 0; h < nh; ++h)
         jobs.push_back({static_cast<const char*>(kv_b.data) + size_t((h * (dn + dv) + dn) * r) * es, kv_b.dtype, dv, r,

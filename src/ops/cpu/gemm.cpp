@@ -62,10 +62,7 @@ inline void dot_rows_f32(const float* w, int64_t K, const float* x, int64_t ldx,
 
 void gemv_multi(const std::vector<GemvJob>& jobs) {
   std::vector<int64_t> start(jobs.size() + 1, 0);
-  for (size_t j = 0; j < jobs.size(); ++j) {
-    DSV3_CHECK(jobs[j].M <= 8, "gemv_multi: M = {} > 8", jobs[j].M);
-    start[j + 1] = start[j] + jobs[j].N;
-  }
+  for (size_t j = 0; j < jobs.size(); ++j) start[j + 1] = start[j] + jobs[j].N;
   const int64_t total = start.back();
 #pragma omp parallel
   {
@@ -76,16 +73,20 @@ void gemv_multi(const std::vector<GemvJob>& jobs) {
       while (r < start[j]) --j;
       const GemvJob& g = jobs[j];
       const int64_t n = r - start[j];
-      float out[8];
-      if (g.wt == DType::BF16) {
-        const uint16_t* w = static_cast<const uint16_t*>(g.W) + n * g.ldw;
-        int64_t m = 0;
-        for (; m + 4 <= g.M; m += 4) dot_rows_bf16<4>(w, g.K, g.x + m * g.ldx, g.ldx, out + m);
-        for (; m < g.M; ++m) dot_rows_bf16<1>(w, g.K, g.x + m * g.ldx, g.ldx, out + m);
-      } else {
-        dot_rows_f32(static_cast<const float*>(g.W) + n * g.ldw, g.K, g.x, g.ldx, g.M, out);
+      // Rows of x in blocks of 4: the weight row comes from memory once and from L1 for later blocks.
+      float out[4];
+      for (int64_t m0 = 0; m0 < g.M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, g.M - m0);
+        const float* x = g.x + m0 * g.ldx;
+        if (g.wt == DType::BF16) {
+          const uint16_t* w = static_cast<const uint16_t*>(g.W) + n * g.ldw;
+          if (mb == 4) dot_rows_bf16<4>(w, g.K, x, g.ldx, out);
+          else for (int64_t m = 0; m < mb; ++m) dot_rows_bf16<1>(w, g.K, x + m * g.ldx, g.ldx, out + m);
+        } else {
+          dot_rows_f32(static_cast<const float*>(g.W) + n * g.ldw, g.K, x, g.ldx, mb, out);
+        }
+        for (int64_t m = 0; m < mb; ++m) g.y[(m0 + m) * g.ldy + n] = out[m];
       }
-      for (int64_t m = 0; m < g.M; ++m) g.y[m * g.ldy + n] = out[m];
     }
   }
 }
@@ -123,9 +124,8 @@ void gemm_xwT(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
   }
   DSV3_CHECK(wt == DType::BF16, "gemm_xwT: weight dtype {}", dtype_name(wt));
   auto w = static_cast<const uint16_t*>(W);
-  if (M <= 8) {
+  if (M <= kSmallM && beta == 0.f) {
     gemv_multi({GemvJob{W, wt, N, K, ldw, A, lda, C, ldc, M}});
-    if (beta != 0.f) DSV3_CHECK(false, "gemm_xwT: beta with small M is not supported");
     return;
   }
   // Panels of weight rows widened to fp32, then threaded sgemm per panel.

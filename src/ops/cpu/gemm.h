@@ -16,7 +16,11 @@ void gemm_xwT(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 // C[M, N] = A[M, K] W[K, N] + beta C; W is F32 or BF16 (row-major [K, N] with leading dimension ldw).
 void gemm_xw(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* W, DType wt, int64_t ldw,
              float* C, int64_t ldc, float beta = 0.f);
-// Many small-M products in ONE parallel region: y[m, n] = sum_k W[n, k] x[m, k] for every job, m < M <= 8.
+// Up to this many rows of activations, bf16 products stream the weights once (gemv_multi); above, widening
+// panels to fp32 for sgemm wins because the work becomes FLOP-bound.
+inline constexpr int64_t kSmallM = 32;
+
+// Many small-M products in ONE parallel region: y[m, n] = sum_k W[n, k] x[m, k] for every job.
 // Decode calls many small matrices (each expert, each head); one fork/join for all of them keeps the cores
 // streaming weights instead of waiting on each other.
 struct GemvJob {

@@ -93,7 +93,7 @@ void moe_experts_acc(float* out, const float* x, const int32_t* idx, const float
   for (int64_t i = 0; i < T * K; ++i) order[fill[idx[i]]++] = i;
   int64_t maxn = 0;
   for (int64_t e = 0; e < E; ++e) maxn = std::max(maxn, count[e + 1] - count[e]);
-  if (maxn <= 8) {
+  if (maxn <= kSmallM) {
     // Decode-sized batches: every active expert's gate and up products in one parallel pass, then every
     // down product in another (weights stream without a fork/join per small matrix).
     std::vector<float> xs(T * K * H), gs(T * K * I), us(T * K * I), ys(T * K * H);

@@ -52,11 +52,17 @@ void add_serve_commands(CLI::App& app) {
     c->add_option("--max-queue", a->ec.max_queue, "Waiting requests beyond this get HTTP 503");
     c->add_option("--prefill-chunk", a->ec.prefill_chunk, "Prompt tokens fed per step (chunked prefill)");
     c->add_option("--default-max-tokens", a->so.default_max_tokens, "max_tokens when a request gives none");
+    auto spec = std::make_shared<std::string>("none");
+    c->add_option("--speculative", *spec, "mtp: greedy requests draft with the MTP module (models with MTP)")
+        ->check(CLI::IsMember({"mtp", "none"}));
     c->callback([=] {
       LoadedModel lm = open_model(a->dir, a->device, a->dtype);
       Tokenizer tok = load_tokenizer_for(a->dir, a->tokenizer, lm.model->config().vocab_size);
       if (a->ec.prefill_chunk < 1) fail("--prefill-chunk must be >= 1");
       if (a->ec.max_queue < 0) fail("--max-queue must be >= 0");
+      a->ec.speculative_mtp = *spec == "mtp";
+      if (a->ec.speculative_mtp && lm.model->config().num_nextn_predict_layers < 1)
+        fail("--speculative mtp needs a model with MTP modules (num_nextn_predict_layers >= 1)");
       Engine engine(*lm.model, tok, a->ec);
       ServerOptions so = a->so;
       so.host = a->host;

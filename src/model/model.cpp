@@ -86,8 +86,9 @@ ForwardResult Model::forward(std::vector<BatchSeq>& batch, KvCache& cache, const
   be_.rmsnorm(hn, x, w_.final_norm, float(cfg_.rms_norm_eps));
   ForwardResult r;
   std::vector<int64_t> out_rows;
-  for (auto& rows : st.rows_of) {
-    if (opt.all_logits) out_rows.insert(out_rows.end(), rows.begin(), rows.end());
+  for (size_t i = 0; i < st.rows_of.size(); ++i) {
+    const auto& rows = st.rows_of[i];
+    if (opt.all_logits || batch[i].all_logits) out_rows.insert(out_rows.end(), rows.begin(), rows.end());
     else out_rows.push_back(rows.back());
   }
   r.logits = logits_for(hn, out_rows);

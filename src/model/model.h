@@ -16,6 +16,7 @@ namespace dsv3 {
 struct BatchSeq {
   SeqCache* cache = nullptr;      // positions [cache->len, cache->len + tokens.size()) are computed and cached
   std::vector<int32_t> tokens;    // new tokens
+  bool all_logits = false;        // logits for each of its tokens (else only the last)
 };
 
 struct ForwardOptions {
@@ -24,7 +25,7 @@ struct ForwardOptions {
   bool keep_hidden = false;       // keep the final-normed hidden states [T, H] (MTP needs them)
 };
 
-// Logits rows follow the batch order: for each BatchSeq, its last token (or all its tokens with all_logits).
+// Logits rows follow the batch order: for each BatchSeq, its last token (all its tokens with all_logits).
 struct ForwardResult {
   Tensor logits;                  // host fp32 [rows, V]
   Tensor hidden;                  // device [T, H] in batch order (every token) when keep_hidden

@@ -37,6 +37,13 @@ struct Engine::Seq {
   size_t max_stop = 0;
   clk::time_point t_submit, t_first;
   bool done = false;
+  // Speculative decoding (greedy requests when the engine has it on):
+  bool spec = false;
+  SeqCache mtp_cache;
+  int32_t draft = -1;                    // drafted token for the next verify step, -1 if none
+  std::vector<int32_t> mtp_tokens;       // MTP rows to run this step: tokens consumed ...
+  std::vector<std::vector<float>> mtp_h; // ... with the main hidden state at the same position
+  std::vector<float> pending_h;          // last prefill row's hidden state, waiting for its next token
 };
 
 Engine::Engine(Model& model, const Tokenizer& tok, const EngineConfig& cfg) : model_(model), tok_(tok), cfg_(cfg) {
@@ -153,6 +160,7 @@ void Engine::finish(Seq& s, const std::string& reason) {
   ev.finish_reason = reason;
   s.out->push(ev);
   cache_->release(s.cache);
+  cache_->release(s.mtp_cache);
   std::lock_guard<std::mutex> g(mu_);
   m_.kv_blocks_used = cache_->total_blocks() - cache_->free_blocks();
   if (m_.running > 0) --m_.running;
@@ -177,7 +185,11 @@ void Engine::loop() {
           waiting_.pop_front();
           continue;
         }
-        if (!cache_->reserve(s.cache, int64_t(s.req.prompt.size()) + s.req.max_tokens)) break;
+        const int64_t need = int64_t(s.req.prompt.size()) + s.req.max_tokens + 1;  // +1: a rejected draft's row
+        s.spec = cfg_.speculative_mtp && s.req.sampling.temperature <= 0;
+        if (cache_->free_blocks() < cache_->blocks_for(need) * (s.spec ? 2 : 1)) break;
+        cache_->reserve(s.cache, need);
+        if (s.spec) cache_->reserve(s.mtp_cache, need);
         running.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
       }
@@ -195,6 +207,7 @@ void Engine::loop() {
         s->out->push({"", 0, true, "error", e.what()});
         s->done = true;
         cache_->release(s->cache);
+        cache_->release(s->mtp_cache);
       }
     }
     running.erase(std::remove_if(running.begin(), running.end(), [](auto& s) { return s->done; }), running.end());
@@ -202,11 +215,72 @@ void Engine::loop() {
   for (auto& s : running) s->out->push({"", 0, true, "cancelled", "server shutting down"});
 }
 
+bool Engine::accept_token(Seq& s, int32_t tok) {
+  const int32_t eos = int32_t(model_.config().eos_token_id);
+  s.last = tok;
+  ++s.generated;
+  s.out->completion_tokens = s.generated;
+  if (s.generated == 1) s.t_first = clk::now();
+  if (tok == eos && !s.req.ignore_eos) {
+    std::string rest = s.decoder->flush();
+    if (!rest.empty() && emit_text(s, rest)) {
+      finish(s, "stop");
+      return false;
+    }
+    if (s.text.size() > s.sent) s.out->push({s.text.substr(s.sent), 0, false, "", ""}), s.sent = s.text.size();
+    finish(s, "stop");
+    return false;
+  }
+  if (emit_text(s, s.decoder->push(tok))) {
+    finish(s, "stop");
+    return false;
+  }
+  if (s.generated >= s.req.max_tokens) {
+    finish(s, "length");
+    return false;
+  }
+  return true;
+}
+
+void Engine::run_mtp(std::vector<Seq*>& seqs) {
+  // One batched pass of MTP module 1 over every sequence's pending rows; each sequence's last row drafts.
+  std::vector<BatchSeq> batch;
+  std::vector<Seq*> who;
+  const int64_t H = model_.config().hidden_size, V = model_.config().vocab_size;
+  std::vector<float> h;
+  for (Seq* s : seqs) {
+    if (s->done || s->mtp_tokens.empty()) continue;
+    BatchSeq b;
+    b.cache = &s->mtp_cache;
+    b.tokens = s->mtp_tokens;
+    for (auto& row : s->mtp_h) h.insert(h.end(), row.begin(), row.end());
+    batch.push_back(std::move(b));
+    who.push_back(s);
+  }
+  for (Seq* s : seqs) s->mtp_tokens.clear(), s->mtp_h.clear();
+  if (batch.empty()) return;
+  Backend& be = model_.backend();
+  Tensor hp = be.upload(Tensor::f32_from(h, {int64_t(h.size()) / H, H}));
+  if (hp.dtype != be.act_dtype()) {  // the GPU keeps activations in bf16
+    Tensor t = be.alloc(be.act_dtype(), hp.shape, "mtp_h");
+    be.copy_cols(t, hp, 0);
+    hp = t;
+  }
+  Tensor logits;
+  model_.mtp_forward(1, hp, batch, *cache_, &logits);
+  int64_t row = 0;
+  for (size_t i = 0; i < who.size(); ++i) {
+    row += int64_t(batch[i].tokens.size());
+    who[i]->draft = Sampler::argmax(logits.f32() + (row - 1) * V, V);
+  }
+}
+
 void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
   auto t0 = clk::now();
   std::vector<BatchSeq> batch;
   std::vector<Seq*> who;
   int64_t budget = cfg_.prefill_chunk, tokens = 0;
+  bool any_spec = false;
   for (auto& sp : running) {
     Seq& s = *sp;
     BatchSeq b;
@@ -216,51 +290,77 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
       const size_t n = std::min<size_t>(s.req.prompt.size() - s.fed, size_t(budget));
       b.tokens.assign(s.req.prompt.begin() + s.fed, s.req.prompt.begin() + s.fed + n);
       budget -= int64_t(n);
+    } else if (s.spec && s.draft >= 0) {
+      b.tokens = {s.last, s.draft};  // verify the draft in the same pass
+      b.all_logits = true;
     } else {
       b.tokens = {s.last};
     }
+    any_spec |= s.spec;
     tokens += int64_t(b.tokens.size());
     batch.push_back(std::move(b));
     who.push_back(&s);
   }
   if (batch.empty()) return;
-  ForwardResult r = model_.forward(batch, *cache_);
-  const int64_t V = model_.config().vocab_size;
-  const int32_t eos = int32_t(model_.config().eos_token_id);
-  int64_t generated = 0;
+  ForwardOptions fo;
+  fo.keep_hidden = any_spec;
+  ForwardResult r = model_.forward(batch, *cache_, fo);
+  const int64_t V = model_.config().vocab_size, H = model_.config().hidden_size;
+  Tensor hidden = any_spec ? model_.backend().to_host(r.hidden) : Tensor();
+  auto hrow = [&](int64_t row) { return std::vector<float>(hidden.f32() + row * H, hidden.f32() + (row + 1) * H); };
+  int64_t generated = 0, drafted = 0, accepted = 0, lrow = 0, hbase = 0;
   double ttft = 0;
+  std::vector<Seq*> spec_seqs;
   for (size_t i = 0; i < who.size(); ++i) {
     Seq& s = *who[i];
-    const bool prompt_step = s.fed < s.req.prompt.size();
-    if (prompt_step) {
-      s.fed += batch[i].tokens.size();
-      if (s.fed < s.req.prompt.size()) continue;  // more prompt to feed: no token yet
-    }
-    const int32_t tok = s.sampler->sample(r.logits.f32() + int64_t(i) * V, V);
-    s.last = tok;
-    ++s.generated;
-    ++generated;
-    s.out->completion_tokens = s.generated;
-    if (s.generated == 1) {
-      s.t_first = clk::now();
-      ttft += std::chrono::duration<double>(s.t_first - s.t_submit).count();
-    }
-    if (tok == eos && !s.req.ignore_eos) {
-      std::string rest = s.decoder->flush();
-      if (!rest.empty() && emit_text(s, rest)) {
-        finish(s, "stop");
+    const int64_t n = int64_t(batch[i].tokens.size());
+    const float* logits = r.logits.f32() + lrow * V;
+    lrow += batch[i].all_logits ? n : 1;
+    const int64_t h0 = hbase;
+    hbase += n;
+    const int64_t before = s.generated;
+    if (s.fed < s.req.prompt.size()) {
+      // Prefill chunk. MTP row j consumes token j+1 with the hidden state at j: the previous chunk's last row
+      // now has its token, and this chunk's rows but the last have theirs.
+      const size_t fed0 = s.fed;
+      s.fed += size_t(n);
+      if (s.spec) {
+        if (!s.pending_h.empty()) s.mtp_tokens.push_back(s.req.prompt[fed0]), s.mtp_h.push_back(s.pending_h);
+        for (int64_t j = 0; j + 1 < n; ++j) s.mtp_tokens.push_back(s.req.prompt[fed0 + j + 1]), s.mtp_h.push_back(hrow(h0 + j));
+        s.pending_h = hrow(h0 + n - 1);
+      }
+      if (s.fed < s.req.prompt.size()) {
+        if (s.spec) spec_seqs.push_back(&s);
         continue;
       }
-      if (s.text.size() > s.sent) s.out->push({s.text.substr(s.sent), 0, false, "", ""}), s.sent = s.text.size();
-      finish(s, "stop");
-      continue;
+      const int32_t tok = s.sampler->sample(logits, V);
+      if (accept_token(s, tok) && s.spec) {
+        s.mtp_tokens.push_back(tok), s.mtp_h.push_back(s.pending_h);
+        s.pending_h.clear();
+      }
+    } else if (batch[i].all_logits) {
+      // Verify: the main model's token after `last`, compared with the draft.
+      ++drafted;
+      const int32_t g1 = Sampler::argmax(logits, V);
+      if (g1 == s.draft) {
+        ++accepted;
+        const int32_t g2 = Sampler::argmax(logits + V, V);
+        if (accept_token(s, g1) && accept_token(s, g2))
+          s.mtp_tokens = {g1, g2}, s.mtp_h = {hrow(h0), hrow(h0 + 1)};
+      } else {
+        s.cache.len -= 1;  // drop the rejected draft's cache row; it is overwritten later
+        if (accept_token(s, g1)) s.mtp_tokens = {g1}, s.mtp_h = {hrow(h0)};
+      }
+      s.draft = -1;
+    } else {
+      const int32_t tok = s.sampler->sample(logits, V);
+      if (accept_token(s, tok) && s.spec) s.mtp_tokens = {tok}, s.mtp_h = {hrow(h0)};
     }
-    if (emit_text(s, s.decoder->push(tok))) {
-      finish(s, "stop");
-      continue;
-    }
-    if (s.generated >= s.req.max_tokens) finish(s, "length");
+    generated += s.generated - before;
+    if (before == 0 && s.generated > 0) ttft += std::chrono::duration<double>(s.t_first - s.t_submit).count();
+    if (s.spec && !s.done) spec_seqs.push_back(&s);
   }
+  run_mtp(spec_seqs);
   std::lock_guard<std::mutex> g(mu_);
   m_.steps_total += 1;
   m_.batch_tokens_sum += tokens;
@@ -268,6 +368,8 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
   m_.batch_seqs_max = std::max<int64_t>(m_.batch_seqs_max, int64_t(batch.size()));
   m_.generation_tokens_total += generated;
   m_.ttft_seconds_sum += ttft;
+  m_.spec_drafted += drafted;
+  m_.spec_accepted += accepted;
   m_.step_seconds_sum += std::chrono::duration<double>(clk::now() - t0).count();
 }
 

@@ -25,6 +25,7 @@ struct EngineConfig {
   int64_t block_size = 64;
   int64_t max_queue = 256;       // waiting requests beyond this are refused (HTTP 503)
   int64_t prefill_chunk = 512;   // prompt tokens fed per step across all sequences (chunked prefill)
+  bool speculative_mtp = false;  // greedy requests draft with the MTP module and verify in the same step
 };
 
 struct EngineRequest {
@@ -73,6 +74,7 @@ struct EngineMetrics {
   int64_t steps_total = 0, batch_tokens_sum = 0, batch_seqs_sum = 0, batch_seqs_max = 0;
   double step_seconds_sum = 0, request_seconds_sum = 0, ttft_seconds_sum = 0;
   int64_t running = 0, waiting = 0, kv_blocks_used = 0, kv_blocks_total = 0, kv_block_size = 0;
+  int64_t spec_drafted = 0, spec_accepted = 0;  // MTP drafts verified and accepted
 };
 
 class Engine {
@@ -91,6 +93,8 @@ class Engine {
   void step(std::vector<std::unique_ptr<Seq>>& running);
   void finish(Seq& s, const std::string& reason);
   bool emit_text(Seq& s, const std::string& piece);  // true when a stop string ended the sequence
+  bool accept_token(Seq& s, int32_t tok);            // emits one token; false when the sequence finished
+  void run_mtp(std::vector<Seq*>& seqs);             // drafts for sequences with pending MTP rows
 
   Model& model_;
   Tokenizer tok_;

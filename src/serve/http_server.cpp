@@ -162,6 +162,10 @@ std::string prometheus(const EngineMetrics& m) {
   metric("dsv3_kv_cache_blocks_used", "gauge", "Latent KV-cache blocks in use.", double(m.kv_blocks_used));
   metric("dsv3_kv_cache_blocks_total", "gauge", "Latent KV-cache blocks in the pool.", double(m.kv_blocks_total));
   metric("dsv3_kv_cache_block_tokens", "gauge", "Tokens per KV-cache block.", double(m.kv_block_size));
+  metric("dsv3_spec_drafts_total", "counter", "MTP draft tokens verified (speculative decoding).", double(m.spec_drafted));
+  metric("dsv3_spec_accepted_total", "counter", "MTP draft tokens accepted.", double(m.spec_accepted));
+  metric("dsv3_spec_acceptance_rate", "gauge", "Accepted / verified MTP drafts.",
+         m.spec_drafted ? double(m.spec_accepted) / double(m.spec_drafted) : 0.0);
   return s;
 }
 

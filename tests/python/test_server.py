@@ -37,11 +37,10 @@ def model_dir(tmp_path_factory, dsv3_bin, test_data):
     return d / "m"
 
 
-@pytest.fixture(scope="module")
-def server(dsv3_bin, model_dir):
+def start_server(dsv3_bin, model_dir, *extra):
     port = free_port()
     p = subprocess.Popen([dsv3_bin, "serve", "--model", str(model_dir), "--port", str(port), "--max-batch", "32",
-                          "--served-model-name", "tiny", "--max-queue", "64"], stderr=subprocess.PIPE, text=True)
+                          "--served-model-name", "tiny", "--max-queue", "64", *extra], stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -51,12 +50,22 @@ def server(dsv3_bin, model_dir):
             if p.poll() is not None:
                 raise RuntimeError("server exited: " + p.stderr.read())
             time.sleep(0.1)
-    yield base
+    return p, base
+
+
+def stop_server(p):
     p.terminate()
     try:
         p.wait(timeout=10)
     except subprocess.TimeoutExpired:
         p.kill()
+
+
+@pytest.fixture(scope="module")
+def server(dsv3_bin, model_dir):
+    p, base = start_server(dsv3_bin, model_dir)
+    yield base
+    stop_server(p)
 
 
 def client(base):
@@ -215,3 +224,22 @@ def test_load_32_concurrent_streams_and_batching_speedup(server):
         agg = sum(t for t, _ in res) / (time.time() - t0)
     print(f"single {single_rate:.1f} tok/s, 16 concurrent {agg:.1f} tok/s aggregate ({agg / single_rate:.1f}x)")
     assert agg >= 4 * single_rate
+
+
+def test_mtp_speculative_server_matches_plain_greedy(server, dsv3_bin, model_dir):
+    p, spec = start_server(dsv3_bin, model_dir, "--speculative", "mtp")
+    try:
+        prompts = ["Once upon a time", "The capital of France", "a b c d e f g", "Numbers: 1 2 3"]
+        with cf.ThreadPoolExecutor(4) as ex:  # batched together, with prefills and verifies mixed
+            got = list(ex.map(lambda q: client(spec).completions.create(model="tiny", prompt=q, max_tokens=20,
+                                                                         temperature=0, extra_body={"ignore_eos": True}
+                                                                         ).choices[0].text, prompts))
+        want = [client(server).completions.create(model="tiny", prompt=q, max_tokens=20, temperature=0,
+                                                  extra_body={"ignore_eos": True}).choices[0].text for q in prompts]
+        assert got == want
+        assert metric(spec, "dsv3_spec_drafts_total") > 0
+        # Sampled requests on a speculative server take the plain path.
+        r = client(spec).completions.create(model="tiny", prompt="x", max_tokens=5, temperature=0.9, seed=1)
+        assert r.usage.completion_tokens == 5
+    finally:
+        stop_server(p)

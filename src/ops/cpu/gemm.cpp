@@ -73,15 +73,17 @@ void gemv_multi(const std::vector<GemvJob>& jobs) {
       while (r < start[j]) --j;
       const GemvJob& g = jobs[j];
       const int64_t n = r - start[j];
-      // Rows of x in blocks of 4: the weight row comes from memory once and from L1 for later blocks.
-      float out[4];
-      for (int64_t m0 = 0; m0 < g.M; m0 += 4) {
-        const int64_t mb = std::min<int64_t>(4, g.M - m0);
+      // Rows of x in blocks of 8: the weight row comes from memory once and from L1 for later blocks.
+      float out[8];
+      for (int64_t m0 = 0; m0 < g.M; m0 += 8) {
+        const int64_t mb = std::min<int64_t>(8, g.M - m0);
         const float* x = g.x + m0 * g.ldx;
         if (g.wt == DType::BF16) {
           const uint16_t* w = static_cast<const uint16_t*>(g.W) + n * g.ldw;
-          if (mb == 4) dot_rows_bf16<4>(w, g.K, x, g.ldx, out);
-          else for (int64_t m = 0; m < mb; ++m) dot_rows_bf16<1>(w, g.K, x + m * g.ldx, g.ldx, out + m);
+          int64_t m = 0;
+          if (mb == 8) dot_rows_bf16<8>(w, g.K, x, g.ldx, out), m = 8;
+          for (; m + 4 <= mb; m += 4) dot_rows_bf16<4>(w, g.K, x + m * g.ldx, g.ldx, out + m);
+          for (; m < mb; ++m) dot_rows_bf16<1>(w, g.K, x + m * g.ldx, g.ldx, out + m);
         } else {
           dot_rows_f32(static_cast<const float*>(g.W) + n * g.ldw, g.K, x, g.ldx, mb, out);
         }

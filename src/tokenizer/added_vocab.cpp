@@ -1,6 +1,7 @@
 #include "tokenizer/added_vocab.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "core/error.h"
 #include "tokenizer/bpe.h"
@@ -32,6 +33,13 @@ void AddedVocabulary::Trie::add(std::string_view s, int32_t id) {
     patterns.push_back(id);
   }
   first_byte[static_cast<unsigned char>(s[0])] = true;
+  int distinct = 0, last = -1;
+  for (int b = 0; b < 256; ++b)
+    if (first_byte[b]) {
+      ++distinct;
+      last = b;
+    }
+  single_first_byte = distinct == 1 ? last : -1;
 }
 
 size_t AddedVocabulary::Trie::longest_at(std::string_view text, size_t pos, int32_t& id) const {
@@ -162,7 +170,11 @@ void AddedVocabulary::split(std::string_view text, bool normalized_set,
   size_t emitted = 0;  // end of what has been handed out
   size_t pos = 0;      // where the next search starts
   while (pos < text.size()) {
-    if (!trie.first_byte[static_cast<unsigned char>(text[pos])]) {
+    if (trie.single_first_byte >= 0) {  // the usual case ("<" for DeepSeek-V3): let memchr skip ahead
+      const void* hit = std::memchr(text.data() + pos, trie.single_first_byte, text.size() - pos);
+      if (!hit) break;
+      pos = size_t(static_cast<const char*>(hit) - text.data());
+    } else if (!trie.first_byte[static_cast<unsigned char>(text[pos])]) {
       ++pos;
       continue;
     }

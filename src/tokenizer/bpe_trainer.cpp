@@ -13,6 +13,7 @@
 #include "tokenizer/flat_map.h"
 #include "tokenizer/normalizer.h"
 #include "tokenizer/pre_tokenizer.h"
+#include "tokenizer/regex.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/tokenizer_files.h"
 
@@ -232,7 +233,7 @@ BpeTrainerReport train_bpe_tokenizer(const std::vector<std::string>& inputs, con
     for_each_plain_part(text, special_contents, [&](std::string_view part) {
       std::string norm(part);
       if (normalizer) normalizer->normalize(norm);
-      pre->split(norm, [&](std::string_view w) { ++counts[std::string(w)]; });
+      pre->split(norm, [&](std::string_view w) { ++counts[std::string(w)]; }, Regex::needs_exact_unicode(norm));
     });
   }
   report.distinct_words = counts.size();

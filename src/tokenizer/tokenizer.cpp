@@ -10,6 +10,7 @@
 #include "tokenizer/normalizer.h"
 #include "tokenizer/post_processor.h"
 #include "tokenizer/pre_tokenizer.h"
+#include "tokenizer/regex.h"
 #include "tokenizer/tokenizer_files.h"
 #include "tokenizer/utf8.h"
 
@@ -41,7 +42,7 @@ struct Tokenizer::Impl {
     auto to_model = [&](std::string_view word) { model->encode(word, out); };
     auto normalized_part = [&](std::string_view part, int32_t id) {
       if (id >= 0) out.push_back(id);
-      else if (pre_tokenizer) pre_tokenizer->split(part, to_model);
+      else if (pre_tokenizer) pre_tokenizer->split(part, to_model, Regex::needs_exact_unicode(part));
       else model->encode(part, out);
     };
     added.split(text, /*normalized_set=*/false, [&](std::string_view part, int32_t id) {

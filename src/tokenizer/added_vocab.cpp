@@ -185,21 +185,23 @@ void AddedVocabulary::split(std::string_view text, bool normalized_set,
       continue;
     }
     size_t start = pos, stop = pos + len;
-    pos = stop;  // a rejected match still consumes its text, as Aho-Corasick's find_iter does
+    // The next search starts at this match's end, whether it is rejected or widened by rstrip below: that
+    // is how Aho-Corasick's find_iter walks on in Hugging Face's find_matches.
+    pos = stop;
     const AddedToken& tok = by_id_.at(id);
     if (tok.single_word && (word_char_before(text, start) || word_char_after(text, stop))) continue;
     if (tok.lstrip) {
       // Take the whitespace just before the token, but not what an earlier token already took.
       size_t s = start;
-      while (s > emitted) {
+      while (s > 0) {
         size_t b = s - 1;
-        while (b > emitted && (static_cast<unsigned char>(text[b]) & 0xC0) == 0x80 && s - b < 4) --b;
+        while (b > 0 && (static_cast<unsigned char>(text[b]) & 0xC0) == 0x80 && s - b < 4) --b;
         size_t l = 0;
         const char32_t cp = utf8::decode(text, b, l);
         if (b + l != s || utf8::valid_seq_len(text, b) == 0 || !utf8::is_white_space(cp)) break;
         s = b;
       }
-      start = s;
+      start = std::max(s, emitted);
     }
     if (tok.rstrip) {
       while (stop < text.size()) {
@@ -208,8 +210,8 @@ void AddedVocabulary::split(std::string_view text, bool normalized_set,
         if (utf8::valid_seq_len(text, stop) == 0 || !utf8::is_white_space(cp)) break;
         stop += l;
       }
-      pos = stop;
     }
+    // A match inside what an rstrip already took overlaps it; like Hugging Face, emit no text between.
     if (start > emitted) on_piece(text.substr(emitted, start - emitted), -1);
     on_piece(text.substr(start, stop - start), id);
     emitted = stop;

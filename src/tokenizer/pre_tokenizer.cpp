@@ -92,8 +92,8 @@ void PreTokenizer::run(size_t stage, std::string_view piece, FunctionRef<void(st
     return;
   }
   const Stage& st = stages_[stage];
+  std::string prefixed;  // must outlive run_split below, which reads the prefixed piece
   if (st.kind == Stage::ByteLevel) {
-    std::string prefixed;
     if (st.add_prefix_space && piece.front() != ' ') {
       prefixed.reserve(piece.size() + 1);
       prefixed += ' ';

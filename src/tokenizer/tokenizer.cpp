@@ -136,6 +136,14 @@ Tokenizer Tokenizer::from_json_text(const std::string& tokenizer_json, const std
       const AddedToken* a = impl->added.by_id(int32_t(id));
       const std::string* t = a ? &a->content : impl->model->id_to_token(int32_t(id));
       if (!t) continue;
+      // Hugging Face gives a normalized added token back in its normalized form (and, as that form is not
+      // the special token's content, does not skip it as special when decoding).
+      std::string normalized;
+      if (a && a->normalized && impl->normalizer) {
+        normalized = a->content;
+        impl->normalizer->normalize(normalized);
+        t = &normalized;
+      }
       impl->known[id] = 1;
       impl->token_text[id] = *t;
       impl->special[id] = impl->added.is_special_content(*t);

@@ -78,3 +78,14 @@ TEST(Jinja, ErrorsNameTheLine) {
   // Undefined renders as empty text, as with jinja2's default Undefined.
   EXPECT_EQ(render("[{{ missing }}][{{ d.nothing }}]", {{"d", json::object()}}), "[][]");
 }
+
+TEST(Jinja, HostileTemplatesFailCleanly) {
+  EXPECT_NE(error_of([] { render("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}"); }).find("nests deeper"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { Template("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}"); })
+                .find("nested deeper"),
+            std::string::npos);
+  std::string deep;
+  for (int i = 0; i < 2000; ++i) deep += "{% if true %}";
+  EXPECT_NE(error_of([&] { Template t(deep); }).find("nested deeper"), std::string::npos);
+}

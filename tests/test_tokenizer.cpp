@@ -212,6 +212,8 @@ TEST(Tokenizer, MalformedFilesGiveClearErrors) {
   EXPECT_NE(load_error(model_with("merges", {"a c"})).find("\"c\" is not in model.vocab"), std::string::npos);
   EXPECT_NE(load_error(model_with("merges", {"a b c"})).find("model.merges[0]"), std::string::npos);
   EXPECT_NE(load_error(model_with("vocab", {{"a", "zero"}})).find("integer id"), std::string::npos);
+  EXPECT_NE(load_error(model_with("vocab", {{"a", 0}, {"b", 1}, {"ab", 2000000000}})).find("ids must stay close"),
+            std::string::npos);
   EXPECT_NE(load_error(with("pre_tokenizer", {{"type", "Whitespace"}})).find("\"Whitespace\" is not supported"),
             std::string::npos);
   const nlohmann::json bad_regex = {{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}};

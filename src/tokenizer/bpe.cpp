@@ -102,6 +102,10 @@ BpeModel::BpeModel(const std::vector<std::pair<std::string, int32_t>>& vocab,
     vocab_.insert(tok, id);
     max_id = std::max(max_id, id);
   }
+  // Ids index dense per-id tables; a sparse id far past the vocabulary would make them absurdly large.
+  if (size_t(max_id) >= vocab.size() + 1000000)
+    fail("tokenizer.json: model.vocab has id {} for {} tokens; ids must stay close to the vocabulary size", max_id,
+         vocab.size());
   id_to_token_.assign(size_t(max_id + 1), std::string());
   has_id_.assign(size_t(max_id + 1), false);
   for (const auto& [tok, id] : vocab) {

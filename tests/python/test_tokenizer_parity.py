@@ -189,6 +189,7 @@ def variants(base):
             "special_tokens": {"<｜begin▁of▁sentence｜>": {"id": "<｜begin▁of▁sentence｜>", "ids": [0], "tokens": ["<｜begin▁of▁sentence｜>"]},
                                "<｜end▁of▁sentence｜>": {"id": "<｜end▁of▁sentence｜>", "ids": [1], "tokens": ["<｜end▁of▁sentence｜>"]}}}),
         "ignore_merges": variant(base, model=dict(base["model"], ignore_merges=True)),
+        "no_decoder": variant(base, decoder=None),
     }
 
 
@@ -210,7 +211,8 @@ def base_json():
 
 
 VARIANT_NAMES = ["gpt2_bytelevel_regex", "bytelevel_prefix_space", "llama3_split", "split_behaviors",
-                 "split_removed_inverted", "normalizers", "added_token_flags", "template_post_processor", "ignore_merges"]
+                 "split_removed_inverted", "normalizers", "added_token_flags", "template_post_processor", "ignore_merges",
+                 "no_decoder"]
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)

@@ -171,7 +171,7 @@ void add_logits(CLI::App& app) {
 void add_generate(CLI::App& app) {
   auto* c = app.add_subcommand("generate", "Generate tokens from a prompt (greedy or sampled) over the latent cache");
   struct Args {
-    std::string dir, prompt_ids, prompt, device = "cpu", dtype = "auto", tokenizer;
+    std::string dir, prompt_ids, prompt, device = "cpu", dtype = "auto", tokenizer, speculative;
     int64_t max_new = 32;
     SamplingParams sp;
     bool json = false, no_absorb = false, ignore_eos = false;
@@ -191,6 +191,8 @@ void add_generate(CLI::App& app) {
   c->add_flag("--json", a->json, "Print one JSON object with output_ids and timings");
   c->add_flag("--no-absorb", a->no_absorb, "Decode by decompressing the cache instead of the absorbed path (debug)");
   c->add_flag("--ignore-eos", a->ignore_eos, "Do not stop at the end-of-sequence token");
+  c->add_option("--speculative", a->speculative, "mtp: draft with the model's MTP module, verify in one pass (greedy)")
+      ->check(CLI::IsMember({"mtp", "none"}));
   c->callback([=] {
     validate_sampling(a->sp);
     if (a->max_new < 0 || a->max_new > (int64_t(1) << 24)) fail("--max-new-tokens must be in [0, 16777216], got {}", a->max_new);
@@ -208,6 +210,7 @@ void add_generate(CLI::App& app) {
     go.max_new_tokens = a->max_new;
     go.sampling = a->sp;
     go.absorb_decode = !a->no_absorb;
+    go.speculative_mtp = a->speculative == "mtp";
     if (!a->ignore_eos && !a->json) go.stop_ids = {int32_t(lm.model->config().eos_token_id)};
     if (!a->ignore_eos && !a->prompt.empty()) go.stop_ids = {int32_t(lm.model->config().eos_token_id)};
     GenerateStats st;
@@ -229,9 +232,17 @@ void add_generate(CLI::App& app) {
                 {"prefill_tokens_per_s", st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0},
                 {"decode_tokens_per_s", st.decode_s > 0 && st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_s : 0.0}};
       if (codec) j["text"] = codec->decode(ids);
+      if (go.speculative_mtp) {
+        j["drafted"] = st.drafted;
+        j["accepted"] = st.accepted;
+        j["acceptance_rate"] = st.drafted ? double(st.accepted) / double(st.drafted) : 0.0;
+      }
       std::printf("%s\n", j.dump().c_str());
     } else if (stream) {
       std::printf("%s\n", ts->flush().c_str());
+      if (go.speculative_mtp)
+        std::fprintf(stderr, "[speculative mtp: %lld of %lld drafts accepted (%.0f%%)]\n", (long long)st.accepted,
+                     (long long)st.drafted, st.drafted ? 100.0 * st.accepted / st.drafted : 0.0);
       std::fprintf(stderr, "[%lld prompt tokens, %lld new; prefill %.1f tok/s, decode %.1f tok/s]\n",
                    (long long)st.prompt_tokens, (long long)st.new_tokens,
                    st.prefill_s > 0 ? st.prompt_tokens / st.prefill_s : 0.0,

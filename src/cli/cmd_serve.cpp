@@ -1,4 +1,164 @@
+// serve (OpenAI-compatible HTTP server) and chat (interactive terminal chat).
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
 #include "cli/commands.h"
+#include "model/generate.h"
+#include "model/loader.h"
+#include "serve/http_server.h"
+#include "tokenizer/tokenizer.h"
+
 namespace dsv3::cli {
-void add_serve_commands(CLI::App&) {}
+
+namespace {
+
+// A model directory carries its tokenizer; otherwise the bundled DeepSeek-V3 one (with a warning when the
+// vocabularies disagree it would be refused).
+Tokenizer load_tokenizer_for(const std::string& model_dir, const std::string& explicit_path, int64_t vocab) {
+  std::string path = explicit_path;
+  if (path.empty()) path = std::filesystem::exists(std::filesystem::path(model_dir) / "tokenizer.json") ? model_dir : "deepseek-v3";
+  Tokenizer tok = Tokenizer::load(path);
+  if (int64_t(tok.vocab_size()) > vocab)
+    fail("tokenizer {} has {} tokens but the model's vocab_size is {}; pass the model's own tokenizer with --tokenizer",
+         tok.source(), tok.vocab_size(), vocab);
+  return tok;
+}
+
+}  // namespace
+
+void add_serve_commands(CLI::App& app) {
+  {
+    auto* c = app.add_subcommand("serve", "OpenAI-compatible server with continuous batching over the latent cache");
+    struct Args {
+      std::string dir, host = "127.0.0.1", device = "cpu", dtype = "auto", tokenizer, name;
+      int port = 8000;
+      EngineConfig ec;
+      ServerOptions so;
+    };
+    auto a = std::make_shared<Args>();
+    c->add_option("--model", a->dir, "Model directory")->required();
+    c->add_option("--host", a->host, "Address to listen on");
+    c->add_option("--port", a->port, "Port")->check(CLI::Range(1, 65535));
+    c->add_option("--device", a->device, "cpu | cuda");
+    c->add_option("--dtype", a->dtype, "weights in memory: auto | f32 | bf16");
+    c->add_option("--tokenizer", a->tokenizer, "Tokenizer file or directory (default: the model's, else the bundled one)");
+    c->add_option("--served-model-name", a->name, "Model name clients send (default: the directory's name)");
+    c->add_option("--max-batch", a->ec.max_batch, "Sequences decoded together");
+    c->add_option("--kv-cache-tokens", a->ec.kv_cache_tokens, "Latent KV-cache capacity in tokens (0: max-batch x min(context, 2048))");
+    c->add_option("--max-queue", a->ec.max_queue, "Waiting requests beyond this get HTTP 503");
+    c->add_option("--prefill-chunk", a->ec.prefill_chunk, "Prompt tokens fed per step (chunked prefill)");
+    c->add_option("--default-max-tokens", a->so.default_max_tokens, "max_tokens when a request gives none");
+    auto spec = std::make_shared<std::string>("none");
+    c->add_option("--speculative", *spec, "mtp: greedy requests draft with the MTP module (models with MTP)")
+        ->check(CLI::IsMember({"mtp", "none"}));
+    c->callback([=] {
+      LoadedModel lm = open_model(a->dir, a->device, a->dtype);
+      Tokenizer tok = load_tokenizer_for(a->dir, a->tokenizer, lm.model->config().vocab_size);
+      if (a->ec.prefill_chunk < 1) fail("--prefill-chunk must be >= 1");
+      if (a->ec.max_queue < 0) fail("--max-queue must be >= 0");
+      a->ec.speculative_mtp = *spec == "mtp";
+      if (a->ec.speculative_mtp && lm.model->config().num_nextn_predict_layers < 1)
+        fail("--speculative mtp needs a model with MTP modules (num_nextn_predict_layers >= 1)");
+      Engine engine(*lm.model, tok, a->ec);
+      ServerOptions so = a->so;
+      so.host = a->host;
+      so.port = a->port;
+      so.model_name = a->name.empty() ? std::filesystem::path(a->dir).lexically_normal().filename().string() : a->name;
+      if (so.model_name.empty()) so.model_name = std::filesystem::absolute(a->dir).parent_path().filename().string();
+      if (so.default_max_tokens < 1) fail("--default-max-tokens must be >= 1");
+      run_server(engine, tok, so);
+    });
+  }
+  {
+    auto* c = app.add_subcommand("chat", "Interactive chat in the terminal (streams tokens, /reset, /system, /exit)");
+    struct Args {
+      std::string dir, device = "cpu", dtype = "auto", tokenizer, system;
+      int64_t max_new = 512;
+      SamplingParams sp;
+      bool speculative = false;
+    };
+    auto a = std::make_shared<Args>();
+    a->sp.temperature = 0.7;
+    a->sp.top_p = 0.95;
+    c->add_option("--model", a->dir, "Model directory")->required();
+    c->add_option("--device", a->device, "cpu | cuda");
+    c->add_option("--dtype", a->dtype, "weights in memory: auto | f32 | bf16");
+    c->add_option("--tokenizer", a->tokenizer, "Tokenizer file or directory");
+    c->add_option("--system", a->system, "System prompt");
+    c->add_option("--max-new-tokens,-n", a->max_new, "Longest answer");
+    c->add_option("--temperature", a->sp.temperature, "0 = greedy");
+    c->add_option("--top-k", a->sp.top_k, "Top-k sampling (0 = off)");
+    c->add_option("--top-p", a->sp.top_p, "Nucleus sampling");
+    c->add_option("--seed", a->sp.seed, "Sampling seed");
+    c->callback([=] {
+      validate_sampling(a->sp);
+      LoadedModel lm = open_model(a->dir, a->device, a->dtype);
+      Model& m = *lm.model;
+      Tokenizer tok = load_tokenizer_for(a->dir, a->tokenizer, m.config().vocab_size);
+      nlohmann::json messages = nlohmann::json::array();
+      if (!a->system.empty()) messages.push_back({{"role", "system"}, {"content", a->system}});
+      const bool tty = isatty(0);
+      std::fprintf(stderr, "dsv3 chat: %s. Commands: /reset, /system TEXT, /exit\n", a->dir.c_str());
+      std::string line;
+      uint64_t turn = 0;
+      for (;;) {
+        if (tty) std::fprintf(stderr, "\n> ");
+        if (!std::getline(std::cin, line)) break;
+        if (line == "/exit" || line == "/quit") break;
+        if (line == "/reset") {
+          messages = nlohmann::json::array();
+          if (!a->system.empty()) messages.push_back({{"role", "system"}, {"content", a->system}});
+          std::fprintf(stderr, "(history cleared)\n");
+          continue;
+        }
+        if (line.rfind("/system ", 0) == 0) {
+          a->system = line.substr(8);
+          messages = nlohmann::json::array({{{"role", "system"}, {"content", a->system}}});
+          std::fprintf(stderr, "(system prompt set; history cleared)\n");
+          continue;
+        }
+        if (line.empty()) continue;
+        messages.push_back({{"role", "user"}, {"content", line}});
+        std::vector<int32_t> ids;
+        try {
+          ids = tok.encode(tok.apply_chat_template(messages, true));
+          if (int64_t(ids.size()) >= m.config().max_position_embeddings)
+            fail("the conversation ({} tokens) no longer fits the context ({}); /reset to start over", ids.size(),
+                 m.config().max_position_embeddings);
+        } catch (const Error& e) {
+          std::fprintf(stderr, "error: %s\n", e.what());
+          messages.erase(messages.end() - 1);
+          continue;
+        }
+        GenerateOptions go;
+        go.max_new_tokens = std::min<int64_t>(a->max_new, m.config().max_position_embeddings - int64_t(ids.size()));
+        go.sampling = a->sp;
+        go.sampling.seed = a->sp.seed + turn++;
+        go.stop_ids = {int32_t(m.config().eos_token_id)};
+        StreamDecoder dec(tok);
+        std::string reply;
+        GenerateStats st;
+        generate(m, ids, go, &st, [&](int32_t t) {
+          std::string piece = dec.push(t);
+          reply += piece;
+          std::fputs(piece.c_str(), stdout);
+          std::fflush(stdout);
+          return true;
+        });
+        std::string rest = dec.flush();
+        reply += rest;
+        std::printf("%s\n", rest.c_str());
+        std::fflush(stdout);
+        std::fprintf(stderr, "[%lld tokens, %.1f tokens/s]\n", (long long)st.new_tokens,
+                     st.decode_s > 0 && st.new_tokens > 1 ? (st.new_tokens - 1) / st.decode_s : 0.0);
+        messages.push_back({{"role", "assistant"}, {"content", reply}});
+      }
+    });
+  }
+}
+
 }  // namespace dsv3::cli

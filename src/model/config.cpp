@@ -82,9 +82,13 @@ ModelConfig ModelConfig::from_json(const json& j) {
   c.num_nextn_predict_layers = get_num<int64_t>(j, "num_nextn_predict_layers", int64_t(0));
   c.initializer_range = get_num<double>(j, "initializer_range", 0.02);
   c.bos_token_id = get_num<int64_t>(j, "bos_token_id", int64_t(0));
-  c.eos_token_id = j.contains("eos_token_id") && j["eos_token_id"].is_array() && !j["eos_token_id"].empty()
-                       ? j["eos_token_id"][0].get<int64_t>()
-                       : get_num<int64_t>(j, "eos_token_id", int64_t(1));
+  if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {  // some configs list several
+    if (j["eos_token_id"].empty() || !j["eos_token_id"][0].is_number_integer())
+      fail("config: field 'eos_token_id' must be an integer or a list of integers");
+    c.eos_token_id = j["eos_token_id"][0].get<int64_t>();
+  } else {
+    c.eos_token_id = get_num<int64_t>(j, "eos_token_id", int64_t(1));
+  }
   c.tie_word_embeddings = get_num<bool>(j, "tie_word_embeddings", false);
   c.torch_dtype = get_str(j, "torch_dtype", get_str(j, "dtype", "bfloat16"));
   if (j.contains("hidden_act") && j["hidden_act"] != "silu")

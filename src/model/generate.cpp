@@ -5,6 +5,9 @@
 
 namespace dsv3 {
 
+std::vector<int32_t> generate_speculative(Model& m, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
+                                          GenerateStats* stats, const std::function<bool(int32_t)>& on_token);
+
 std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
                               GenerateStats* stats, const std::function<bool(int32_t)>& on_token) {
   const ModelConfig& cfg = m.config();
@@ -12,6 +15,7 @@ std::vector<int32_t> generate(Model& m, const std::vector<int32_t>& prompt, cons
   if (opt.max_new_tokens < 0) fail("max_new_tokens must be >= 0");
   if (int64_t(prompt.size()) > cfg.max_position_embeddings)
     fail("prompt of {} tokens exceeds max_position_embeddings = {}", prompt.size(), cfg.max_position_embeddings);
+  if (opt.speculative_mtp) return generate_speculative(m, prompt, opt, stats, on_token);
   const int64_t total = std::min<int64_t>(int64_t(prompt.size()) + opt.max_new_tokens, cfg.max_position_embeddings);
   KvCache cache(m.backend(), cfg, total);
   SeqCache seq;

@@ -15,12 +15,14 @@ struct GenerateOptions {
   SamplingParams sampling;
   std::vector<int32_t> stop_ids;  // stop after emitting one of these (it is included in the output)
   bool absorb_decode = true;
+  bool speculative_mtp = false;   // draft with MTP module 1, verify in one main-model pass (greedy only)
 };
 
 struct GenerateStats {
   int64_t prompt_tokens = 0, new_tokens = 0;
   double prefill_s = 0, decode_s = 0;
   std::string finish_reason;  // "stop" | "length"
+  int64_t drafted = 0, accepted = 0;  // speculative decoding: MTP drafts proposed and accepted
 };
 
 // on_token is called for each new token; returning false stops generation.

@@ -6,11 +6,16 @@ namespace dsv3 {
 
 struct Model::Step {
   int64_t T = 0;
-  std::vector<int32_t> ids;    // [T] token ids
+  std::vector<int32_t> ids;    // [T] token ids, in row order
   std::vector<int32_t> pos;    // [T] positions
-  std::vector<SeqSlice> seqs;  // one per batch sequence, decode sequences first
-  int64_t n_decode = 0;        // leading sequences that take the absorbed single-token path
+  std::vector<SeqSlice> seqs;  // decode slices (one token each) first, then prefill sequences
+  int64_t n_decode = 0;        // leading slices that take the absorbed single-token path
+  std::vector<std::vector<int64_t>> rows_of;  // batch entry -> its rows, in token order
 };
+
+// A sequence adding at most this many tokens takes the absorbed path token by token (decode steps and
+// speculative verification); longer ones decompress keys and values (prefill).
+static constexpr int64_t kMaxAbsorbedTokens = 4;
 
 Model::Model(ModelConfig cfg, ModelWeights w, Backend& be) : cfg_(std::move(cfg)), w_(std::move(w)), be_(be) {
   Tensor c, s;
@@ -28,10 +33,8 @@ Model::Model(ModelConfig cfg, ModelWeights w, Backend& be) : cfg_(std::move(cfg)
   route_.scaling = cfg_.routed_scaling_factor;
 }
 
-Model::Step Model::prepare(std::vector<BatchSeq>& batch, KvCache& cache, int64_t) {
+Model::Step Model::prepare(std::vector<BatchSeq>& batch, KvCache& cache, bool absorb) {
   Step st;
-  // Single-token sequences go first so that the absorbed decode path sees rows [0, n_decode).
-  std::stable_partition(batch.begin(), batch.end(), [](const BatchSeq& b) { return b.tokens.size() == 1; });
   for (auto& b : batch) {
     if (!b.cache) fail("forward: a sequence has no cache");
     if (b.tokens.empty()) fail("forward: a sequence has no tokens");
@@ -43,26 +46,38 @@ Model::Step Model::prepare(std::vector<BatchSeq>& batch, KvCache& cache, int64_t
     if (!cache.reserve(*b.cache, pos0 + len))
       fail("the KV cache is full ({} blocks of {} tokens): cannot hold {} more tokens", cache.total_blocks(),
            cache.spec().block_size, len);
+  }
+  // Rows: every token of short sequences first (absorbed path, one slice per token), then long sequences.
+  st.rows_of.resize(batch.size());
+  auto add_rows = [&](size_t i, bool split) {
+    BatchSeq& b = batch[i];
+    const int64_t pos0 = b.cache->len, len = int64_t(b.tokens.size());
     SeqSlice s;
-    s.row0 = st.T;
-    s.len = len;
-    s.pos0 = pos0;
     s.blocks = b.cache->blocks.data();
     s.num_blocks = int64_t(b.cache->blocks.size());
-    st.seqs.push_back(s);
-    for (int64_t i = 0; i < len; ++i) {
-      st.ids.push_back(b.tokens[i]);
-      st.pos.push_back(int32_t(pos0 + i));
+    for (int64_t j = 0; j < len; ++j) {
+      if (split || j == 0) {
+        s.row0 = st.T;
+        s.pos0 = pos0 + j;
+        s.len = split ? 1 : len;
+        st.seqs.push_back(s);
+      }
+      st.rows_of[i].push_back(st.T);
+      st.ids.push_back(b.tokens[j]);
+      st.pos.push_back(int32_t(pos0 + j));
+      ++st.T;
     }
-    st.T += len;
-  }
-  while (st.n_decode < int64_t(st.seqs.size()) && st.seqs[st.n_decode].len == 1) ++st.n_decode;
+  };
+  for (size_t i = 0; i < batch.size(); ++i)
+    if (absorb && int64_t(batch[i].tokens.size()) <= kMaxAbsorbedTokens) add_rows(i, true);
+  st.n_decode = int64_t(st.seqs.size());
+  for (size_t i = 0; i < batch.size(); ++i)
+    if (!(absorb && int64_t(batch[i].tokens.size()) <= kMaxAbsorbedTokens)) add_rows(i, false);
   return st;
 }
 
 ForwardResult Model::forward(std::vector<BatchSeq>& batch, KvCache& cache, const ForwardOptions& opt) {
-  Step st = prepare(batch, cache, 0);
-  if (!opt.absorb_decode) st.n_decode = 0;
+  Step st = prepare(batch, cache, opt.absorb_decode);
   const int64_t H = cfg_.hidden_size;
   Tensor x = be_.alloc(be_.act_dtype(), {st.T, H}, "x");
   be_.embedding(x, w_.embed, st.ids);
@@ -70,15 +85,27 @@ ForwardResult Model::forward(std::vector<BatchSeq>& batch, KvCache& cache, const
   Tensor hn = be_.alloc(be_.act_dtype(), {st.T, H}, "hidden");
   be_.rmsnorm(hn, x, w_.final_norm, float(cfg_.rms_norm_eps));
   ForwardResult r;
-  if (opt.all_logits) {
-    for (int64_t t = 0; t < st.T; ++t) r.rows.push_back(t);
-  } else {
-    for (auto& s : st.seqs) r.rows.push_back(s.row0 + s.len - 1);
+  std::vector<int64_t> out_rows;
+  for (size_t i = 0; i < st.rows_of.size(); ++i) {
+    const auto& rows = st.rows_of[i];
+    if (opt.all_logits || batch[i].all_logits) out_rows.insert(out_rows.end(), rows.begin(), rows.end());
+    else out_rows.push_back(rows.back());
   }
-  r.logits = logits_for(hn, r.rows);
-  if (opt.keep_hidden) r.hidden = hn;
+  r.logits = logits_for(hn, out_rows);
+  if (opt.keep_hidden) r.hidden = in_batch_order(hn, st);
   for (auto& b : batch) b.cache->len += int64_t(b.tokens.size());
   return r;
+}
+
+Tensor Model::in_batch_order(const Tensor& x, const Step& st) {
+  std::vector<int64_t> rows;
+  for (auto& r : st.rows_of) rows.insert(rows.end(), r.begin(), r.end());
+  bool identity = true;
+  for (size_t i = 0; identity && i < rows.size(); ++i) identity = rows[i] == int64_t(i);
+  if (identity) return x;
+  Tensor y = be_.alloc(x.dtype, x.shape, "batch_order");
+  be_.gather_rows(y, x, rows);
+  return y;
 }
 
 Tensor Model::logits_for(const Tensor& hn, const std::vector<int64_t>& rows) {
@@ -196,16 +223,24 @@ Tensor Model::mtp_forward(int64_t k, const Tensor& h_prev, std::vector<BatchSeq>
                           Tensor* logits_out) {
   if (k < 1 || k > cfg_.num_nextn_predict_layers) fail("model has no MTP module {}", k);
   // Positions: MTP rows continue from the sequence's MTP-cache length, kept in a shadow SeqCache len.
-  Step st = prepare(batch, cache, 0);
-  st.n_decode = 0;  // MTP rows use the prefill path (their count differs from the main model's)
+  Step st = prepare(batch, cache, true);
   const MtpWeights& M = w_.mtp[k - 1];
   const int64_t H = cfg_.hidden_size;
   const float eps = float(cfg_.rms_norm_eps);
   Tensor emb = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_emb");
   be_.embedding(emb, w_.embed, st.ids);
   be_.rmsnorm(emb, emb, M.enorm, eps);
+  // h_prev arrives in batch order; rows here are in the step's internal order.
+  std::vector<int64_t> src(st.T);
+  {
+    int64_t i = 0;
+    for (auto& rows : st.rows_of)
+      for (int64_t r : rows) src[r] = i++;
+  }
+  Tensor hin = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_hin");
+  be_.gather_rows(hin, h_prev, src);
   Tensor hp = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_h");
-  be_.rmsnorm(hp, h_prev, M.hnorm, eps);
+  be_.rmsnorm(hp, hin, M.hnorm, eps);
   Tensor cat = be_.alloc(be_.act_dtype(), {st.T, 2 * H}, "mtp_cat");
   be_.concat_cols(cat, emb, hp);  // embedding first, as the released weights expect
   Tensor x = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_x");
@@ -214,12 +249,12 @@ Tensor Model::mtp_forward(int64_t k, const Tensor& h_prev, std::vector<BatchSeq>
   if (logits_out) {
     Tensor hn = be_.alloc(be_.act_dtype(), {st.T, H}, "mtp_hn");
     be_.rmsnorm(hn, x, M.head_norm, eps);
-    std::vector<int64_t> rows(st.T);
-    for (int64_t t = 0; t < st.T; ++t) rows[t] = t;
+    std::vector<int64_t> rows;
+    for (auto& r : st.rows_of) rows.insert(rows.end(), r.begin(), r.end());
     *logits_out = logits_for(hn, rows);
   }
   for (auto& b : batch) b.cache->len += int64_t(b.tokens.size());
-  return x;
+  return in_batch_order(x, st);
 }
 
 int64_t Model::total_params() const {

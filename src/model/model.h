@@ -16,6 +16,7 @@ namespace dsv3 {
 struct BatchSeq {
   SeqCache* cache = nullptr;      // positions [cache->len, cache->len + tokens.size()) are computed and cached
   std::vector<int32_t> tokens;    // new tokens
+  bool all_logits = false;        // logits for each of its tokens (else only the last)
 };
 
 struct ForwardOptions {
@@ -24,10 +25,10 @@ struct ForwardOptions {
   bool keep_hidden = false;       // keep the final-normed hidden states [T, H] (MTP needs them)
 };
 
+// Logits rows follow the batch order: for each BatchSeq, its last token (all its tokens with all_logits).
 struct ForwardResult {
   Tensor logits;                  // host fp32 [rows, V]
-  Tensor hidden;                  // device [T, H] when keep_hidden
-  std::vector<int64_t> rows;      // batch row of each logits row
+  Tensor hidden;                  // device [T, H] in batch order (every token) when keep_hidden
 };
 
 class Model {
@@ -40,9 +41,10 @@ class Model {
   // Validates ids and lengths (InputError), reserves cache blocks (InputError if full), runs the layers.
   ForwardResult forward(std::vector<BatchSeq>& batch, KvCache& cache, const ForwardOptions& opt = {});
 
-  // MTP module k (1-based) over a batch: h_prev [T, H] hidden states, tokens t_{i+k} [T] (the token each row
-  // consumes), caches/positions as in forward (pool slot num_hidden_layers + k - 1). Returns the module's
-  // block output [T, H] (device) and logits for every row (host) when want_logits.
+  // MTP module k (1-based) over a batch: h_prev [T, H] hidden states in batch order (sequence by sequence,
+  // token by token), tokens t_{i+k} (the token each row consumes), caches/positions as in forward (pool slot
+  // num_hidden_layers + k - 1). Returns the module's block output [T, H] in batch order and logits for every
+  // token in batch order (host) when logits_out is given.
   Tensor mtp_forward(int64_t k, const Tensor& h_prev, std::vector<BatchSeq>& batch, KvCache& cache,
                      Tensor* logits_out);
 
@@ -57,7 +59,8 @@ class Model {
   Tensor mlp(const MlpWeights& M, const Tensor& h);
   Tensor moe(const MoeWeights& M, const Tensor& h);
   Tensor logits_for(const Tensor& hidden_normed, const std::vector<int64_t>& rows);
-  Step prepare(std::vector<BatchSeq>& batch, KvCache& cache, int64_t slot_len_offset);
+  Tensor in_batch_order(const Tensor& x, const Step& st);
+  Step prepare(std::vector<BatchSeq>& batch, KvCache& cache, bool absorb);
 
   ModelConfig cfg_;
   ModelWeights w_;

@@ -1,6 +1,7 @@
 #include "tokenizer/added_vocab.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "core/error.h"
 #include "tokenizer/bpe.h"
@@ -32,6 +33,13 @@ void AddedVocabulary::Trie::add(std::string_view s, int32_t id) {
     patterns.push_back(id);
   }
   first_byte[static_cast<unsigned char>(s[0])] = true;
+  int distinct = 0, last = -1;
+  for (int b = 0; b < 256; ++b)
+    if (first_byte[b]) {
+      ++distinct;
+      last = b;
+    }
+  single_first_byte = distinct == 1 ? last : -1;
 }
 
 size_t AddedVocabulary::Trie::longest_at(std::string_view text, size_t pos, int32_t& id) const {
@@ -162,7 +170,11 @@ void AddedVocabulary::split(std::string_view text, bool normalized_set,
   size_t emitted = 0;  // end of what has been handed out
   size_t pos = 0;      // where the next search starts
   while (pos < text.size()) {
-    if (!trie.first_byte[static_cast<unsigned char>(text[pos])]) {
+    if (trie.single_first_byte >= 0) {  // the usual case ("<" for DeepSeek-V3): let memchr skip ahead
+      const void* hit = std::memchr(text.data() + pos, trie.single_first_byte, text.size() - pos);
+      if (!hit) break;
+      pos = size_t(static_cast<const char*>(hit) - text.data());
+    } else if (!trie.first_byte[static_cast<unsigned char>(text[pos])]) {
       ++pos;
       continue;
     }
@@ -173,21 +185,23 @@ void AddedVocabulary::split(std::string_view text, bool normalized_set,
       continue;
     }
     size_t start = pos, stop = pos + len;
-    pos = stop;  // a rejected match still consumes its text, as Aho-Corasick's find_iter does
+    // The next search starts at this match's end, whether it is rejected or widened by rstrip below: that
+    // is how Aho-Corasick's find_iter walks on in Hugging Face's find_matches.
+    pos = stop;
     const AddedToken& tok = by_id_.at(id);
     if (tok.single_word && (word_char_before(text, start) || word_char_after(text, stop))) continue;
     if (tok.lstrip) {
       // Take the whitespace just before the token, but not what an earlier token already took.
       size_t s = start;
-      while (s > emitted) {
+      while (s > 0) {
         size_t b = s - 1;
-        while (b > emitted && (static_cast<unsigned char>(text[b]) & 0xC0) == 0x80 && s - b < 4) --b;
+        while (b > 0 && (static_cast<unsigned char>(text[b]) & 0xC0) == 0x80 && s - b < 4) --b;
         size_t l = 0;
         const char32_t cp = utf8::decode(text, b, l);
         if (b + l != s || utf8::valid_seq_len(text, b) == 0 || !utf8::is_white_space(cp)) break;
         s = b;
       }
-      start = s;
+      start = std::max(s, emitted);
     }
     if (tok.rstrip) {
       while (stop < text.size()) {
@@ -196,8 +210,8 @@ void AddedVocabulary::split(std::string_view text, bool normalized_set,
         if (utf8::valid_seq_len(text, stop) == 0 || !utf8::is_white_space(cp)) break;
         stop += l;
       }
-      pos = stop;
     }
+    // A match inside what an rstrip already took overlaps it; like Hugging Face, emit no text between.
     if (start > emitted) on_piece(text.substr(emitted, start - emitted), -1);
     on_piece(text.substr(start, stop - start), id);
     emitted = stop;

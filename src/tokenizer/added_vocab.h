@@ -62,6 +62,7 @@ class AddedVocabulary {
     std::vector<Node> nodes{Node{}};
     std::vector<int32_t> patterns;  // pattern index -> token id
     bool first_byte[256] = {};
+    int single_first_byte = -1;  // the only byte patterns start with, or -1
     void add(std::string_view s, int32_t id);
     // Longest pattern starting at pos: its length (0 if none) and token id.
     size_t longest_at(std::string_view text, size_t pos, int32_t& id) const;

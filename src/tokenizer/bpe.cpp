@@ -20,12 +20,14 @@ class WordCache {
   static constexpr size_t kMaxPieceBytes = 256;  // longer pieces are rare and not worth keeping
   static constexpr size_t kMaxEntries = 1 << 17;
 
-  bool get(std::string_view key, std::vector<int32_t>& out) const {
+  bool get(std::string_view key, uint64_t hash, std::vector<int32_t>& out) const {
     if (slots_.empty()) return false;
-    size_t i = hash_bytes(key) & (slots_.size() - 1);
+    size_t i = hash & (slots_.size() - 1);
+    const auto tag = uint32_t(hash >> 32);
     while (slots_[i].key_len >= 0) {
       const Slot& s = slots_[i];
-      if (size_t(s.key_len) == key.size() && std::memcmp(keys_.data() + s.key_off, key.data(), key.size()) == 0) {
+      if (s.tag == tag && size_t(s.key_len) == key.size() &&
+          std::memcmp(keys_.data() + s.key_off, key.data(), key.size()) == 0) {
         out.insert(out.end(), ids_.begin() + s.ids_off, ids_.begin() + s.ids_off + s.ids_len);
         return true;
       }
@@ -34,13 +36,14 @@ class WordCache {
     return false;
   }
 
-  void put(std::string_view key, const int32_t* ids, size_t n) {
+  void put(std::string_view key, uint64_t hash, const int32_t* ids, size_t n) {
     if (key.size() > kMaxPieceBytes) return;
     if (count_ >= kMaxEntries) clear();
     if (slots_.empty()) slots_.assign(kMaxEntries * 2, Slot{});
-    size_t i = hash_bytes(key) & (slots_.size() - 1);
+    size_t i = hash & (slots_.size() - 1);
     while (slots_[i].key_len >= 0) i = (i + 1) & (slots_.size() - 1);
-    slots_[i] = Slot{uint32_t(keys_.size()), int32_t(key.size()), uint32_t(ids_.size()), uint32_t(n)};
+    slots_[i] = Slot{uint32_t(keys_.size()), int32_t(key.size()), uint32_t(ids_.size()), uint32_t(n),
+                     uint32_t(hash >> 32)};
     keys_.append(key);
     ids_.insert(ids_.end(), ids, ids + n);
     ++count_;
@@ -52,6 +55,7 @@ class WordCache {
     int32_t key_len = -1;  // -1: empty
     uint32_t ids_off = 0;
     uint32_t ids_len = 0;
+    uint32_t tag = 0;  // high hash bits: most probes that miss are rejected without touching the key
   };
   void clear() {
     std::fill(slots_.begin(), slots_.end(), Slot{});
@@ -98,6 +102,10 @@ BpeModel::BpeModel(const std::vector<std::pair<std::string, int32_t>>& vocab,
     vocab_.insert(tok, id);
     max_id = std::max(max_id, id);
   }
+  // Ids index dense per-id tables; a sparse id far past the vocabulary would make them absurdly large.
+  if (size_t(max_id) >= vocab.size() + 1000000)
+    fail("tokenizer.json: model.vocab has id {} for {} tokens; ids must stay close to the vocabulary size", max_id,
+         vocab.size());
   id_to_token_.assign(size_t(max_id + 1), std::string());
   has_id_.assign(size_t(max_id + 1), false);
   for (const auto& [tok, id] : vocab) {
@@ -325,10 +333,11 @@ void BpeModel::encode(std::string_view piece, std::vector<int32_t>& out) const {
     return;
   }
   WordCache& cache = cache_for(uid_);
-  if (cache.get(piece, out)) return;
+  const uint64_t hash = hash_bytes(piece);
+  if (cache.get(piece, hash, out)) return;
   const size_t before = out.size();
   encode_uncached(piece, out);
-  cache.put(piece, out.data() + before, out.size() - before);
+  cache.put(piece, hash, out.data() + before, out.size() - before);
 }
 
 }  // namespace dsv3

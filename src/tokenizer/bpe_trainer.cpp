@@ -13,6 +13,7 @@
 #include "tokenizer/flat_map.h"
 #include "tokenizer/normalizer.h"
 #include "tokenizer/pre_tokenizer.h"
+#include "tokenizer/regex.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/tokenizer_files.h"
 
@@ -146,13 +147,13 @@ namespace {
 
 // The tokens of the template tokenizer that the trained one keeps, in id order: BOS, EOS, then the other
 // added tokens tokenizer_config.json names or the chat template mentions.
-std::vector<nlohmann::ordered_json> kept_added_tokens(const nlohmann::ordered_json& tj, const Tokenizer& like) {
-  std::vector<nlohmann::ordered_json> added;
+std::vector<nlohmann::json> kept_added_tokens(const nlohmann::json& tj, const Tokenizer& like) {
+  std::vector<nlohmann::json> added;
   if (tj.contains("added_tokens") && tj["added_tokens"].is_array())
     for (const auto& t : tj["added_tokens"]) added.push_back(t);
   auto content_of_id = [&](int32_t id) { return id >= 0 ? like.id_to_token(id).value_or("") : std::string(); };
   const std::string bos = content_of_id(like.bos_id()), eos = content_of_id(like.eos_id());
-  std::vector<nlohmann::ordered_json> out;
+  std::vector<nlohmann::json> out;
   auto take = [&](const std::string& content) {
     for (const auto& t : added)
       if (t.value("content", "") == content) {
@@ -199,9 +200,12 @@ BpeTrainerReport train_bpe_tokenizer(const std::vector<std::string>& inputs, con
                                      const std::string& out_dir, const BpeTrainerOptions& opt) {
   const TokenizerFiles files = locate_tokenizer(like);
   const Tokenizer like_tok = Tokenizer::load(like);
-  nlohmann::ordered_json tj, cfg = nlohmann::ordered_json::object();
+  // nlohmann::ordered_json finds keys by linear search, far too slow for a 128k-entry vocabulary, so the
+  // template tokenizer is read with the sorted map (field order inside its small parts does not matter).
+  nlohmann::json tj;
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::object();
   try {
-    tj = nlohmann::ordered_json::parse(read_text_file(files.tokenizer_json));
+    tj = nlohmann::json::parse(read_text_file(files.tokenizer_json));
     if (!files.config_json.empty()) cfg = nlohmann::ordered_json::parse(read_text_file(files.config_json));
   } catch (const nlohmann::json::parse_error& e) {
     fail("{}: {}", files.tokenizer_json, e.what());
@@ -212,14 +216,13 @@ BpeTrainerReport train_bpe_tokenizer(const std::vector<std::string>& inputs, con
     fail("--vocab-size {} is too small: a byte-level BPE needs at least 256 byte tokens + {} special tokens = {}",
          opt.vocab_size, specials.size(), min_vocab);
   if (inputs.empty()) fail("train-tokenizer needs at least one --input file");
-  const nlohmann::json pre_json = nlohmann::json::parse(tj.value("pre_tokenizer", nlohmann::ordered_json()).dump());
-  const auto pre = PreTokenizer::from_json(pre_json);
+  const auto pre = PreTokenizer::from_json(tj.value("pre_tokenizer", nlohmann::json()));
   if (!pre || !pre->byte_level())
     fail("{}: the pre-tokenizer does not end with ByteLevel; train-tokenizer makes byte-level BPE tokenizers", like);
-  const auto post = tj.value("post_processor", nlohmann::ordered_json());
+  const auto post = tj.value("post_processor", nlohmann::json());
   if (!post.is_null() && post.value("type", "") != "ByteLevel")
     fail("{}: post_processor {} names fixed ids; train-tokenizer supports ByteLevel or null", like, post.value("type", ""));
-  const auto normalizer = make_normalizer(nlohmann::json::parse(tj.value("normalizer", nlohmann::ordered_json()).dump()));
+  const auto normalizer = make_normalizer(tj.value("normalizer", nlohmann::json()));
 
   // Count words.
   std::vector<std::string> special_contents;
@@ -232,7 +235,7 @@ BpeTrainerReport train_bpe_tokenizer(const std::vector<std::string>& inputs, con
     for_each_plain_part(text, special_contents, [&](std::string_view part) {
       std::string norm(part);
       if (normalizer) normalizer->normalize(norm);
-      pre->split(norm, [&](std::string_view w) { ++counts[std::string(w)]; });
+      pre->split(norm, [&](std::string_view w) { ++counts[std::string(w)]; }, Regex::needs_exact_unicode(norm));
     });
   }
   report.distinct_words = counts.size();
@@ -241,55 +244,53 @@ BpeTrainerReport train_bpe_tokenizer(const std::vector<std::string>& inputs, con
 
   const auto merges = learn_bpe_merges(word_counts, size_t(opt.vocab_size) - min_vocab, uint64_t(std::max(opt.min_frequency, 1)));
 
-  // Assemble tokenizer.json.
-  nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
+  // Assemble tokenizer.json: small parts through nlohmann::ordered_json (Hugging Face's field order), the
+  // vocabulary and merges written directly in id order.
+  auto quoted = [](const std::string& str) { return nlohmann::json(str).dump(); };
+  std::string vocab_text, merges_text;
   nlohmann::ordered_json added = nlohmann::ordered_json::array();
   int32_t next = 0;
+  auto add_vocab = [&](const std::string& token) {
+    vocab_text += (next ? ",\n    " : "\n    ") + quoted(token) + ": " + std::to_string(next);
+    ++next;
+  };
   for (const auto& t : specials) {
-    nlohmann::ordered_json a = t;
+    nlohmann::ordered_json a;  // Hugging Face's field order
     a["id"] = next;
-    vocab[t["content"].get<std::string>()] = next++;
-    nlohmann::ordered_json ordered;  // Hugging Face's field order
-    ordered["id"] = a["id"];
     for (const char* k : {"content", "single_word", "lstrip", "rstrip", "normalized", "special"})
-      if (a.contains(k)) ordered[k] = a[k];
-    added.push_back(ordered);
+      if (t.contains(k)) a[k] = t[k];
+    added.push_back(a);
+    add_vocab(t["content"].get<std::string>());
   }
-  for (int b = 0; b < 256; ++b) vocab[byte_level::byte_char(static_cast<unsigned char>(b))] = next++;
-  nlohmann::ordered_json merge_list = nlohmann::ordered_json::array();
-  std::unordered_map<std::string, int32_t> merged_ids;  // ordered_json lookups are linear
+  for (int b = 0; b < 256; ++b) add_vocab(byte_level::byte_char(static_cast<unsigned char>(b)));
+  std::unordered_map<std::string, int32_t> merged_ids;
   for (const auto& [l, r] : merges) {
     const std::string ls = byte_level::encode(l), rs = byte_level::encode(r);
-    merge_list.push_back(ls + " " + rs);
-    if (merged_ids.emplace(ls + rs, next).second) vocab[ls + rs] = next++;
+    merges_text += (merges_text.empty() ? "\n    " : ",\n    ") + quoted(ls + " " + rs);
+    if (merged_ids.emplace(ls + rs, next).second) add_vocab(ls + rs);
   }
-  nlohmann::ordered_json out;
-  out["version"] = "1.0";
-  out["truncation"] = nullptr;
-  out["padding"] = nullptr;
-  out["added_tokens"] = added;
-  out["normalizer"] = tj.value("normalizer", nlohmann::ordered_json());
-  out["pre_tokenizer"] = tj["pre_tokenizer"];
-  out["post_processor"] = post;
-  out["decoder"] = tj.value("decoder", nlohmann::ordered_json());
-  nlohmann::ordered_json model;
-  model["type"] = "BPE";
-  model["dropout"] = nullptr;
-  model["unk_token"] = nullptr;
-  model["continuing_subword_prefix"] = nullptr;
-  model["end_of_word_suffix"] = nullptr;
-  model["fuse_unk"] = false;
-  model["byte_fallback"] = false;
-  model["ignore_merges"] = false;
-  model["vocab"] = vocab;
-  model["merges"] = merge_list;
-  out["model"] = model;
+  nlohmann::ordered_json head;
+  head["version"] = "1.0";
+  head["truncation"] = nullptr;
+  head["padding"] = nullptr;
+  head["added_tokens"] = added;
+  head["normalizer"] = nlohmann::ordered_json::parse(tj.value("normalizer", nlohmann::json()).dump());
+  head["pre_tokenizer"] = nlohmann::ordered_json::parse(tj["pre_tokenizer"].dump());
+  head["post_processor"] = nlohmann::ordered_json::parse(post.dump());
+  head["decoder"] = nlohmann::ordered_json::parse(tj.value("decoder", nlohmann::json()).dump());
+  std::string json_text = head.dump(2, ' ', false);
+  json_text.pop_back();  // reopen the object to append "model"
+  while (!json_text.empty() && (json_text.back() == '\n' || json_text.back() == ' ')) json_text.pop_back();
+  json_text +=
+      ",\n  \"model\": {\n    \"type\": \"BPE\",\n    \"dropout\": null,\n    \"unk_token\": null,\n"
+      "    \"continuing_subword_prefix\": null,\n    \"end_of_word_suffix\": null,\n    \"fuse_unk\": false,\n"
+      "    \"byte_fallback\": false,\n    \"ignore_merges\": false,\n    \"vocab\": {" +
+      vocab_text + "\n    },\n    \"merges\": [" + merges_text + "\n    ]\n  }\n}\n";
 
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   if (ec) fail("cannot create {}: {}", out_dir, ec.message());
-  const std::string json_text = out.dump(2, ' ', false);
-  const std::string cfg_text = cfg.dump(2, ' ', false);
+  const std::string cfg_text = cfg.dump(2, ' ', false) + "\n";
   // Check it loads before writing, so a failed run leaves no half-made tokenizer behind.
   Tokenizer::from_json_text(json_text, cfg_text, out_dir + "/tokenizer.json");
   write_file_atomic(out_dir + "/tokenizer.json", json_text);

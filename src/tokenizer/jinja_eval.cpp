@@ -138,6 +138,8 @@ class Renderer {
           if (key == pname) given = &v;
         frame[pname] = given ? *given : dflt ? eval(*dflt) : Value::undefined(fmt::format("parameter '{}' was not provided", pname));
       }
+      if (macro_depth_ >= kMaxMacroDepth) fail("macro '{}' nests deeper than {} calls", def->name, kMaxMacroDepth);
+      ++macro_depth_;
       // A macro sees the template's top-level variables and its parameters, not the caller's locals.
       const size_t saved_barrier = barrier_;
       barrier_ = scopes_.size();
@@ -146,6 +148,7 @@ class Renderer {
       exec_body(def->body, text);
       scopes_.pop_back();
       barrier_ = saved_barrier;
+      --macro_depth_;
       return Value::string(std::move(text));
     });
   }
@@ -350,6 +353,8 @@ class Renderer {
   std::vector<std::unordered_map<std::string, Value>> scopes_;
   std::unordered_map<std::string, Value> globals_;
   size_t barrier_ = 0;  // scopes below this index (except the top level) are hidden inside a macro call
+  static constexpr int kMaxMacroDepth = 200;  // a runaway recursive macro fails instead of overflowing the stack
+  int macro_depth_ = 0;
 };
 
 }  // namespace

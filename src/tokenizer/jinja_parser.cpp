@@ -54,6 +54,11 @@ class Parser {
 
   // Statements until a {% name %} with name in ends; that name is consumed and returned in `end`.
   Body parse_body(const std::set<std::string>& ends, std::string& end) {
+    if (++depth_ > kMaxDepth) error(fmt::format("blocks nested deeper than {} levels", kMaxDepth));
+    struct Leave {
+      int& d;
+      ~Leave() { --d; }
+    } leave{depth_};
     Body body;
     while (true) {
       const Token& tok = cur();
@@ -386,6 +391,12 @@ class Parser {
   }
 
   ExprPtr parse_unary(bool with_filter = true) {
+    // Every nested expression passes through here; bound the depth so hostile input cannot overflow the stack.
+    if (++depth_ > kMaxDepth) error(fmt::format("expression nested deeper than {} levels", kMaxDepth));
+    struct Leave {
+      int& d;
+      ~Leave() { --d; }
+    } leave{depth_};
     ExprPtr e;
     if (is_op("-") || is_op("+")) {
       e = node(Expr::Kind::Unary, cur().line);
@@ -591,6 +602,8 @@ class Parser {
 
   std::vector<Token> t_;
   size_t p_ = 0;
+  static constexpr int kMaxDepth = 256;
+  int depth_ = 0;
 };
 
 }  // namespace

@@ -79,20 +79,21 @@ void PreTokenizer::add_stage(const nlohmann::json& j, const std::string& where) 
   stages_.push_back(std::move(st));
 }
 
-void PreTokenizer::split(std::string_view text, FunctionRef<void(std::string_view)> sink) const {
+void PreTokenizer::split(std::string_view text, FunctionRef<void(std::string_view)> sink, bool exact_unicode) const {
   if (text.empty()) return;
-  run(0, text, sink);
+  run(0, text, sink, exact_unicode);
 }
 
-void PreTokenizer::run(size_t stage, std::string_view piece, FunctionRef<void(std::string_view)> sink) const {
+void PreTokenizer::run(size_t stage, std::string_view piece, FunctionRef<void(std::string_view)> sink,
+                       bool exact) const {
   if (piece.empty()) return;
   if (stage == stages_.size()) {
     sink(piece);
     return;
   }
   const Stage& st = stages_[stage];
+  std::string prefixed;  // must outlive run_split below, which reads the prefixed piece
   if (st.kind == Stage::ByteLevel) {
-    std::string prefixed;
     if (st.add_prefix_space && piece.front() != ' ') {
       prefixed.reserve(piece.size() + 1);
       prefixed += ' ';
@@ -100,27 +101,30 @@ void PreTokenizer::run(size_t stage, std::string_view piece, FunctionRef<void(st
       piece = prefixed;
     }
     if (!st.re) {
-      run(stage + 1, piece, sink);
+      run(stage + 1, piece, sink, exact);
       return;
     }
   }
-  run_split(st, stage, piece, sink);
+  run_split(st, stage, piece, sink, exact);
 }
 
 void PreTokenizer::run_split(const Stage& st, size_t stage, std::string_view piece,
-                             FunctionRef<void(std::string_view)> sink) const {
+                             FunctionRef<void(std::string_view)> sink, bool exact) const {
   const SplitBehavior behavior = st.kind == Stage::ByteLevel ? SplitBehavior::Isolated : st.behavior;
   auto emit = [&](size_t b, size_t e) {
-    if (e > b) run(stage + 1, piece.substr(b, e - b), sink);
+    if (e > b) run(stage + 1, piece.substr(b, e - b), sink, exact);
   };
   if (behavior == SplitBehavior::Isolated) {
     // Isolated keeps every span, match or not, so it can stream without collecting (the hot path).
     size_t prev = 0;
-    st.re->for_each_match(piece, [&](size_t b, size_t e) {
-      emit(prev, b);
-      emit(b, e);
-      prev = e;
-    });
+    st.re->for_each_match(
+        piece,
+        [&](size_t b, size_t e) {
+          emit(prev, b);
+          emit(b, e);
+          prev = e;
+        },
+        exact);
     emit(prev, piece.size());
     return;
   }
@@ -128,11 +132,14 @@ void PreTokenizer::run_split(const Stage& st, size_t stage, std::string_view pie
   // the piece, empty matches included.
   std::vector<Span> spans;
   size_t prev = 0;
-  st.re->for_each_match(piece, [&](size_t b, size_t e) {
-    if (prev != b) spans.push_back({prev, b, false});
-    spans.push_back({b, e, true});
-    prev = e;
-  });
+  st.re->for_each_match(
+      piece,
+      [&](size_t b, size_t e) {
+        if (prev != b) spans.push_back({prev, b, false});
+        spans.push_back({b, e, true});
+        prev = e;
+      },
+      exact);
   if (prev != piece.size()) spans.push_back({prev, piece.size(), false});
   if (st.invert)
     for (auto& s : spans) s.match = !s.match;

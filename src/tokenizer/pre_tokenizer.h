@@ -26,8 +26,8 @@ class PreTokenizer {
   static std::unique_ptr<PreTokenizer> from_json(const nlohmann::json& j);
 
   // Calls sink(piece) for every non-empty piece, in order. A piece may live in scratch memory that is only
-  // valid during the call.
-  void split(std::string_view text, FunctionRef<void(std::string_view)> sink) const;
+  // valid during the call. exact_unicode: see Regex::needs_exact_unicode (true is always correct).
+  void split(std::string_view text, FunctionRef<void(std::string_view)> sink, bool exact_unicode = true) const;
 
   // Whether the pipeline ends with ByteLevel (pieces are bytes to be mapped to byte-level characters).
   bool byte_level() const { return byte_level_; }
@@ -41,9 +41,9 @@ class PreTokenizer {
     bool add_prefix_space = false;
   };
   void add_stage(const nlohmann::json& j, const std::string& where);
-  void run(size_t stage, std::string_view piece, FunctionRef<void(std::string_view)> sink) const;
-  void run_split(const Stage& st, size_t stage, std::string_view piece,
-                 FunctionRef<void(std::string_view)> sink) const;
+  void run(size_t stage, std::string_view piece, FunctionRef<void(std::string_view)> sink, bool exact) const;
+  void run_split(const Stage& st, size_t stage, std::string_view piece, FunctionRef<void(std::string_view)> sink,
+                 bool exact) const;
 
   std::vector<Stage> stages_;
   bool byte_level_ = false;

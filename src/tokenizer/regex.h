@@ -26,19 +26,22 @@ class Regex {
   Regex(const Regex&) = delete;
   Regex& operator=(const Regex&) = delete;
 
-  // First match at or after `start` in `subject`; false when none. Thread-safe.
-  bool search(std::string_view subject, size_t start, size_t& match_begin, size_t& match_end) const;
+  // First match at or after `start` in `subject`; false when none. Thread-safe. `exact` selects the
+  // pattern that agrees with Oniguruma on every code point; without it PCRE2's own \s and \p{..} tables
+  // are used, which is faster and gives the same result unless the subject holds a code point for which
+  // they differ (see needs_exact_unicode).
+  bool search(std::string_view subject, size_t start, size_t& match_begin, size_t& match_end, bool exact = true) const;
 
   // Calls on_match(begin, end) for every match, left to right, with Oniguruma's find_iter rule for empty
   // matches (an empty match right where the previous match ended is skipped by one character).
   template <typename F>
-  void for_each_match(std::string_view subject, F&& on_match) const {
+  void for_each_match(std::string_view subject, F&& on_match, bool exact = true) const {
     size_t pos = 0;
     bool have_last = false;
     size_t last_end = 0;
     while (pos <= subject.size()) {
       size_t b = 0, e = 0;
-      if (!search(subject, pos, b, e)) break;
+      if (!search(subject, pos, b, e, exact)) break;
       if (b == e && have_last && last_end == e) {
         pos += next_char_len(subject, pos);
         continue;
@@ -50,19 +53,32 @@ class Regex {
     }
   }
 
+  // Whether text holds a code point on which PCRE2's Unicode tables and Oniguruma's disagree (characters
+  // assigned in Unicode 15-16, and U+180E which PCRE2 counts as space). Fast for ASCII.
+  static bool needs_exact_unicode(std::string_view text);
+
   const std::string& pattern() const { return source_; }
 
-  // The PCRE2 pattern equivalent to an Oniguruma pattern (exposed for tests).
-  static std::string translate(std::string_view onig_pattern);
+  // The PCRE2 pattern equivalent to an Oniguruma pattern (exposed for tests). With exact = false, \s and
+  // \p{X} keep PCRE2's meaning (equal to Oniguruma's except on the code points needs_exact_unicode finds).
+  static std::string translate(std::string_view onig_pattern, bool exact = true);
 
  private:
   Regex() = default;
-  void compile(const std::string& pcre_pattern, std::string_view what);
+  void compile(const std::string& exact_pattern, const std::string& fast_pattern, std::string_view what);
   static size_t next_char_len(std::string_view s, size_t pos);
 
+  struct Compiled {
+    void* code = nullptr;  // pcre2_code_8*
+    bool jit = false;
+  };
+  static Compiled compile_one(const std::string& pattern, const std::string& source, std::string_view what);
+  static void release(Compiled& c);
+  bool search_in(const Compiled& c, std::string_view subject, size_t start, size_t& b, size_t& e) const;
+
   std::string source_;
-  void* code_ = nullptr;  // pcre2_code_8*
-  bool jit_ = false;
+  Compiled exact_;
+  Compiled fast_;  // code == nullptr when the fast pattern would be the same as the exact one
 };
 
 // Reads tokenizer.json's {"String": literal} or {"Regex": pattern} (Split pre-tokenizer, Replace normalizer).

@@ -10,6 +10,7 @@
 #include "tokenizer/normalizer.h"
 #include "tokenizer/post_processor.h"
 #include "tokenizer/pre_tokenizer.h"
+#include "tokenizer/regex.h"
 #include "tokenizer/tokenizer_files.h"
 #include "tokenizer/utf8.h"
 
@@ -41,7 +42,7 @@ struct Tokenizer::Impl {
     auto to_model = [&](std::string_view word) { model->encode(word, out); };
     auto normalized_part = [&](std::string_view part, int32_t id) {
       if (id >= 0) out.push_back(id);
-      else if (pre_tokenizer) pre_tokenizer->split(part, to_model);
+      else if (pre_tokenizer) pre_tokenizer->split(part, to_model, Regex::needs_exact_unicode(part));
       else model->encode(part, out);
     };
     added.split(text, /*normalized_set=*/false, [&](std::string_view part, int32_t id) {
@@ -135,6 +136,14 @@ Tokenizer Tokenizer::from_json_text(const std::string& tokenizer_json, const std
       const AddedToken* a = impl->added.by_id(int32_t(id));
       const std::string* t = a ? &a->content : impl->model->id_to_token(int32_t(id));
       if (!t) continue;
+      // Hugging Face gives a normalized added token back in its normalized form (and, as that form is not
+      // the special token's content, does not skip it as special when decoding).
+      std::string normalized;
+      if (a && a->normalized && impl->normalizer) {
+        normalized = a->content;
+        impl->normalizer->normalize(normalized);
+        t = &normalized;
+      }
       impl->known[id] = 1;
       impl->token_text[id] = *t;
       impl->special[id] = impl->added.is_special_content(*t);

@@ -70,8 +70,10 @@ void mla_decode(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const 
       for (int64_t h = 0; h < nh; ++h) {
         float s = 0;
         const float* a = ql + h * r;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < r; ++i) s += a[i] * cr[i];
         const float* p = qp + h * dr;
+#pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < dr; ++i) s += p[i] * cr[r + i];
         S[h * n + t] = s * scale;
       }
@@ -98,6 +100,7 @@ void mla_decode(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const 
         for (int64_t h = 0; h < nh; ++h) {
           const float p = S[h * n + t];
           float* oh = o + h * r;
+#pragma omp simd
           for (int64_t i = c0; i < c1; ++i) oh[i] += p * cr[i];
         }
       }

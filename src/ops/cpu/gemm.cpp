@@ -25,31 +25,73 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Small-M kernel over bf16 weights: each weight row is read once and dotted with every row of A.
-// Parallel over output columns; this is the decode hot path (bound by weight bytes).
 template <int MB>
-void gemv_bf16_block(int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* W, int64_t ldw, float* C,
-                     int64_t ldc, float beta) {
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint16_t* w = W + n * ldw;
-    __m256 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      __m256 wv = load_bf16x8(w + k);
-      for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(A + m * lda + k), acc[m]);
-    }
+inline void dot_rows_bf16(const uint16_t* w, int64_t K, const float* x, int64_t ldx, float* out /*[MB]*/) {
+  __m256 acc0[MB], acc1[MB];
+  for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 w0 = load_bf16x8(w + k), w1 = load_bf16x8(w + k + 8);
     for (int m = 0; m < MB; ++m) {
-      float s = hsum(acc[m]);
-      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_f32(w[kk]) * A[m * lda + kk];
-      float* c = C + m * ldc + n;
-      *c = beta == 0.f ? s : s + beta * *c;
+      acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + k), acc0[m]);
+      acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * ldx + k + 8), acc1[m]);
     }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float s = hsum(_mm256_add_ps(acc0[m], acc1[m]));
+    for (int64_t kk = k; kk < K; ++kk) s += bf16_to_f32(w[kk]) * x[m * ldx + kk];
+    out[m] = s;
+  }
+}
+
+inline void dot_rows_f32(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + m * ldx + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + m * ldx + k + 8), a1);
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+    for (; k < K; ++k) s += w[k] * x[m * ldx + k];
+    out[m] = s;
   }
 }
 
 }  // namespace
+
+void gemv_multi(const std::vector<GemvJob>& jobs) {
+  std::vector<int64_t> start(jobs.size() + 1, 0);
+  for (size_t j = 0; j < jobs.size(); ++j) start[j + 1] = start[j] + jobs[j].N;
+  const int64_t total = start.back();
+#pragma omp parallel
+  {
+    size_t j = 0;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < total; ++r) {
+      while (r >= start[j + 1]) ++j;
+      while (r < start[j]) --j;
+      const GemvJob& g = jobs[j];
+      const int64_t n = r - start[j];
+      // Rows of x in blocks of 8: the weight row comes from memory once and from L1 for later blocks.
+      float out[8];
+      for (int64_t m0 = 0; m0 < g.M; m0 += 8) {
+        const int64_t mb = std::min<int64_t>(8, g.M - m0);
+        const float* x = g.x + m0 * g.ldx;
+        if (g.wt == DType::BF16) {
+          const uint16_t* w = static_cast<const uint16_t*>(g.W) + n * g.ldw;
+          int64_t m = 0;
+          if (mb == 8) dot_rows_bf16<8>(w, g.K, x, g.ldx, out), m = 8;
+          for (; m + 4 <= mb; m += 4) dot_rows_bf16<4>(w, g.K, x + m * g.ldx, g.ldx, out + m);
+          for (; m < mb; ++m) dot_rows_bf16<1>(w, g.K, x + m * g.ldx, g.ldx, out + m);
+        } else {
+          dot_rows_f32(static_cast<const float*>(g.W) + n * g.ldw, g.K, x, g.ldx, mb, out);
+        }
+        for (int64_t m = 0; m < mb; ++m) g.y[(m0 + m) * g.ldy + n] = out[m];
+      }
+    }
+  }
+}
 
 void widen_rows(float* dst, int64_t ld_dst, const void* src, DType t, int64_t ld_src, int64_t rows, int64_t cols) {
   if (t == DType::F32) {
@@ -84,11 +126,8 @@ void gemm_xwT(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
   }
   DSV3_CHECK(wt == DType::BF16, "gemm_xwT: weight dtype {}", dtype_name(wt));
   auto w = static_cast<const uint16_t*>(W);
-  if (M <= 8) {
-    // Blocks of up to 4 rows of A share one pass over the weights.
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) gemv_bf16_block<4>(N, K, A + m * lda, lda, w, ldw, C + m * ldc, ldc, beta);
-    for (; m < M; ++m) gemv_bf16_block<1>(N, K, A + m * lda, lda, w, ldw, C + m * ldc, ldc, beta);
+  if (M <= kSmallM && beta == 0.f) {
+    gemv_multi({GemvJob{W, wt, N, K, ldw, A, lda, C, ldc, M}});
     return;
   }
   // Panels of weight rows widened to fp32, then threaded sgemm per panel.

@@ -4,6 +4,7 @@
 // weight bytes, and OpenBLAS has no fp32-activation x bf16-weight GEMV) or widened to fp32 in panels and
 // handed to sgemm (prefill: bound by FLOPs, the widening is O(N K) against O(M N K)).
 #include <cstdint>
+#include <vector>
 
 #include "core/dtype.h"
 
@@ -15,6 +16,25 @@ void gemm_xwT(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 // C[M, N] = A[M, K] W[K, N] + beta C; W is F32 or BF16 (row-major [K, N] with leading dimension ldw).
 void gemm_xw(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* W, DType wt, int64_t ldw,
              float* C, int64_t ldc, float beta = 0.f);
+// Up to this many rows of activations, bf16 products stream the weights once (gemv_multi); above, widening
+// panels to fp32 for sgemm wins because the work becomes FLOP-bound.
+inline constexpr int64_t kSmallM = 32;
+
+// Many small-M products in ONE parallel region: y[m, n] = sum_k W[n, k] x[m, k] for every job.
+// Decode calls many small matrices (each expert, each head); one fork/join for all of them keeps the cores
+// streaming weights instead of waiting on each other.
+struct GemvJob {
+  const void* W;  // [N, K] with leading dimension ldw
+  DType wt;
+  int64_t N, K, ldw;
+  const float* x;  // [M, K] with leading dimension ldx
+  int64_t ldx;
+  float* y;        // [M, N] with leading dimension ldy
+  int64_t ldy;
+  int64_t M;
+};
+void gemv_multi(const std::vector<GemvJob>& jobs);
+
 // Widen rows of a bf16/f32 matrix to fp32: dst[r, :] = src[r, :cols] for r < rows.
 void widen_rows(float* dst, int64_t ld_dst, const void* src, DType t, int64_t ld_src, int64_t rows, int64_t cols);
 

@@ -93,6 +93,38 @@ void moe_experts_acc(float* out, const float* x, const int32_t* idx, const float
   for (int64_t i = 0; i < T * K; ++i) order[fill[idx[i]]++] = i;
   int64_t maxn = 0;
   for (int64_t e = 0; e < E; ++e) maxn = std::max(maxn, count[e + 1] - count[e]);
+  if (maxn <= kSmallM) {
+    // Decode-sized batches: every active expert's gate and up products in one parallel pass, then every
+    // down product in another (weights stream without a fork/join per small matrix).
+    std::vector<float> xs(T * K * H), gs(T * K * I), us(T * K * I), ys(T * K * H);
+    for (int64_t i = 0; i < T * K; ++i) {
+      const int64_t row = order[i];
+      std::copy(x + (row / K) * H, x + (row / K + 1) * H, xs.data() + i * H);
+    }
+    std::vector<GemvJob> jobs;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = count[e + 1] - count[e], o = count[e];
+      if (n == 0) continue;
+      jobs.push_back({expert_slice(gate, e), gate.dtype, I, H, H, xs.data() + o * H, H, gs.data() + o * I, I, n});
+      jobs.push_back({expert_slice(up, e), up.dtype, I, H, H, xs.data() + o * H, H, us.data() + o * I, I, n});
+    }
+    gemv_multi(jobs);
+    for (int64_t i = 0; i < T * K * I; ++i) gs[i] = gs[i] / (1.f + std::exp(-gs[i])) * us[i];
+    jobs.clear();
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = count[e + 1] - count[e], o = count[e];
+      if (n == 0) continue;
+      jobs.push_back({expert_slice(down, e), down.dtype, H, I, I, gs.data() + o * I, I, ys.data() + o * H, H, n});
+    }
+    gemv_multi(jobs);
+    for (int64_t i = 0; i < T * K; ++i) {
+      float* o = out + (order[i] / K) * H;
+      const float wk = w[order[i]];
+      const float* yr = ys.data() + i * H;
+      for (int64_t j = 0; j < H; ++j) o[j] += wk * yr[j];
+    }
+    return;
+  }
   std::vector<float> xe(maxn * H), g(maxn * I), u(maxn * I), y(maxn * H);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = count[e + 1] - count[e];

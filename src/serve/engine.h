@@ -1,0 +1,111 @@
+#pragma once
+// The continuous-batching engine behind `dsv3 serve`. One scheduler thread owns the model: between forward
+// steps it admits queued requests (when the paged latent cache has blocks for prompt + max_tokens), then runs
+// one forward over every running sequence (decode steps and prefill chunks together), samples, streams text
+// out, and retires finished or cancelled sequences, returning their blocks. HTTP threads only submit and read.
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "model/model.h"
+#include "model/sampler.h"
+#include "tokenizer/tokenizer.h"
+
+namespace dsv3 {
+
+struct EngineConfig {
+  int64_t max_batch = 32;        // sequences running at once
+  int64_t kv_cache_tokens = 0;   // pool capacity; 0: max_batch * min(context, 2048)
+  int64_t block_size = 64;
+  int64_t max_queue = 256;       // waiting requests beyond this are refused (HTTP 503)
+  int64_t prefill_chunk = 512;   // prompt tokens fed per step across all sequences (chunked prefill)
+  bool speculative_mtp = false;  // greedy requests draft with the MTP module and verify in the same step
+};
+
+struct EngineRequest {
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  int64_t max_tokens = 16;
+  std::vector<std::string> stop;  // stop strings (not included in the output)
+  bool ignore_eos = false;
+};
+
+struct EngineEvent {
+  std::string text;               // new text (complete UTF-8)
+  int64_t new_tokens = 0;
+  bool done = false;
+  std::string finish_reason;      // stop | length | cancelled | error
+  std::string error;
+};
+
+// What a request's reader sees: a queue of events, and a way to cancel (client gone).
+class RequestStream {
+ public:
+  // Waits up to `timeout` for the next event; false on timeout.
+  bool next(EngineEvent* ev, std::chrono::milliseconds timeout);
+  void cancel() { cancelled_ = true; }
+  bool cancelled() const { return cancelled_; }
+  int64_t prompt_tokens = 0;
+  std::atomic<int64_t> completion_tokens{0};
+
+ private:
+  friend class Engine;
+  void push(EngineEvent ev);
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<EngineEvent> q_;
+  std::atomic<bool> cancelled_{false};
+};
+
+// Thrown by submit when the queue is full (the server answers 503 with this message).
+struct OverloadedError : Error {
+  using Error::Error;
+};
+
+struct EngineMetrics {
+  int64_t requests_total = 0, requests_rejected = 0, requests_cancelled = 0, requests_finished = 0;
+  int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
+  int64_t steps_total = 0, batch_tokens_sum = 0, batch_seqs_sum = 0, batch_seqs_max = 0;
+  double step_seconds_sum = 0, request_seconds_sum = 0, ttft_seconds_sum = 0;
+  int64_t running = 0, waiting = 0, kv_blocks_used = 0, kv_blocks_total = 0, kv_block_size = 0;
+  int64_t spec_drafted = 0, spec_accepted = 0;  // MTP drafts verified and accepted
+};
+
+class Engine {
+ public:
+  Engine(Model& model, const Tokenizer& tok, const EngineConfig& cfg);
+  ~Engine();
+  // Validates (InputError: too long, bad ids), queues (OverloadedError when full), starts streaming.
+  std::shared_ptr<RequestStream> submit(EngineRequest req);
+  EngineMetrics metrics();
+  const ModelConfig& model_config() const { return model_.config(); }
+  int64_t capacity_tokens() const;
+
+ private:
+  struct Seq;
+  void loop();
+  void step(std::vector<std::unique_ptr<Seq>>& running);
+  void finish(Seq& s, const std::string& reason);
+  bool emit_text(Seq& s, const std::string& piece);  // true when a stop string ended the sequence
+  bool accept_token(Seq& s, int32_t tok);            // emits one token; false when the sequence finished
+  void run_mtp(std::vector<Seq*>& seqs);             // drafts for sequences with pending MTP rows
+
+  Model& model_;
+  Tokenizer tok_;
+  EngineConfig cfg_;
+  std::unique_ptr<KvCache> cache_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::unique_ptr<Seq>> waiting_;
+  EngineMetrics m_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace dsv3

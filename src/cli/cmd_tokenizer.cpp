@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -185,7 +186,9 @@ void add_tokenizer_commands(CLI::App& app) {
         std::vector<int32_t> ids;
         for (const auto& x : j["ids"]) {
           if (!x.is_number_integer()) fail("\"ids\" must hold integers");
-          ids.push_back(x.get<int32_t>());
+          // Out-of-range ids are unknown ids, which decoding skips (as Hugging Face does), not wrapped ones.
+          const int64_t v = x.is_number_unsigned() && x.get<uint64_t>() > uint64_t(INT64_MAX) ? -1 : x.get<int64_t>();
+          ids.push_back(v < 0 || v > INT32_MAX ? -1 : int32_t(v));
         }
         nlohmann::ordered_json out;
         out["text"] = tok.decode(ids, *skip);

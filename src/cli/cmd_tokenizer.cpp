@@ -3,6 +3,9 @@
 #include <omp.h>
 
 #include <chrono>
+#include <filesystem>
+#include <functional>
+#include <cstdint>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -13,6 +16,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "tokenizer/bpe_trainer.h"
+#include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/tokenizer_files.h"
 
@@ -185,7 +189,9 @@ void add_tokenizer_commands(CLI::App& app) {
         std::vector<int32_t> ids;
         for (const auto& x : j["ids"]) {
           if (!x.is_number_integer()) fail("\"ids\" must hold integers");
-          ids.push_back(x.get<int32_t>());
+          // Out-of-range ids are unknown ids, which decoding skips (as Hugging Face does), not wrapped ones.
+          const int64_t v = x.is_number_unsigned() && x.get<uint64_t>() > uint64_t(INT64_MAX) ? -1 : x.get<int64_t>();
+          ids.push_back(v < 0 || v > INT32_MAX ? -1 : int32_t(v));
         }
         nlohmann::ordered_json out;
         out["text"] = tok.decode(ids, *skip);
@@ -199,7 +205,31 @@ void add_tokenizer_commands(CLI::App& app) {
     auto dir = std::make_shared<std::string>(kBundledTokenizerName);
     cmd->add_option("--tokenizer-dir,--tokenizer", *dir, "directory with tokenizer_config.json, or deepseek-v3 (bundled)");
     cmd->callback([=] {
-      const Tokenizer tok = Tokenizer::load(*dir);
+      // The template needs no vocabulary: a directory with only tokenizer_config.json is enough.
+      std::function<std::string(const nlohmann::ordered_json&, bool, const nlohmann::ordered_json&)> render;
+      namespace fs = std::filesystem;
+      std::error_code ec;
+      if (fs::is_directory(*dir, ec) && !fs::exists(fs::path(*dir) / "tokenizer.json", ec) &&
+          fs::exists(fs::path(*dir) / "tokenizer_config.json", ec)) {
+        const std::string path = (fs::path(*dir) / "tokenizer_config.json").string();
+        nlohmann::json cfg;
+        try {
+          cfg = nlohmann::json::parse(read_text_file(path));
+        } catch (const nlohmann::json::parse_error& e) {
+          fail("{} is not valid JSON: {}", path, e.what());
+        }
+        auto config = std::make_shared<ChatTemplateConfig>(ChatTemplateConfig::from_config(cfg));
+        if (config->source.empty()) fail("{} has no chat_template", path);
+        auto tpl = std::make_shared<ChatTemplate>(config->source);
+        render = [config, tpl](const nlohmann::ordered_json& m, bool gen, const nlohmann::ordered_json& extra) {
+          return tpl->render(chat_template_variables(m, gen, config->special_tokens, extra));
+        };
+      } else {
+        auto tok = std::make_shared<Tokenizer>(Tokenizer::load(*dir));
+        render = [tok](const nlohmann::ordered_json& m, bool gen, const nlohmann::ordered_json& extra) {
+          return tok->apply_chat_template(m, gen, extra);
+        };
+      }
       for_each_json_line("{\"messages\": [...], \"add_generation_prompt\": bool}", [&](const nlohmann::ordered_json& j) {
         if (!j.contains("messages") || !j["messages"].is_array()) fail("expected \"messages\": [...]");
         bool gen = false;
@@ -212,7 +242,7 @@ void add_tokenizer_commands(CLI::App& app) {
         for (const auto& [k, v] : j.items())
           if (k != "messages" && k != "add_generation_prompt") extra[k] = v;
         nlohmann::ordered_json out;
-        out["text"] = tok.apply_chat_template(j["messages"], gen, extra);
+        out["text"] = render(j["messages"], gen, extra);
         write_line(out.dump());
       });
     });

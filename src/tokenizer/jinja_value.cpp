@@ -270,7 +270,14 @@ std::string Value::repr() const {
 
 std::string Value::to_json(int indent, bool have_indent, const std::string& item_sep, const std::string& key_sep,
                            bool sort_keys, int depth) const {
-  auto newline = [&](int d) { return have_indent ? "\n" + std::string(size_t(indent * d), ' ') : std::string(); };
+  auto newline = [&](int d) {
+    std::string s;
+    if (have_indent) {
+      s += '\n';
+      s.append(size_t(indent * d), ' ');
+    }
+    return s;
+  };
   switch (type) {
     case Type::None: return "null";
     case Type::Bool: return b ? "true" : "false";

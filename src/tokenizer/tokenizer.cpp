@@ -69,27 +69,6 @@ struct Tokenizer::Impl {
 
 namespace {
 
-std::string config_token(const nlohmann::json& cfg, const char* key) {
-  if (!cfg.contains(key) || cfg[key].is_null()) return "";
-  const auto& v = cfg[key];
-  if (v.is_string()) return v.get<std::string>();
-  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
-  fail("tokenizer_config.json: {} must be a string or an object with \"content\"", key);
-}
-
-std::string config_chat_template(const nlohmann::json& cfg) {
-  if (!cfg.contains("chat_template") || cfg["chat_template"].is_null()) return "";
-  const auto& t = cfg["chat_template"];
-  if (t.is_string()) return t.get<std::string>();
-  if (t.is_array()) {  // named templates: transformers uses the one called "default"
-    for (const auto& e : t)
-      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
-        return e["template"].get<std::string>();
-    fail("tokenizer_config.json: chat_template is a list without a template named \"default\"");
-  }
-  fail("tokenizer_config.json: chat_template must be a string or a list of {{name, template}}");
-}
-
 nlohmann::json parse_json(const std::string& text, const std::string& what) {
   try {
     return nlohmann::json::parse(text);
@@ -171,17 +150,16 @@ Tokenizer Tokenizer::from_json_text(const std::string& tokenizer_json, const std
         if (!cfg["add_bos_token"].is_boolean()) fail("tokenizer_config.json: add_bos_token must be true or false");
         impl->add_bos = cfg["add_bos_token"].get<bool>();
       }
+      const ChatTemplateConfig ct = ChatTemplateConfig::from_config(cfg);
+      impl->special_token_strings = ct.special_tokens;
+      impl->chat_template_source = ct.source;
       Tokenizer partial(impl);
-      for (const char* key : {"bos_token", "eos_token", "unk_token", "pad_token"}) {
-        const std::string s = config_token(cfg, key);
-        if (s.empty()) continue;
-        impl->special_token_strings[key] = s;
-        const auto id = partial.token_id(s);
-        if (!id) fail("tokenizer_config.json: {} {:?} is not a token of tokenizer.json", key, s);
-        if (std::string_view(key) == "bos_token") impl->bos = *id;
-        if (std::string_view(key) == "eos_token") impl->eos = *id;
+      for (const auto& [key, value] : ct.special_tokens.items()) {
+        const auto id = partial.token_id(value.get<std::string>());
+        if (!id) fail("tokenizer_config.json: {} {:?} is not a token of tokenizer.json", key, value.get<std::string>());
+        if (key == "bos_token") impl->bos = *id;
+        if (key == "eos_token") impl->eos = *id;
       }
-      impl->chat_template_source = config_chat_template(cfg);
     } catch (const InputError& e) {
       fail("{}: {}", source, e.what());
     }
@@ -278,17 +256,7 @@ std::string Tokenizer::apply_chat_template(const nlohmann::ordered_json& message
                                            const nlohmann::ordered_json& extra) const {
   if (!impl_->chat_template_error.empty()) fail("{}: chat template: {}", impl_->source, impl_->chat_template_error);
   if (!impl_->chat_template) fail("{}: the tokenizer has no chat template (tokenizer_config.json chat_template)", impl_->source);
-  if (!messages.is_array()) fail("chat template: messages must be a JSON array");
-  if (!extra.is_object()) fail("chat template: extra variables must be a JSON object");
-  // The variables transformers passes: messages, tools, documents, add_generation_prompt, then the special
-  // token strings and any caller keyword arguments.
-  nlohmann::ordered_json ctx = nlohmann::ordered_json::object();
-  ctx["messages"] = messages;
-  ctx["tools"] = nullptr;
-  ctx["documents"] = nullptr;
-  ctx["add_generation_prompt"] = add_generation_prompt;
-  for (const auto& [k, v] : impl_->special_token_strings.items()) ctx[k] = v;
-  for (const auto& [k, v] : extra.items()) ctx[k] = v;
+  const auto ctx = chat_template_variables(messages, add_generation_prompt, impl_->special_token_strings, extra);
   return impl_->chat_template->render(ctx);
 }
 

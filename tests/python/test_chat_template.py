@@ -167,3 +167,11 @@ def test_bad_json_line_names_the_line():
     p = subprocess.run([dsv3_bin(), "chat-template"], input=b'{"messages": []}\n{"messages": [}\n', capture_output=True)
     assert p.returncode == 1
     assert b"line 2" in p.stderr
+
+
+def test_directory_with_only_tokenizer_config(tmp_path):
+    config = json.load(open(os.path.join(BUNDLED, "tokenizer_config.json"), encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    msgs = [{"role": "user", "content": "Hi"}]
+    got = run(["chat-template", "--tokenizer-dir", str(tmp_path)], [{"messages": msgs, "add_generation_prompt": True}])
+    assert got == [{"text": "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>"}]

@@ -6,6 +6,7 @@
 //  - Activations are allocated by the backend (alloc) in its activation dtype (fp32 on the CPU).
 //  - Weights may be F32 or BF16 (fp8 checkpoints are dequantized at load); every op accepts both.
 //  - Outputs are overwritten unless the name says accumulate (`_acc`: out += ...).
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -51,8 +52,13 @@ class Backend {
   virtual Tensor alloc(DType t, Shape s, const char* name = "") = 0;          // uninitialized
   virtual Tensor upload(const Tensor& host) = 0;                               // copy of a CPU tensor here
   virtual Tensor to_host(const Tensor& t) = 0;                                 // CPU copy, as fp32 for float dtypes
-  virtual Tensor alloc_kv_pool(const KvPoolSpec& spec) = 0;                    // [layers, blocks, block, r + dr] f32
+  // [layers, blocks, block, r + dr], zeroed; fp32 on the CPU, bf16 on CUDA (halves the bytes decode reads).
+  virtual Tensor alloc_kv_pool(const KvPoolSpec& spec) = 0;
   virtual void synchronize() {}
+  // Fills a float tensor (F32 or BF16) with mean + std * N(0, 1) from a counter-based generator: element i
+  // depends only on (seed, i), so backends agree and large random models can be made in place (benchmarks,
+  // tests). The default works on CPU tensors; device backends override it.
+  virtual void fill_normal(Tensor& t, float mean, float std, uint64_t seed);
 
   // ---- elementwise / norms
   virtual void zero(Tensor& t) = 0;
@@ -112,6 +118,25 @@ class Backend {
   virtual void moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                                const Tensor& gate, const Tensor& up, const Tensor& down) = 0;
 };
+
+inline void Backend::fill_normal(Tensor& t, float mean, float std, uint64_t seed) {
+  if (t.device != Device::CPU) fail("fill_normal: backend {} cannot fill device tensor {}", name(), t.name);
+  if (t.dtype != DType::F32 && t.dtype != DType::BF16) fail("fill_normal: tensor {} is not F32 or BF16", t.name);
+  auto mix = [](uint64_t z) {  // splitmix64 finalizer
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  const int64_t n = t.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t h = mix(seed ^ mix(uint64_t(i)));
+    const float u1 = float((h >> 40) + 1) * 5.9604645e-08f, u2 = float(h & 0xffffffull) * 5.9604645e-08f;
+    const float v = mean + std * (std::sqrt(-2.f * std::log(u1)) * std::cos(6.2831853f * u2));
+    if (t.dtype == DType::F32) t.ptr<float>()[i] = v;
+    else t.ptr<uint16_t>()[i] = f32_to_bf16(v);
+  }
+}
 
 // The CPU reference backend (always available).
 std::unique_ptr<Backend> make_cpu_backend();

@@ -1,0 +1,1029 @@
+// The CUDA (Hopper) backend: bf16 activations with fp32 accumulation, bf16 latent cache, cuBLAS for dense
+// products, own kernels for skinny (decode) products, norms, RoPE, MLA attention and the MoE router/dispatch.
+// Every op is enqueued on one stream; the host waits only in to_host() and synchronize() (and once per MoE
+// layer in prefill, to size the grouped expert GEMM). Host-side metadata (token ids, positions, cache block
+// tables) is uploaded once per forward through content-checked slots: the 27 layers of a step reuse it.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/device.h"
+
+namespace dsv3 {
+
+namespace {
+
+using cuda::bf16;
+using cuda::DeviceContext;
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::BF16: return CUDA_R_16BF;
+    case DType::F32: return CUDA_R_32F;
+    default: fail("no CUDA matrix type for dtype {}", dtype_name(t));
+  }
+}
+
+// "model.layers.3.self_attn.q_proj.weight" -> "self_attn.q_proj"; "lm_head.weight" -> "lm_head".
+std::string weight_kind(const std::string& name) {
+  std::string s = name;
+  if (s.rfind("model.layers.", 0) == 0) {
+    size_t dot = s.find('.', 13);
+    s = dot == std::string::npos ? s : s.substr(dot + 1);
+  }
+  if (s.size() > 7 && s.compare(s.size() - 7, 7, ".weight") == 0) s.resize(s.size() - 7);
+  return s.empty() ? "?" : s;
+}
+
+class CudaBackend;
+
+// Events around one op when profiling is on (they do not synchronize; read back in take_profile()).
+class ProfScope {
+ public:
+  ProfScope(CudaBackend& be, const char* name, double bytes = 0);
+  ProfScope(CudaBackend& be, std::string name, double bytes);
+  ~ProfScope();
+
+ private:
+  CudaBackend* be_ = nullptr;
+  size_t slot_ = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int dev) : dev_(dev), ctx_(DeviceContext::get(dev)) {
+    DSV3_CUDA_CHECK(cudaSetDevice(dev));
+    const char* e = std::getenv("DSV3_CUDA_SKINNY");
+    skinny_ = !(e && std::string(e) == "0");
+    const char* p = std::getenv("DSV3_CUDA_PROFILE");
+    profiling_ = p && std::string(p) == "1";
+    // DSV3_CUDA_ACT=f32: fp32 activations and cache, fp32 matrix products (no TF32) and simple attention kernels,
+    // for exact comparisons with the CPU backend; not a fast path.
+    const char* a = std::getenv("DSV3_CUDA_ACT");
+    act_ = a && std::string(a) == "f32" ? DType::F32 : DType::BF16;
+  }
+  ~CudaBackend() override {
+    try {
+      flush();
+    } catch (...) {
+    }
+    cudaStreamSynchronize(ctx_.stream);
+    for (auto& s : slots_)
+      if (s.pinned) {
+        cudaEventSynchronize(s.ev);
+        cudaFreeHost(s.pinned);
+      }
+    for (auto& s : slots_)
+      if (s.ev) cudaEventDestroy(s.ev);
+    for (auto& p : prof_pending_) {
+      cudaEventDestroy(p.a);
+      cudaEventDestroy(p.b);
+    }
+    for (auto ev : prof_free_) cudaEventDestroy(ev);
+  }
+
+  Device device() const override { return Device::CUDA; }
+  std::string name() const override {
+    return "cuda:" + std::to_string(dev_) + (act_ == DType::F32 ? " (fp32 activations)" : "");
+  }
+  DType act_dtype() const override { return act_; }
+  cudaStream_t stream() const { return ctx_.stream; }
+  DeviceContext& ctx() { return ctx_; }
+
+  // ---- memory
+  Tensor alloc(DType t, Shape s, const char* name) override { return cuda::device_tensor(ctx_, t, std::move(s), name); }
+
+  Tensor upload(const Tensor& host) override {
+    if (host.device == Device::CUDA) return host;
+    Tensor r = alloc(host.dtype, host.shape, host.name.c_str());
+    if (host.nbytes())
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(r.data, host.data, host.nbytes(), cudaMemcpyHostToDevice, ctx_.stream));
+    return r;
+  }
+
+  Tensor to_host(const Tensor& t) override {
+    flush();
+    if (t.device == Device::CPU) return t;
+    const size_t nb = t.nbytes();
+    const bool pinned = nb >= (size_t(256) << 10);
+    if (t.dtype == DType::BF16) {
+      Tensor raw = pinned ? cuda::pinned_tensor(ctx_, DType::BF16, t.shape, t.name) : Tensor::empty(DType::BF16, t.shape, t.name);
+      copy_to_host(raw.data, t.data, nb);
+      Tensor out = Tensor::empty(DType::F32, t.shape, t.name);
+      convert_to_f32(DType::BF16, raw.data, out.f32(), size_t(t.numel()));
+      return out;
+    }
+    Tensor out = pinned ? cuda::pinned_tensor(ctx_, t.dtype, t.shape, t.name) : Tensor::empty(t.dtype, t.shape, t.name);
+    copy_to_host(out.data, t.data, nb);
+    return out;
+  }
+
+  Tensor alloc_kv_pool(const KvPoolSpec& spec) override {
+    Tensor p = alloc(act_, {spec.layers, spec.num_blocks, spec.block_size, spec.row()}, "kv_pool");
+    DSV3_CUDA_CHECK(cudaMemsetAsync(p.data, 0, p.nbytes(), ctx_.stream));
+    return p;
+  }
+
+  void synchronize() override {
+    flush();
+    end_step();
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
+    DSV3_CUDA_CHECK(cudaGetLastError());
+  }
+
+  void fill_normal(Tensor& t, float mean, float std, uint64_t seed) override {
+    flush();
+    if (t.device == Device::CPU) return Backend::fill_normal(t, mean, std, seed);
+    ProfScope ps(*this, "fill_normal");
+    cuda::fill_normal(t.data, t.dtype, t.numel(), mean, std, seed, ctx_.stream);
+  }
+
+  // ---- elementwise / norms
+  void zero(Tensor& t) override {
+    flush();
+    check_dev(t, "zero");
+    if (t.nbytes()) DSV3_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), ctx_.stream));
+  }
+
+  void gather_rows(Tensor& out, const Tensor& x, const std::vector<int64_t>& rows) override {
+    flush();
+    ProfScope ps(*this, "gather_rows");
+    check_dev(out, "gather_rows");
+    check_dev(x, "gather_rows");
+    DSV3_CHECK(out.dtype == x.dtype, "gather_rows: {} vs {}", dtype_name(out.dtype), dtype_name(x.dtype));
+    const int64_t C = x.dim(-1), n = int64_t(rows.size()), esz = int64_t(dtype_size(x.dtype));
+    DSV3_CHECK(out.numel() == n * C, "gather_rows: out {} for {} rows of {}", shape_str(out.shape), n, C);
+    const int64_t nx = x.numel() / std::max<int64_t>(C, 1);
+    std::vector<int32_t> r32(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      DSV3_CHECK(rows[i] >= 0 && rows[i] < nx, "gather_rows: row {} of {}", rows[i], nx);
+      r32[i] = int32_t(rows[i]);
+    }
+    const int* d = upload_i32(kSlotGather, r32);
+    cuda::copy_rows(out.data, nullptr, C * esz, x.data, d, C * esz, n, C * esz, ctx_.stream);
+  }
+
+  void embedding(Tensor& out, const Tensor& table, const std::vector<int32_t>& ids) override {
+    flush();
+    ProfScope ps(*this, "embedding");
+    check_dev(out, "embedding");
+    check_dev(table, "embedding");
+    const int64_t H = table.dim(1), T = int64_t(ids.size());
+    DSV3_CHECK(out.numel() == T * H, "embedding: out {} for {} ids of width {}", shape_str(out.shape), T, H);
+    const int* d = upload_i32(kSlotIds, ids);
+    cuda::embedding(out.data, out.dtype, table.data, table.dtype, d, T, H, ctx_.stream);
+  }
+
+  void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps, int64_t x_stride) override {
+    const int64_t Dn = out.dim(-1);
+    if (pend_.on && pend_.out.data == x.data && (x_stride == 0 || x_stride == Dn) && x.numel() == pend_.out.numel() &&
+        out.numel() == x.numel() && out.dtype == DType::BF16 && x.dtype == DType::BF16 && w.numel() == Dn &&
+        w.device == Device::CUDA && cuda::add_rmsnorm_ok(x.data, pend_.a.data, pend_.b.data, out.data, Dn)) {
+      ProfScope ps(*this, "add+rmsnorm", double(x.nbytes()) * 4);
+      PendingAdd p = std::move(pend_);
+      pend_ = PendingAdd{};
+      cuda::add_rmsnorm(p.out.ptr<bf16>(), p.a.ptr<bf16>(), p.b.ptr<bf16>(), out.ptr<bf16>(), w.data, w.dtype,
+                        x.numel() / Dn, Dn, eps, ctx_.stream);
+      return;
+    }
+    flush();
+    check_dev(out, "rmsnorm");
+    check_dev(x, "rmsnorm");
+    check_dev(w, "rmsnorm");
+    const int64_t D = out.dim(-1), T = out.numel() / std::max<int64_t>(D, 1);
+    ProfScope ps(*this, "rmsnorm", double(T * D) * 2 * dtype_size(out.dtype));
+    DSV3_CHECK(out.dtype == x.dtype, "rmsnorm {}: out {} x {}", w.name, dtype_name(out.dtype), dtype_name(x.dtype));
+    DSV3_CHECK(w.numel() == D, "rmsnorm {}: weight {} for rows of {}", w.name, shape_str(w.shape), D);
+    cuda::rmsnorm(out.data, x.data, x_stride ? x_stride : D, w.data, w.dtype, out.dtype, T, D, eps, ctx_.stream);
+  }
+
+  // Deferred: the model's residual add is always followed by the norm of its result, which fuses it (rmsnorm);
+  // any other op first flushes it.
+  void add(Tensor& out, const Tensor& a, const Tensor& b) override {
+    flush();
+    check_same(out, a, "add");
+    check_same(out, b, "add");
+    pend_ = PendingAdd{out, a, b, true};
+  }
+  void flush() {
+    if (!pend_.on) return;
+    PendingAdd p = std::move(pend_);
+    pend_ = PendingAdd{};
+    ProfScope ps(*this, "add", double(p.out.nbytes()) * 3);
+    cuda::add(p.out.data, p.a.data, p.b.data, p.out.numel(), p.out.dtype, ctx_.stream);
+  }
+
+  void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) override {
+    flush();
+    ProfScope ps(*this, "silu_mul", double(out.nbytes()) * 3);
+    check_same(out, gate, "silu_mul");
+    check_same(out, up, "silu_mul");
+    cuda::silu_mul(out.data, gate.data, up.data, out.numel(), out.dtype, ctx_.stream);
+  }
+
+  void copy_cols(Tensor& out, const Tensor& x, int64_t c0) override {
+    flush();
+    ProfScope ps(*this, "copy_cols");
+    check_dev(out, "copy_cols");
+    check_dev(x, "copy_cols");
+    DSV3_CHECK(out.dtype == x.dtype, "copy_cols: dtypes differ");
+    const int64_t T = out.dim(0), n = out.dim(-1), C = x.dim(-1), esz = int64_t(dtype_size(x.dtype));
+    DSV3_CHECK(c0 + n <= C && x.numel() / C == T, "copy_cols: [{}, {}) of {}", c0, c0 + n, shape_str(x.shape));
+    cuda::copy_rows(out.data, nullptr, n * esz, static_cast<const char*>(x.data) + c0 * esz, nullptr, C * esz, T, n * esz,
+                    ctx_.stream);
+  }
+
+  void concat_cols(Tensor& out, const Tensor& a, const Tensor& b) override {
+    flush();
+    ProfScope ps(*this, "concat_cols");
+    check_dev(out, "concat_cols");
+    DSV3_CHECK(out.dtype == a.dtype && out.dtype == b.dtype, "concat_cols: dtypes differ");
+    const int64_t T = out.dim(0), na = a.dim(-1), nb = b.dim(-1), esz = int64_t(dtype_size(out.dtype));
+    DSV3_CHECK(out.dim(-1) == na + nb, "concat_cols: {} + {} into {}", na, nb, shape_str(out.shape));
+    char* o = static_cast<char*>(out.data);
+    cuda::copy_rows(o, nullptr, (na + nb) * esz, a.data, nullptr, na * esz, T, na * esz, ctx_.stream);
+    cuda::copy_rows(o + na * esz, nullptr, (na + nb) * esz, b.data, nullptr, nb * esz, T, nb * esz, ctx_.stream);
+  }
+
+  // ---- matrices
+  void linear(Tensor& y, const Tensor& x, const Tensor& w_in) override {
+    flush();
+    check_dev(y, "linear");
+    check_dev(x, "linear");
+    if (x.dtype == DType::F32 || (w_in.dtype == DType::F32 && y.dtype == DType::F32)) {
+      // fp32 activations, or an fp32 weight with an fp32 output (the router of an fp32 checkpoint): fp32 product.
+      const Tensor& w = f32_weight(w_in);
+      const int64_t K = w.dim(1), N = w.dim(0), M = x.numel() / std::max<int64_t>(K, 1);
+      DSV3_CHECK(x.numel() == M * K && y.numel() == M * N && y.dtype == DType::F32, "linear {}: x {} y {} {} w {}",
+                 w.name, shape_str(x.shape), dtype_name(y.dtype), shape_str(y.shape), shape_str(w.shape));
+      ProfScope ps(*this, "linear_f32", double(N * K * 4));
+      if (M == 0 || N == 0) return;
+      Tensor xf = x;
+      if (x.dtype != DType::F32) {
+        xf = alloc(DType::F32, x.shape, "x_f32");
+        cuda::bf16_to_f32(xf.ptr<float>(), x.ptr<bf16>(), x.numel(), ctx_.stream);
+      }
+      gemm_xwT(y.data, DType::F32, N, w.data, K, xf.data, K, M, N, K, DType::F32);
+      return;
+    }
+    const Tensor& w = bf16_weight(w_in);
+    const int64_t K = w.dim(1), N = w.dim(0), M = x.numel() / std::max<int64_t>(K, 1);
+    DSV3_CHECK(x.numel() == M * K && y.numel() == M * N, "linear {}: x {} y {} w {}", w.name, shape_str(x.shape),
+               shape_str(y.shape), shape_str(w.shape));
+    DSV3_CHECK(x.dtype == DType::BF16, "linear {}: input must be bf16, got {}", w.name, dtype_name(x.dtype));
+    ProfScope ps(*this, profiling_ ? "linear:" + weight_kind(w_in.name) : std::string(),
+                 double(N * K * 2 + M * K * 2 + M * N * int64_t(dtype_size(y.dtype))));
+    if (M == 0 || N == 0) return;
+    cuda::SkinnyArgs a;
+    a.w = static_cast<const bf16*>(w.data);
+    a.ldw = K;
+    a.x = static_cast<const bf16*>(x.data);
+    a.ldx = K;
+    a.y = y.data;
+    a.ldy = N;
+    a.M = int(M);
+    a.N = int(N);
+    a.K = int(K);
+    a.out_t = y.dtype;
+    if (skinny_ && M <= cuda::kSkinnyMaxRows && cuda::skinny_aligned(a)) {
+      cuda::skinny_gemm(a, int(M), ctx_.stream);
+      return;
+    }
+    gemm_xwT(y.data, y.dtype, N, w.data, K, x.data, K, M, N, K, DType::BF16);
+  }
+
+  // ---- rotary embedding
+  void rope(Tensor& x, int64_t n, int64_t stride, int64_t off, const std::vector<int32_t>& pos, const Tensor& cos,
+            const Tensor& sin, bool interleave) override {
+    flush();
+    ProfScope ps(*this, "rope");
+    check_dev(x, "rope");
+    check_dev(cos, "rope");
+    const int64_t T = int64_t(pos.size()), dr = cos.dim(1) * 2;
+    DSV3_CHECK(cos.dtype == DType::F32 && sin.dtype == DType::F32, "rope: tables must be fp32");
+    DSV3_CHECK(x.numel() >= T * n * stride && off + dr <= stride, "rope: x {} for T {} n {} stride {}",
+               shape_str(x.shape), T, n, stride);
+    for (int32_t p : pos) DSV3_CHECK(p >= 0 && p < cos.dim(0), "rope: position {} beyond table of {}", p, cos.dim(0));
+    const int* d = upload_i32(kSlotPos, pos);
+    cuda::rope(x.data, x.dtype, T, n, stride, off, dr, d, cos.f32(), sin.f32(), interleave, ctx_.stream);
+  }
+
+  // ---- MLA
+  void kv_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs, const Tensor& c,
+                const Tensor& kpe) override {
+    flush();
+    ProfScope ps(*this, "kv_write");
+    check_pool(pool, spec, layer);
+    DSV3_CHECK(c.dtype == pool.dtype && kpe.dtype == pool.dtype, "kv_write: c and k_pe must be {}",
+               dtype_name(pool.dtype));
+    const int64_t r = spec.kv_lora_rank, dr = spec.rope_dim, bs = spec.block_size, T = c.dim(0);
+    std::vector<int32_t> rows(size_t(T), -1);
+    for (auto& s : seqs)
+      for (int64_t i = 0; i < s.len; ++i) {
+        const int64_t p = s.pos0 + i;
+        DSV3_CHECK(p / bs < s.num_blocks, "kv_write: position {} beyond the sequence's {} blocks", p, s.num_blocks);
+        DSV3_CHECK(s.row0 + i < T, "kv_write: row {} of {}", s.row0 + i, T);
+        rows[size_t(s.row0 + i)] = int32_t(int64_t(s.blocks[p / bs]) * bs + p % bs);
+      }
+    const int* d = upload_i32(kSlotKvWrite, rows);
+    if (pool.dtype == DType::BF16) {
+      cuda::kv_write(reinterpret_cast<bf16*>(layer_base(pool, spec, layer)), d, c.ptr<bf16>(), kpe.ptr<bf16>(), int(T),
+                     int(r), int(dr), ctx_.stream);
+      return;
+    }
+    const int64_t es = int64_t(dtype_size(pool.dtype));
+    char* base = layer_base(pool, spec, layer);
+    cuda::copy_rows(base, d, spec.row() * es, c.data, nullptr, r * es, T, r * es, ctx_.stream);
+    cuda::copy_rows(base + r * es, d, spec.row() * es, kpe.data, nullptr, dr * es, T, dr * es, ctx_.stream);
+  }
+
+  void kv_gather(Tensor& c_out, Tensor& kpe_out, const Tensor& pool, const KvPoolSpec& spec, int64_t layer,
+                 const SeqSlice& s, int64_t n) override {
+    flush();
+    ProfScope ps(*this, "kv_gather");
+    check_pool(pool, spec, layer);
+    DSV3_CHECK(c_out.dtype == pool.dtype && kpe_out.dtype == pool.dtype, "kv_gather: outputs must be {}",
+               dtype_name(pool.dtype));
+    const int64_t es = int64_t(dtype_size(pool.dtype));
+    const int64_t r = spec.kv_lora_rank, dr = spec.rope_dim, bs = spec.block_size;
+    DSV3_CHECK((n + bs - 1) / bs <= s.num_blocks, "kv_gather: {} positions beyond {} blocks", n, s.num_blocks);
+    std::vector<int32_t> rows(static_cast<size_t>(n));
+    for (int64_t p = 0; p < n; ++p) rows[size_t(p)] = int32_t(int64_t(s.blocks[p / bs]) * bs + p % bs);
+    const int* d = upload_i32(kSlotKvGather, rows);
+    const char* base = layer_base(pool, spec, layer);
+    cuda::copy_rows(c_out.data, nullptr, r * es, base, d, spec.row() * es, n, r * es, ctx_.stream);
+    cuda::copy_rows(kpe_out.data, nullptr, dr * es, base + r * es, d, spec.row() * es, n, dr * es, ctx_.stream);
+  }
+
+  void mla_attention(Tensor& out, const Tensor& q, const Tensor& kv, const Tensor& kpe, int64_t pos0, int64_t nh,
+                     int64_t dn, int64_t dr, int64_t dv, float scale) override {
+    flush();
+    const int64_t len = q.numel() / (nh * (dn + dr)), n = pos0 + len;
+    ProfScope ps(*this, "mla_attention", double(len * nh * (dn + dr) * 2 + n * nh * (dn + dv) * 2 + len * nh * dv * 2));
+    const Tensor* all[] = {&out, &q, &kv, &kpe};
+    for (const Tensor* t : all)
+      DSV3_CHECK(t->device == Device::CUDA && t->dtype == q.dtype, "mla_attention: {} must be a {} CUDA tensor",
+                 t->name, dtype_name(q.dtype));
+    if (q.dtype == DType::F32) {
+      cuda::mla_prefill_f32(out.f32(), q.f32(), kv.f32(), kpe.f32(), int(len), int(pos0), int(nh), int(dn), int(dr),
+                            int(dv), scale, ctx_.stream);
+      return;
+    }
+    DSV3_CHECK(kv.numel() >= n * nh * (dn + dv) && kpe.numel() >= n * dr && out.numel() == len * nh * dv,
+               "mla_attention: kv {} kpe {} out {} for len {} pos0 {}", shape_str(kv.shape), shape_str(kpe.shape),
+               shape_str(out.shape), len, pos0);
+    cuda::mla_prefill(static_cast<bf16*>(out.data), static_cast<const bf16*>(q.data), static_cast<const bf16*>(kv.data),
+                      static_cast<const bf16*>(kpe.data), int(len), int(pos0), int(nh), int(dn), int(dr), int(dv), scale,
+                      ctx_.stream);
+  }
+
+  void mla_decode(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const Tensor& pool, const KvPoolSpec& spec,
+                  int64_t layer, const std::vector<SeqSlice>& seqs, float scale) override {
+    flush();
+    check_pool(pool, spec, layer);
+    const int64_t B = int64_t(seqs.size()), nh = q_lat.dim(1), r = spec.kv_lora_rank, dr = spec.rope_dim,
+                  bs = spec.block_size;
+    DSV3_CHECK(q_lat.dim(0) == B && q_lat.dim(2) == r && q_pe.numel() == B * nh * dr && out_lat.numel() == B * nh * r,
+               "mla_decode: q_lat {} q_pe {} out {} for {} sequences", shape_str(q_lat.shape), shape_str(q_pe.shape),
+               shape_str(out_lat.shape), B);
+    // meta: [B] key counts, [B] table offsets, then each sequence's block table.
+    std::vector<int32_t> meta(size_t(2 * B));
+    int64_t max_n = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const SeqSlice& s = seqs[size_t(b)];
+      const int64_t n = s.pos0 + 1, nb = (n + bs - 1) / bs;
+      DSV3_CHECK(nb <= s.num_blocks, "mla_decode: {} positions beyond the sequence's {} blocks", n, s.num_blocks);
+      meta[size_t(b)] = int32_t(n);
+      meta[size_t(B + b)] = int32_t(meta.size());
+      meta.insert(meta.end(), s.blocks, s.blocks + nb);
+      max_n = std::max(max_n, n);
+    }
+    ProfScope ps(*this, "mla_decode", double(B * nh * (2 * r + dr) * 2) + double(max_n * B * spec.row() * 2));
+    const int* d = upload_i32(kSlotDecode, meta);
+    if (pool.dtype == DType::F32) {
+      Tensor ws = alloc(DType::U8, {int64_t(cuda::mla_decode_ws_bytes(int(B), int(nh), int(r), 1, int(max_n)))}, "ws");
+      cuda::mla_decode_f32(out_lat.f32(), q_lat.f32(), q_pe.f32(),
+                           reinterpret_cast<const float*>(layer_base(pool, spec, layer)), d, int(B), int(nh), int(r),
+                           int(dr), int(bs), int(max_n), scale, ws.data, ctx_.stream);
+      return;
+    }
+    const int splits = cuda::mla_decode_splits(int(B), int(nh), int(max_n), ctx_.prop.multiProcessorCount);
+    Tensor ws = alloc(DType::U8, {int64_t(cuda::mla_decode_ws_bytes(int(B), int(nh), int(r), splits, int(max_n)))},
+                      "mla_decode_ws");
+    cuda::mla_decode(static_cast<bf16*>(out_lat.data), static_cast<const bf16*>(q_lat.data),
+                     static_cast<const bf16*>(q_pe.data), reinterpret_cast<const bf16*>(layer_base(pool, spec, layer)), d,
+                     int(B), int(nh), int(r), int(dr), int(bs), splits, int(max_n), scale, ws.data, ctx_.stream);
+  }
+
+  void mla_absorb_q(Tensor& q_lat, const Tensor& q, const Tensor& kv_b_in, int64_t nh, int64_t dn, int64_t dr,
+                    int64_t dv) override {
+    flush();
+    const bool f32 = q.dtype == DType::F32;
+    const Tensor& kv_b = f32 ? f32_weight(kv_b_in) : bf16_weight(kv_b_in);
+    const int64_t B = q.dim(0), r = kv_b.dim(1);
+    ProfScope ps(*this, "mla_absorb_q", double(nh * dn * r * 2));
+    DSV3_CHECK(q.dtype == act_ && q_lat.dtype == act_, "mla_absorb_q: {} tensors expected", dtype_name(act_));
+    DSV3_CHECK(q.numel() == B * nh * (dn + dr) && q_lat.numel() == B * nh * r && kv_b.dim(0) == nh * (dn + dv),
+               "mla_absorb_q: q {} q_lat {} kv_b {}", shape_str(q.shape), shape_str(q_lat.shape), shape_str(kv_b.shape));
+    if (B == 0) return;
+    const bool al4 = (reinterpret_cast<uintptr_t>(kv_b.data) & 3) == 0;
+    if (!f32 && B <= 8 && dn <= 256 && r % 2 == 0 && al4) {
+      cuda::absorb_q_small(static_cast<bf16*>(q_lat.data), static_cast<const bf16*>(q.data),
+                           static_cast<const bf16*>(kv_b.data), int(B), int(nh), int(dn), int(dr), int(dv), int(r),
+                           ctx_.stream);
+      return;
+    }
+    // Per head h: q_lat_h [B, r] = q_h [B, dn] W_UK[h] [dn, r]. Column-major: C (r x B) = W (r x dn) * Q (dn x B).
+    const float one = 1.f, zero = 0.f;
+    const cudaDataType_t ct = cuda_type(act_);
+    DSV3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(ctx_.blas, CUBLAS_OP_N, CUBLAS_OP_N, int(r), int(B), int(dn), &one,
+                                                 kv_b.data, ct, int(r), (dn + dv) * r, q.data, ct, int(nh * (dn + dr)),
+                                                 dn + dr, &zero, q_lat.data, ct, int(nh * r), r, int(nh),
+                                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+  void mla_absorb_out(Tensor& out, const Tensor& o_lat, const Tensor& kv_b_in, int64_t nh, int64_t dn,
+                      int64_t dv) override {
+    flush();
+    const bool f32 = o_lat.dtype == DType::F32;
+    const Tensor& kv_b = f32 ? f32_weight(kv_b_in) : bf16_weight(kv_b_in);
+    const int64_t B = o_lat.dim(0), r = kv_b.dim(1);
+    ProfScope ps(*this, "mla_absorb_out", double(nh * dv * r * 2));
+    DSV3_CHECK(o_lat.dtype == act_ && out.dtype == act_, "mla_absorb_out: {} tensors expected", dtype_name(act_));
+    const int64_t es = int64_t(dtype_size(act_));
+    const void* w_uv = static_cast<const char*>(kv_b.data) + dn * r * es;
+    DSV3_CHECK(o_lat.numel() == B * nh * r && out.numel() == B * nh * dv, "mla_absorb_out: o_lat {} out {}",
+               shape_str(o_lat.shape), shape_str(out.shape));
+    if (B == 0) return;
+    cuda::SkinnyArgs a;
+    a.w = static_cast<const bf16*>(kv_b.data) + dn * r;
+    a.ldw = r;
+    a.stride_w = (dn + dv) * r;
+    a.x = static_cast<const bf16*>(o_lat.data);
+    a.ldx = nh * r;
+    a.stride_x = r;
+    a.y = out.data;
+    a.ldy = nh * dv;
+    a.stride_y = dv;
+    a.M = int(B);
+    a.N = int(dv);
+    a.K = int(r);
+    a.batch = int(nh);
+    a.out_t = out.dtype;
+    if (!f32 && skinny_ && B <= cuda::kSkinnyMaxRows && cuda::skinny_aligned(a)) {
+      cuda::skinny_gemm(a, int(B), ctx_.stream);
+      return;
+    }
+    // Per head: out_h [B, dv] = o_lat_h [B, r] W_UV[h]^T. Column-major: C (dv x B) = W^T (dv x r) * O (r x B).
+    const float one = 1.f, zero = 0.f;
+    const cudaDataType_t ct = cuda_type(act_);
+    DSV3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(ctx_.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(dv), int(B), int(r), &one, w_uv,
+                                                 ct, int(r), (dn + dv) * r, o_lat.data, ct, int(nh * r), r, &zero,
+                                                 out.data, ct, int(nh * dv), dv, int(nh), CUBLAS_COMPUTE_32F,
+                                                 CUBLAS_GEMM_DEFAULT));
+  }
+
+  // ---- DeepSeekMoE
+  void moe_route(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const Tensor& bias,
+                 const RouteParams& p) override {
+    flush();
+    ProfScope ps(*this, "moe_route");
+    const int64_t T = logits.dim(0);
+    DSV3_CHECK(logits.dtype == DType::F32 && logits.dim(1) == p.n_experts, "moe_route: logits {} {}",
+               dtype_name(logits.dtype), shape_str(logits.shape));
+    DSV3_CHECK(topk_idx.dtype == DType::I32 && topk_w.dtype == DType::F32 && topk_idx.numel() == T * p.top_k &&
+                   topk_w.numel() == T * p.top_k,
+               "moe_route: idx {} w {}", shape_str(topk_idx.shape), shape_str(topk_w.shape));
+    const float* b = nullptr;
+    if (bias) {
+      DSV3_CHECK(bias.dtype == DType::F32 && bias.device == Device::CUDA && bias.numel() == p.n_experts,
+                 "moe_route: bias {} must be fp32 [{}] on the GPU", bias.name, p.n_experts);
+      b = bias.f32();
+    }
+    cuda::moe_route(topk_idx.ptr<int>(), topk_w.f32(), logits.f32(), b, int(T), p, ctx_.stream);
+  }
+
+  void moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, const Tensor& gate_in,
+                       const Tensor& up_in, const Tensor& down_in) override;
+
+  // ---- helpers used by the free functions of cuda_backend.h
+  void set_profiling(bool on) {
+    collect_profile();
+    profiling_ = on;
+  }
+  std::vector<cuda::OpStat> take_profile();
+  void set_skinny(bool on) { skinny_ = on; }
+  bool profiling() const { return profiling_; }
+  size_t prof_begin(std::string name, double bytes);
+  void prof_end(size_t slot);
+
+  // y [M, N] (ytype) = x [M, K] W [N, K]^T through cuBLAS; leading dimensions in elements.
+  // in_t: the dtype of w and x (BF16, or F32 for plain fp32 products: CUBLAS_COMPUTE_32F does not use TF32).
+  void gemm_xwT(void* y, DType yt, int64_t ldy, const void* w, int64_t ldw, const void* x, int64_t ldx, int64_t M,
+                int64_t N, int64_t K, DType in_t) {
+    const float one = 1.f, zero = 0.f;
+    DSV3_CUBLAS_CHECK(cublasGemmEx(ctx_.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(N), int(M), int(K), &one, w, cuda_type(in_t),
+                                   int(ldw), x, cuda_type(in_t), int(ldx), &zero, y, cuda_type(yt), int(ldy),
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+ private:
+  enum Slot { kSlotIds, kSlotPos, kSlotKvWrite, kSlotKvGather, kSlotDecode, kSlotGather, kSlotGemmPtrs, kSlotCount };
+  struct UploadSlot {
+    std::vector<char> last;
+    Tensor dev;
+    void* pinned = nullptr;
+    size_t pinned_cap = 0;
+    cudaEvent_t ev = nullptr;
+  };
+  struct WeightCopy {
+    std::weak_ptr<void> owner;
+    int64_t numel = 0;
+    Tensor bf16;
+  };
+  struct ProfPending {
+    std::string name;
+    double bytes;
+    cudaEvent_t a, b;
+  };
+
+  void check_dev(const Tensor& t, const char* op) const {
+    if (t.device != Device::CUDA && t.numel() > 0)
+      fail("{}: tensor {} is on the CPU; upload it to the CUDA backend first", op, t.name);
+  }
+  void check_same(const Tensor& out, const Tensor& a, const char* op) const {
+    check_dev(out, op);
+    check_dev(a, op);
+    DSV3_CHECK(out.dtype == a.dtype && out.numel() == a.numel(), "{}: {} {} vs {} {}", op, dtype_name(out.dtype),
+               shape_str(out.shape), dtype_name(a.dtype), shape_str(a.shape));
+  }
+  void check_pool(const Tensor& pool, const KvPoolSpec& spec, int64_t layer) const {
+    DSV3_CHECK(pool.device == Device::CUDA && pool.dtype == act_ &&
+                   pool.numel() == spec.layers * spec.num_blocks * spec.block_size * spec.row(),
+               "kv pool {} {} does not match its spec", dtype_name(pool.dtype), shape_str(pool.shape));
+    DSV3_CHECK(layer >= 0 && layer < spec.layers, "kv pool: layer {} of {}", layer, spec.layers);
+  }
+  static char* layer_base(const Tensor& pool, const KvPoolSpec& spec, int64_t layer) {
+    return static_cast<char*>(pool.data) +
+           size_t(layer * spec.num_blocks * spec.block_size * spec.row()) * dtype_size(pool.dtype);
+  }
+
+  // Host time from the first op after a wait to the next wait: how long issuing a step's work takes.
+  void note_op() {
+    if (in_step_) return;
+    in_step_ = true;
+    step_t0_ = std::chrono::steady_clock::now();
+  }
+  void end_step() {
+    if (!in_step_) return;
+    in_step_ = false;
+    host_enqueue_ms_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - step_t0_).count();
+    host_steps_++;
+  }
+  void copy_to_host(void* dst, const void* src, size_t bytes) {
+    end_step();
+    if (bytes) DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx_.stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
+    collect_profile();
+  }
+
+  // Device copy of host int32 metadata, re-sent only when the content changed since the slot's last upload
+  // (every layer of a step asks for the same positions and block tables). The pinned staging buffer is reused
+  // once its previous copy has completed (event); the device buffer is overwritten in stream order, after the
+  // kernels that read its old content.
+  const int* upload_i32(Slot id, const std::vector<int32_t>& v) {
+    return static_cast<const int*>(upload_raw(id, v.data(), v.size() * sizeof(int32_t)));
+  }
+  const void* upload_raw(Slot id, const void* data, size_t bytes) {
+    UploadSlot& s = slots_[id];
+    if (bytes == 0) return nullptr;
+    if (s.dev && s.last.size() == bytes && std::memcmp(s.last.data(), data, bytes) == 0) return s.dev.data;
+    if (!s.ev) DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&s.ev, cudaEventDisableTiming));
+    DSV3_CUDA_CHECK(cudaEventSynchronize(s.ev));
+    if (s.pinned_cap < bytes) {
+      if (s.pinned) DSV3_CUDA_CHECK(cudaFreeHost(s.pinned));
+      s.pinned_cap = std::max<size_t>(bytes * 2, 4096);
+      DSV3_CUDA_CHECK(cudaMallocHost(&s.pinned, s.pinned_cap));
+    }
+    if (!s.dev || s.dev.nbytes() < bytes) s.dev = alloc(DType::U8, {int64_t(s.pinned_cap)}, "metadata");
+    std::memcpy(s.pinned, data, bytes);
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(s.dev.data, s.pinned, bytes, cudaMemcpyHostToDevice, ctx_.stream));
+    DSV3_CUDA_CHECK(cudaEventRecord(s.ev, ctx_.stream));
+    s.last.assign(static_cast<const char*>(data), static_cast<const char*>(data) + bytes);
+    return s.dev.data;
+  }
+
+  // bf16 view of a weight: itself, or a cached converted copy of an fp32 weight (fp32 checkpoints), keyed by
+  // address and checked against the owner's lifetime so a freed and reused address is not mistaken.
+  const Tensor& bf16_weight(const Tensor& w) {
+    if (w.dtype == DType::BF16) {
+      check_dev(w, "weight");
+      return w;
+    }
+    DSV3_CHECK(w.dtype == DType::F32, "weight {} has dtype {}; expected F32 or BF16", w.name, dtype_name(w.dtype));
+    check_dev(w, "weight");
+    auto it = wcache_.find(w.data);
+    if (it != wcache_.end()) {
+      const WeightCopy& c = it->second;
+      const bool same_owner = !c.owner.expired() && !c.owner.owner_before(w.storage) && !w.storage.owner_before(c.owner);
+      if (same_owner && c.numel == w.numel()) return c.bf16;
+    }
+    WeightCopy c;
+    c.owner = w.storage;
+    c.numel = w.numel();
+    c.bf16 = alloc(DType::BF16, w.shape, w.name.c_str());
+    cuda::f32_to_bf16(static_cast<bf16*>(c.bf16.data), static_cast<const float*>(w.data), w.numel(), ctx_.stream);
+    return (wcache_[w.data] = std::move(c)).bf16;
+  }
+
+  // fp32 view of a weight (fp32 mode; fp32 routers): itself, or a cached widened copy of a bf16 weight.
+  const Tensor& f32_weight(const Tensor& w) {
+    if (w.dtype == DType::F32) {
+      check_dev(w, "weight");
+      return w;
+    }
+    DSV3_CHECK(w.dtype == DType::BF16, "weight {} has dtype {}; expected F32 or BF16", w.name, dtype_name(w.dtype));
+    check_dev(w, "weight");
+    auto it = wcache32_.find(w.data);
+    if (it != wcache32_.end()) {
+      const WeightCopy& c = it->second;
+      const bool same_owner = !c.owner.expired() && !c.owner.owner_before(w.storage) && !w.storage.owner_before(c.owner);
+      if (same_owner && c.numel == w.numel()) return c.bf16;
+    }
+    WeightCopy c;
+    c.owner = w.storage;
+    c.numel = w.numel();
+    c.bf16 = alloc(DType::F32, w.shape, w.name.c_str());
+    cuda::bf16_to_f32(c.bf16.ptr<float>(), w.ptr<bf16>(), w.numel(), ctx_.stream);
+    return (wcache32_[w.data] = std::move(c)).bf16;
+  }
+
+  void collect_profile() {
+    if (prof_pending_.empty()) return;
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
+    for (auto& p : prof_pending_) {
+      float ms = 0;
+      DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, p.a, p.b));
+      auto& st = prof_[p.name];
+      st.name = p.name;
+      st.calls++;
+      st.ms += ms;
+      st.bytes += p.bytes;
+      prof_free_.push_back(p.a);
+      prof_free_.push_back(p.b);
+    }
+    prof_pending_.clear();
+  }
+  cudaEvent_t new_event() {
+    if (!prof_free_.empty()) {
+      cudaEvent_t e = prof_free_.back();
+      prof_free_.pop_back();
+      return e;
+    }
+    cudaEvent_t e;
+    DSV3_CUDA_CHECK(cudaEventCreate(&e));
+    return e;
+  }
+
+  int dev_;
+  DeviceContext& ctx_;
+  bool skinny_ = true, profiling_ = false;
+  UploadSlot slots_[kSlotCount];
+  std::unordered_map<const void*, WeightCopy> wcache_, wcache32_;
+  DType act_ = DType::BF16;
+  std::vector<ProfPending> prof_pending_;
+  std::vector<cudaEvent_t> prof_free_;
+  std::map<std::string, cuda::OpStat> prof_;
+  Tensor moe_counts_host_;
+  struct PendingAdd {
+    Tensor out, a, b;
+    bool on = false;
+  } pend_;
+  double moe_stats_[3] = {0, 0, 0};  // profiled MoE calls, summed active experts, summed max tokens per expert
+  bool in_step_ = false;             // see note_op()
+  std::chrono::steady_clock::time_point step_t0_;
+  double host_enqueue_ms_ = 0;
+  int64_t host_steps_ = 0;
+
+  friend class ProfScope;
+};
+
+ProfScope::ProfScope(CudaBackend& be, const char* name, double bytes) : ProfScope(be, std::string(name), bytes) {}
+ProfScope::ProfScope(CudaBackend& be, std::string name, double bytes) {
+  be.note_op();
+  if (!be.profiling()) return;
+  be_ = &be;
+  slot_ = be.prof_begin(std::move(name), bytes);
+}
+ProfScope::~ProfScope() {
+  if (be_) be_->prof_end(slot_);
+}
+
+size_t CudaBackend::prof_begin(std::string name, double bytes) {
+  ProfPending p{std::move(name), bytes, new_event(), new_event()};
+  DSV3_CUDA_CHECK(cudaEventRecord(p.a, ctx_.stream));
+  prof_pending_.push_back(std::move(p));
+  return prof_pending_.size() - 1;
+}
+void CudaBackend::prof_end(size_t slot) {
+  if (slot < prof_pending_.size()) cudaEventRecord(prof_pending_[slot].b, ctx_.stream);
+}
+
+std::vector<cuda::OpStat> CudaBackend::take_profile() {
+  collect_profile();
+  std::vector<cuda::OpStat> v;
+  for (auto& [k, s] : prof_) v.push_back(s);
+  std::sort(v.begin(), v.end(), [](const cuda::OpStat& a, const cuda::OpStat& b) { return a.ms > b.ms; });
+  prof_.clear();
+  // Pseudo-entries (not GPU time): host time to issue the work between waits; MoE routing statistics.
+  if (host_steps_) {
+    cuda::OpStat h;
+    h.name = "(host: time to issue the ops between two waits)";
+    h.calls = host_steps_;
+    h.ms = host_enqueue_ms_;
+    v.push_back(h);
+  }
+  if (moe_stats_[0] > 0) {
+    cuda::OpStat m;
+    m.name = fmt::format("(moe: {:.1f} active experts, {:.1f} max tokens per expert, per layer)",
+                         moe_stats_[1] / moe_stats_[0], moe_stats_[2] / moe_stats_[0]);
+    v.push_back(m);
+  }
+  host_enqueue_ms_ = 0;
+  host_steps_ = 0;
+  moe_stats_[0] = moe_stats_[1] = moe_stats_[2] = 0;
+  return v;
+}
+
+// out[T, H] += sum_k w[t, k] Expert_idx[t,k](x[t]). Pairs (t, k) are bucketed by expert on the GPU (moe_plan).
+// Decode-sized batches (at most 64 tokens): the skinny kernel reads each active expert's gate and up rows once
+// for all its tokens and writes silu(g) * u, then the down rows into fp32 per-pair rows, with no host
+// synchronization. Prefill: the expert counts come back to the host (one wait per MoE layer) to describe one
+// grouped cuBLAS GEMM per projection with each expert's exact token count: routing can be very uneven (random
+// weights send most tokens to a few experts), so padding every expert to the largest count can cost 8x.
+// Both end in the weighted un-permute.
+void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
+                                  const Tensor& gate_in, const Tensor& up_in, const Tensor& down_in) {
+  flush();
+  const bool f32 = x.dtype == DType::F32;
+  const Tensor& gate = f32 ? f32_weight(gate_in) : bf16_weight(gate_in);
+  const Tensor& up = f32 ? f32_weight(up_in) : bf16_weight(up_in);
+  const Tensor& down = f32 ? f32_weight(down_in) : bf16_weight(down_in);
+  const int64_t T = x.dim(0), H = x.dim(1), K = topk_idx.dim(1), E = gate.dim(0), I = gate.dim(1), P = T * K;
+  DSV3_CHECK(x.dtype == act_ && out.dtype == act_ && out.numel() == T * H, "moe_experts_acc: x {} out {}",
+             shape_str(x.shape), shape_str(out.shape));
+  DSV3_CHECK(up.shape == gate.shape && down.dim(0) == E && down.dim(1) == H && down.dim(2) == I && gate.dim(2) == H,
+             "moe_experts_acc: gate {} up {} down {} for H {}", shape_str(gate.shape), shape_str(up.shape),
+             shape_str(down.shape), H);
+  DSV3_CHECK(topk_idx.dtype == DType::I32 && topk_w.dtype == DType::F32 && topk_idx.dim(0) == T,
+             "moe_experts_acc: idx {} w {}", shape_str(topk_idx.shape), shape_str(topk_w.shape));
+  if (T == 0) return;
+  Tensor plan = alloc(DType::I32, {3 * E + 2 + 2 * P}, "moe_plan");
+  int* counts = plan.ptr<int>();
+  int* offsets = counts + E;
+  int* active = offsets + E + 1;
+  int* n_active = active + E;
+  int* sorted_xrow = n_active + 1;
+  int* pair_pos = sorted_xrow + P;
+  {
+    ProfScope ps(*this, "moe.plan");
+    cuda::moe_plan(topk_idx.ptr<int>(), int(T), int(K), int(E), counts, offsets, active, n_active, sorted_xrow, pair_pos,
+                   ctx_.stream);
+  }
+  const bool small = !f32 && T <= 64 && skinny_ && H % 8 == 0 && I % 8 == 0;
+  std::vector<int> cnt;
+  if (!small || profiling_) {  // counts on the host: to plan the grouped GEMM, or for the profile's byte counts
+    if (!moe_counts_host_ || moe_counts_host_.numel() < E)
+      moe_counts_host_ = cuda::pinned_tensor(ctx_, DType::I32, {std::max<int64_t>(E, 1024)}, "counts");
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(moe_counts_host_.data, counts, E * 4, cudaMemcpyDeviceToHost, ctx_.stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
+    cnt.assign(moe_counts_host_.ptr<int>(), moe_counts_host_.ptr<int>() + E);
+  }
+  double eb = 0;  // bytes of the active experts' weights (profiling only)
+  if (profiling_) {
+    int na = 0, mx = 0;
+    for (int c : cnt) na += c > 0, mx = std::max(mx, c);
+    eb = double(na) * double(I * H * 2);
+    moe_stats_[0] += 1;
+    moe_stats_[1] += na;
+    moe_stats_[2] += mx;
+  }
+  if (small) {
+    cuda::SkinnyArgs g;
+    g.w = gate.ptr<bf16>();
+    g.w2 = up.ptr<bf16>();
+    g.ldw = H;
+    g.stride_w = I * H;
+    g.x = x.ptr<bf16>();
+    g.ldx = H;
+    g.N = int(I);
+    g.K = int(H);
+    g.batch = int(std::min(E, P));
+    g.active = active;
+    g.n_active = n_active;
+    g.counts = counts;
+    g.offsets = offsets;
+    g.xrow = sorted_xrow;
+    cuda::SkinnyArgs d = g;
+    d.w = down.ptr<bf16>();
+    d.w2 = nullptr;
+    d.ldw = I;
+    d.stride_w = H * I;
+    d.ldx = I;
+    d.N = int(H);
+    d.K = int(I);
+    d.xrow = nullptr;
+    Tensor act = alloc(DType::BF16, {P, I}, "moe_act");
+    Tensor y = alloc(DType::F32, {P, H}, "moe_y");
+    g.y = act.data;
+    g.ldy = I;
+    g.out_t = DType::BF16;
+    d.x = act.ptr<bf16>();
+    d.y = y.data;
+    d.ldy = H;
+    d.out_t = DType::F32;
+    const int hint = int(std::min<int64_t>(T, cuda::kSkinnyMaxRows));
+    {
+      ProfScope ps(*this, "moe.gate_up", 2 * eb);
+      cuda::skinny_gemm(g, hint, ctx_.stream);
+    }
+    {
+      ProfScope ps(*this, "moe.down", eb);
+      cuda::skinny_gemm(d, hint, ctx_.stream);
+    }
+    ProfScope ps(*this, "moe.combine");
+    cuda::moe_combine(out.ptr<bf16>(), y.data, true, topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
+    return;
+  }
+  // Prefill (and fp32 mode): inputs in sorted-pair order, then grouped GEMMs over the experts that have tokens.
+  const int64_t es = int64_t(dtype_size(act_));
+  Tensor xs = alloc(act_, {P, H}, "moe_x");
+  Tensor gbuf = alloc(act_, {P, I}, "moe_g"), ubuf = alloc(act_, {P, I}, "moe_u");
+  Tensor y = alloc(act_, {P, H}, "moe_y");
+  {
+    ProfScope ps(*this, "moe.gather");
+    cuda::copy_rows(xs.data, nullptr, H * es, x.data, sorted_xrow, H * es, P, H * es, ctx_.stream);
+  }
+  std::vector<int64_t> off(size_t(E) + 1, 0);
+  for (int64_t e = 0; e < E; ++e) off[size_t(e) + 1] = off[size_t(e)] + cnt[size_t(e)];
+  // Column-major view of y = x W^T: C (n_out x tokens) = W^T (n_out x k) * X (k x tokens), W row-major [n_out, k].
+  struct Group {
+    std::vector<int> m, n, k, lda, ldb, ldc, size;
+    std::vector<cublasOperation_t> ta, tb;
+    std::vector<float> alpha, beta;
+    std::vector<const void*> A, B;
+    std::vector<void*> C;
+    void add(int m_, int n_, int k_, const void* a, const void* b, void* c) {
+      m.push_back(m_), n.push_back(n_), k.push_back(k_), lda.push_back(k_), ldb.push_back(k_), ldc.push_back(m_);
+      size.push_back(1), ta.push_back(CUBLAS_OP_T), tb.push_back(CUBLAS_OP_N), alpha.push_back(1.f), beta.push_back(0.f);
+      A.push_back(a), B.push_back(b), C.push_back(c);
+    }
+  } gu, dn;
+  auto at = [es](const Tensor& t, int64_t elems) { return static_cast<char*>(t.data) + elems * es; };
+  for (int64_t e = 0; e < E; ++e) {
+    const int c = cnt[size_t(e)];
+    if (!c) continue;
+    const int64_t o = off[size_t(e)];
+    gu.add(int(I), c, int(H), at(gate, e * I * H), at(xs, o * H), at(gbuf, o * I));
+    gu.add(int(I), c, int(H), at(up, e * I * H), at(xs, o * H), at(ubuf, o * I));
+    dn.add(int(H), c, int(I), at(down, e * H * I), at(gbuf, o * I), at(y, o * H));
+  }
+  // Device arrays of operand pointers: [A | B | C] of the gate/up groups, then of the down groups.
+  std::vector<const void*> ptrs;
+  for (auto* gr : {&gu, &dn}) {
+    ptrs.insert(ptrs.end(), gr->A.begin(), gr->A.end());
+    ptrs.insert(ptrs.end(), gr->B.begin(), gr->B.end());
+    ptrs.insert(ptrs.end(), gr->C.begin(), gr->C.end());
+  }
+  auto* dptr = static_cast<void* const*>(upload_raw(kSlotGemmPtrs, ptrs.data(), ptrs.size() * sizeof(void*)));
+  const cudaDataType_t ct = cuda_type(act_);
+  auto grouped = [&](Group& gr, void* const* base) {
+    const int n = int(gr.m.size());
+    if (n == 0) return;
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        ctx_.blas, gr.ta.data(), gr.tb.data(), gr.m.data(), gr.n.data(), gr.k.data(), gr.alpha.data(),
+        reinterpret_cast<const void* const*>(base), ct, gr.lda.data(), reinterpret_cast<const void* const*>(base + n), ct,
+        gr.ldb.data(), gr.beta.data(), base + 2 * n, ct, gr.ldc.data(), n, gr.size.data(), CUBLAS_COMPUTE_32F);
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED) {
+      DSV3_CUBLAS_CHECK(st);
+      return;
+    }
+    for (int i = 0; i < n; ++i)  // a cuBLAS without this grouped form: one call per expert
+      DSV3_CUBLAS_CHECK(cublasGemmEx(ctx_.blas, CUBLAS_OP_T, CUBLAS_OP_N, gr.m[i], gr.n[i], gr.k[i], &gr.alpha[i], gr.A[i],
+                                     ct, gr.lda[i], gr.B[i], ct, gr.ldb[i], &gr.beta[i], gr.C[i], ct, gr.ldc[i],
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  };
+  {
+    ProfScope ps(*this, "moe.gate_up", 2 * eb);
+    grouped(gu, dptr);
+  }
+  {
+    ProfScope ps(*this, "moe.silu_mul");
+    cuda::silu_mul(gbuf.data, gbuf.data, ubuf.data, P * I, act_, ctx_.stream);
+  }
+  {
+    ProfScope ps(*this, "moe.down", eb);
+    grouped(dn, dptr + 3 * gu.m.size());
+  }
+  ProfScope ps(*this, "moe.combine");
+  if (f32) cuda::moe_combine_f32(out.f32(), y.ptr<float>(), topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
+  else cuda::moe_combine(out.ptr<bf16>(), y.data, false, topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
+}
+
+CudaBackend& as_cuda(Backend& be) {
+  auto* c = dynamic_cast<CudaBackend*>(&be);
+  if (!c) fail("backend {} is not a CUDA backend", be.name());
+  return *c;
+}
+
+}  // namespace
+
+bool cuda_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    (void)cudaGetLastError();
+    fail("no CUDA device is available ({}); use --device cpu", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+  }
+  if (device_index < 0 || device_index >= n) fail("CUDA device {} does not exist ({} present)", device_index, n);
+  return std::make_unique<CudaBackend>(device_index);
+}
+
+namespace cuda {
+
+void set_profiling(Backend& be, bool on) { as_cuda(be).set_profiling(on); }
+std::vector<OpStat> take_profile(Backend& be) { return as_cuda(be).take_profile(); }
+void set_skinny(Backend& be, bool on) { as_cuda(be).set_skinny(on); }
+
+DeviceInfo device_info(Backend& be) {
+  const cudaDeviceProp& p = as_cuda(be).ctx().prop;
+  DeviceInfo d;
+  d.name = p.name;
+  d.sms = p.multiProcessorCount;
+  d.mem_gib = double(p.totalGlobalMem) / double(1ull << 30);
+  int khz = 0;
+  cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, as_cuda(be).ctx().dev);
+  d.clock_mhz = khz / 1000;
+  return d;
+}
+
+double time_ms(Backend& be, int warm, int reps, const std::function<void()>& fn) {
+  CudaBackend& c = as_cuda(be);
+  for (int i = 0; i < warm; ++i) fn();
+  std::vector<float> v;
+  cudaEvent_t a, b;
+  DSV3_CUDA_CHECK(cudaEventCreate(&a));
+  DSV3_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < reps; ++i) {
+    DSV3_CUDA_CHECK(cudaEventRecord(a, c.stream()));
+    fn();
+    DSV3_CUDA_CHECK(cudaEventRecord(b, c.stream()));
+    DSV3_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    v.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  DSV3_CUDA_CHECK(cudaGetLastError());
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : double(v[v.size() / 2]);
+}
+
+double measure_copy_bandwidth(Backend& be, size_t bytes, int reps) {
+  CudaBackend& c = as_cuda(be);
+  Tensor a = c.alloc(DType::U8, {int64_t(bytes)}, "copy_a"), b = c.alloc(DType::U8, {int64_t(bytes)}, "copy_b");
+  DSV3_CUDA_CHECK(cudaMemsetAsync(a.data, 1, bytes, c.stream()));
+  const double ms = time_ms(be, 3, reps, [&] {
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(b.data, a.data, bytes, cudaMemcpyDeviceToDevice, c.stream()));
+  });
+  return 2.0 * double(bytes) / (ms * 1e-3);
+}
+
+double measure_gemm_flops(Backend& be, int m, int n, int k, int reps) {
+  CudaBackend& c = as_cuda(be);
+  Tensor x = c.alloc(DType::BF16, {m, k}, "gemm_x"), w = c.alloc(DType::BF16, {n, k}, "gemm_w"),
+         y = c.alloc(DType::BF16, {m, n}, "gemm_y");
+  c.fill_normal(x, 0.f, 1.f, 1);  // random data: zeros run faster than real data
+  c.fill_normal(w, 0.f, 1.f, 2);
+  const double ms =
+      time_ms(be, 3, reps, [&] { c.gemm_xwT(y.data, DType::BF16, n, w.data, k, x.data, k, m, n, k, DType::BF16); });
+  return 2.0 * double(m) * n * k / (ms * 1e-3);
+}
+
+}  // namespace cuda
+
+}  // namespace dsv3

@@ -60,35 +60,54 @@ inline void dot_rows_f32(const float* w, int64_t K, const float* x, int64_t ldx,
 
 }  // namespace
 
+namespace {
+
+// Rows [n0, n1) of one job. Rows of x go in blocks of 8: the weight row comes from memory once and from L1
+// for later blocks.
+void gemv_rows(const GemvJob& g, int64_t n0, int64_t n1) {
+  if (g.wt == DType::BF16 && g.M == 1) {  // the decode case, kept as a tight loop
+    const uint16_t* W = static_cast<const uint16_t*>(g.W);
+    for (int64_t n = n0; n < n1; ++n) {
+      float out;
+      dot_rows_bf16<1>(W + n * g.ldw, g.K, g.x, g.ldx, &out);
+      g.y[n] = out;
+    }
+    return;
+  }
+  float out[8];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m0 = 0; m0 < g.M; m0 += 8) {
+      const int64_t mb = std::min<int64_t>(8, g.M - m0);
+      const float* x = g.x + m0 * g.ldx;
+      if (g.wt == DType::BF16) {
+        const uint16_t* w = static_cast<const uint16_t*>(g.W) + n * g.ldw;
+        int64_t m = 0;
+        if (mb == 8) dot_rows_bf16<8>(w, g.K, x, g.ldx, out), m = 8;
+        for (; m + 4 <= mb; m += 4) dot_rows_bf16<4>(w, g.K, x + m * g.ldx, g.ldx, out + m);
+        for (; m < mb; ++m) dot_rows_bf16<1>(w, g.K, x + m * g.ldx, g.ldx, out + m);
+      } else {
+        dot_rows_f32(static_cast<const float*>(g.W) + n * g.ldw, g.K, x, g.ldx, mb, out);
+      }
+      for (int64_t m = 0; m < mb; ++m) g.y[(m0 + m) * g.ldy + n] = out[m];
+    }
+  }
+}
+
+}  // namespace
+
 void gemv_multi(const std::vector<GemvJob>& jobs) {
+  // All jobs' rows form one range, split evenly over the threads; each thread walks the jobs its slice
+  // overlaps (no per-row lookups).
   std::vector<int64_t> start(jobs.size() + 1, 0);
   for (size_t j = 0; j < jobs.size(); ++j) start[j + 1] = start[j] + jobs[j].N;
   const int64_t total = start.back();
 #pragma omp parallel
   {
-    size_t j = 0;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < total; ++r) {
-      while (r >= start[j + 1]) ++j;
-      while (r < start[j]) --j;
-      const GemvJob& g = jobs[j];
-      const int64_t n = r - start[j];
-      // Rows of x in blocks of 8: the weight row comes from memory once and from L1 for later blocks.
-      float out[8];
-      for (int64_t m0 = 0; m0 < g.M; m0 += 8) {
-        const int64_t mb = std::min<int64_t>(8, g.M - m0);
-        const float* x = g.x + m0 * g.ldx;
-        if (g.wt == DType::BF16) {
-          const uint16_t* w = static_cast<const uint16_t*>(g.W) + n * g.ldw;
-          int64_t m = 0;
-          if (mb == 8) dot_rows_bf16<8>(w, g.K, x, g.ldx, out), m = 8;
-          for (; m + 4 <= mb; m += 4) dot_rows_bf16<4>(w, g.K, x + m * g.ldx, g.ldx, out + m);
-          for (; m < mb; ++m) dot_rows_bf16<1>(w, g.K, x + m * g.ldx, g.ldx, out + m);
-        } else {
-          dot_rows_f32(static_cast<const float*>(g.W) + n * g.ldw, g.K, x, g.ldx, mb, out);
-        }
-        for (int64_t m = 0; m < mb; ++m) g.y[(m0 + m) * g.ldy + n] = out[m];
-      }
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t r0 = total * t / nt, r1 = total * (t + 1) / nt;
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      const int64_t a = std::max(r0, start[j]), b = std::min(r1, start[j + 1]);
+      if (a < b) gemv_rows(jobs[j], a - start[j], b - start[j]);
     }
   }
 }

@@ -22,15 +22,7 @@ Model::Model(ModelConfig cfg, ModelWeights w, Backend& be) : cfg_(std::move(cfg)
   make_rope_tables(cfg_, cfg_.max_position_embeddings, &c, &s);
   rope_cos_ = be_.upload(c);
   rope_sin_ = be_.upload(s);
-  route_.n_experts = cfg_.n_routed_experts;
-  route_.top_k = cfg_.num_experts_per_tok;
-  route_.n_group = cfg_.n_group;
-  route_.topk_group = cfg_.topk_group;
-  route_.sigmoid = cfg_.scoring_func == "sigmoid";
-  route_.norm_topk_prob = cfg_.norm_topk_prob;
-  route_.group_limited = cfg_.topk_method != "greedy";
-  route_.noaux_bias = cfg_.topk_method == "noaux_tc";
-  route_.scaling = cfg_.routed_scaling_factor;
+  route_ = RouteParams::from_config(cfg_);
 }
 
 Model::Step Model::prepare(std::vector<BatchSeq>& batch, KvCache& cache, bool absorb) {

@@ -39,6 +39,7 @@ struct RouteParams {
   int64_t n_experts = 0, top_k = 0, n_group = 1, topk_group = 1;
   bool sigmoid = true, norm_topk_prob = true, group_limited = true, noaux_bias = true;
   double scaling = 1.0;
+  static RouteParams from_config(const ModelConfig& cfg);  // the config's routing rule
 };
 
 class Backend {

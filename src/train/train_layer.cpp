@@ -8,24 +8,12 @@
 #include "ops/cpu/blas.h"
 #include "train/profile.h"
 #include "train/train_model.h"
+#include "train/scratch.h"
 
 namespace dsv3 {
 
 using namespace cpu;
 
-namespace {
-inline const float* P(const Tensor& t) { return t.ptr<float>(); }
-inline float* G(Tensor& t) { return t.ptr<float>(); }
-template <typename V>
-inline auto* buf(V& v, size_t n) {
-  if (v.size() != n) v.resize(n);
-  return v.data();
-}
-inline void zero(std::vector<float>& v, size_t n) {
-  buf(v, n);
-  std::fill(v.begin(), v.end(), 0.f);
-}
-}  // namespace
 
 void TrainModel::positions(int64_t B, int64_t Tq) {
   pos_.resize(B * Tq);

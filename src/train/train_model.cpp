@@ -3,6 +3,7 @@
 // buffer [N, V] exists at a time); the remaining backward runs MTP modules D..1 (each hands the gradient of
 // its hnorm input to the previous stage), then the main layers.
 #include "train/train_model.h"
+#include "train/scratch.h"
 
 #include <algorithm>
 
@@ -13,19 +14,6 @@ namespace dsv3 {
 
 using namespace cpu;
 
-namespace {
-inline const float* P(const Tensor& t) { return t.ptr<float>(); }
-inline float* G(Tensor& t) { return t.ptr<float>(); }
-template <typename V>
-inline auto* buf(V& v, size_t n) {
-  if (v.size() != n) v.resize(n);
-  return v.data();
-}
-inline void zero(std::vector<float>& v, size_t n) {
-  buf(v, n);
-  std::fill(v.begin(), v.end(), 0.f);
-}
-}  // namespace
 
 TrainModel::TrainModel(const ModelConfig& cfg, ModelWeights& params, ModelWeights& grads)
     : cfg_(cfg), P_(params), G_(grads) {
@@ -33,15 +21,7 @@ TrainModel::TrainModel(const ModelConfig& cfg, ModelWeights& params, ModelWeight
   if (cfg_.scoring_func != "sigmoid" && cfg_.scoring_func != "softmax")
     fail("training: unknown scoring_func '{}'", cfg_.scoring_func);
   make_rope_tables(cfg_, cfg_.max_position_embeddings, &cos_, &sin_);
-  route_.n_experts = cfg_.n_routed_experts;
-  route_.top_k = cfg_.num_experts_per_tok;
-  route_.n_group = cfg_.n_group;
-  route_.topk_group = cfg_.topk_group;
-  route_.sigmoid = cfg_.scoring_func == "sigmoid";
-  route_.norm_topk_prob = cfg_.norm_topk_prob;
-  route_.group_limited = cfg_.topk_method != "greedy";
-  route_.noaux_bias = cfg_.topk_method == "noaux_tc";
-  route_.scaling = cfg_.routed_scaling_factor;
+  route_ = RouteParams::from_config(cfg_);
   layers_.resize(cfg_.num_hidden_layers);
   mtp_.resize(cfg_.num_nextn_predict_layers);
   for (auto& L : P_.layers)

@@ -189,3 +189,33 @@ TEST(Fuzz, SafetensorsAndConfigParsers) {
 }
 
 }  // namespace
+
+namespace {
+
+// A checkpoint split over two shards with model.safetensors.index.json loads and computes the same logits.
+TEST(Loader, ShardedCheckpointEqualsSingleFile) {
+  const std::string d = tmp_dir("shard");
+  SafetensorsFile whole(test::data_dir("tiny-fp32/model.safetensors"));
+  std::vector<Tensor> a, b;
+  nlohmann::json map = nlohmann::json::object();
+  int i = 0;
+  for (auto& n : whole.names()) {
+    const bool first = i++ % 2 == 0;
+    (first ? a : b).push_back(whole.get(n));
+    map[n] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  write_safetensors(d + "/model-00001-of-00002.safetensors", a);
+  write_safetensors(d + "/model-00002-of-00002.safetensors", b);
+  write_file_atomic(d + "/model.safetensors.index.json", nlohmann::json{{"weight_map", map}}.dump());
+  fs::copy_file(test::data_dir("tiny-fp32/config.json"), d + "/config.json");
+  LoadedModel one = open_model(test::data_dir("tiny-fp32")), two = open_model(d);
+  GenerateOptions go;
+  go.max_new_tokens = 8;
+  EXPECT_EQ(generate(*one.model, {5, 6, 7}, go), generate(*two.model, {5, 6, 7}, go));
+  // A shard named by the index but missing is a clear error.
+  fs::remove(d + "/model-00002-of-00002.safetensors");
+  EXPECT_NE(error_of([&] { open_model(d); }).find("cannot open"), std::string::npos);
+  fs::remove_all(d);
+}
+
+}  // namespace

@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "ops/cpu/cpu_ops.h"
+#include "ops/cpu/train_ops.h"
 
 namespace dsv3::cpu {
 
@@ -27,22 +28,9 @@ void rmsnorm(float* out, const float* x, int64_t x_stride, const Tensor& w, int6
 
 void rope(float* x, int64_t T, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
           const float* cos, const float* sin, bool interleave) {
-  const int64_t half = dr / 2;
-#pragma omp parallel for schedule(static) if (T * n > 256)
-  for (int64_t t = 0; t < T; ++t) {
-    const float* c = cos + int64_t(pos[t]) * half;
-    const float* s = sin + int64_t(pos[t]) * half;
-    for (int64_t h = 0; h < n; ++h) {
-      float* v = x + (t * n + h) * stride + off;
-      for (int64_t j = 0; j < half; ++j) {
-        // Interleaved (DeepSeek): pairs (2j, 2j+1). Otherwise (NeoX): pairs (j, j + half).
-        int64_t i0 = interleave ? 2 * j : j, i1 = interleave ? 2 * j + 1 : j + half;
-        float a = v[i0], b = v[i1];
-        v[i0] = a * c[j] - b * s[j];
-        v[i1] = b * c[j] + a * s[j];
-      }
-    }
-  }
+  // Interleaved (DeepSeek): pairs (2j, 2j+1); otherwise (NeoX) pairs (j, j + dr/2). One implementation,
+  // shared with training (ops/cpu/backward_norm.cpp holds the forward/backward pair).
+  rope_forward<float>(x, T, n, stride, off, dr, pos, cos, sin, interleave);
 }
 
 }  // namespace dsv3::cpu

@@ -30,7 +30,8 @@ void select_blas_kernels(char** argv) {
     }
   }
   const std::string cmd = argv[0] && argv[1] ? argv[1] : "";
-  if ((cmd == "train" || cmd == "grads") && !std::getenv("OMP_WAIT_POLICY")) {
+  // serve too: its HTTP threads share the cores with the engine's OpenMP team between steps.
+  if ((cmd == "train" || cmd == "grads" || cmd == "serve") && !std::getenv("OMP_WAIT_POLICY")) {
     setenv("OMP_WAIT_POLICY", "passive", 1);
     changed = true;
   }

@@ -82,6 +82,27 @@ inline void dot_row_bf16_wide(const uint16_t* w, int64_t K, const float* x, floa
 #endif
 }
 
+// One bf16 row against 8 fp32 rows of x (batched decode). With AVX-512 the row is widened once per 16
+// weights and feeds 8 independent 512-bit FMA chains.
+inline void dot_rows8_bf16(const uint16_t* w, int64_t K, const float* x, int64_t ldx, float* out) {
+#ifdef __AVX512F__
+  __m512 acc[8];
+  for (int m = 0; m < 8; ++m) acc[m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + k))), 16));
+    for (int m = 0; m < 8; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[m]);
+  }
+  for (int m = 0; m < 8; ++m) {
+    float s = _mm512_reduce_add_ps(acc[m]);
+    for (int64_t kk = k; kk < K; ++kk) s += bf16_to_f32(w[kk]) * x[m * ldx + kk];
+    out[m] = s;
+  }
+#else
+  dot_rows_bf16<8>(w, K, x, ldx, out);
+#endif
+}
+
 // Rows [n0, n1) of one job. Rows of x go in blocks of 8: the weight row comes from memory once and from L1
 // for later blocks.
 void gemv_rows(const GemvJob& g, int64_t n0, int64_t n1) {

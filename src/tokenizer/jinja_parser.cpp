@@ -348,47 +348,24 @@ class Parser {
     return cmp ? std::move(cmp) : std::move(first);
   }
 
-  ExprPtr parse_math1() {
-    ExprPtr e = parse_concat();
-    while (is_op("+") || is_op("-")) {
-      const std::string op = cur().text;
+  // One precedence level of left-associative binary operators: operand (op operand)*.
+  ExprPtr parse_left(std::initializer_list<const char*> ops, ExprPtr (Parser::*operand)()) {
+    ExprPtr e = (this->*operand)();
+    for (;;) {
+      const char* hit = nullptr;
+      for (const char* op : ops)
+        if (is_op(op)) hit = op;
+      if (!hit) return e;
       const int line = cur().line;
       ++p_;
-      e = binary(op, std::move(e), parse_concat(), line);
+      e = binary(hit, std::move(e), (this->*operand)(), line);
     }
-    return e;
   }
-
-  ExprPtr parse_concat() {
-    ExprPtr e = parse_math2();
-    while (is_op("~")) {
-      const int line = cur().line;
-      ++p_;
-      e = binary("~", std::move(e), parse_math2(), line);
-    }
-    return e;
-  }
-
-  ExprPtr parse_math2() {
-    ExprPtr e = parse_pow();
-    while (is_op("*") || is_op("/") || is_op("//") || is_op("%")) {
-      const std::string op = cur().text;
-      const int line = cur().line;
-      ++p_;
-      e = binary(op, std::move(e), parse_pow(), line);
-    }
-    return e;
-  }
-
-  ExprPtr parse_pow() {
-    ExprPtr e = parse_unary();
-    while (is_op("**")) {
-      const int line = cur().line;
-      ++p_;
-      e = binary("**", std::move(e), parse_unary(), line);
-    }
-    return e;
-  }
+  ExprPtr parse_math1() { return parse_left({"+", "-"}, &Parser::parse_concat); }
+  ExprPtr parse_concat() { return parse_left({"~"}, &Parser::parse_math2); }
+  ExprPtr parse_math2() { return parse_left({"*", "/", "//", "%"}, &Parser::parse_pow); }
+  ExprPtr parse_pow() { return parse_left({"**"}, &Parser::parse_unary_filtered); }
+  ExprPtr parse_unary_filtered() { return parse_unary(true); }
 
   ExprPtr parse_unary(bool with_filter = true) {
     // Every nested expression passes through here; bound the depth so hostile input cannot overflow the stack.

@@ -543,7 +543,7 @@ class CudaBackend final : public Backend {
   struct WeightCopy {
     std::weak_ptr<void> owner;
     int64_t numel = 0;
-    Tensor bf16;
+    Tensor copy;  // the converted weight
   };
   struct ProfPending {
     std::string name;
@@ -617,49 +617,31 @@ class CudaBackend final : public Backend {
     return s.dev.data;
   }
 
-  // bf16 view of a weight: itself, or a cached converted copy of an fp32 weight (fp32 checkpoints), keyed by
-  // address and checked against the owner's lifetime so a freed and reused address is not mistaken.
-  const Tensor& bf16_weight(const Tensor& w) {
-    if (w.dtype == DType::BF16) {
-      check_dev(w, "weight");
-      return w;
-    }
-    DSV3_CHECK(w.dtype == DType::F32, "weight {} has dtype {}; expected F32 or BF16", w.name, dtype_name(w.dtype));
+  // A weight in the dtype a kernel wants: itself, or a cached converted copy (bf16 copies of fp32 checkpoints;
+  // fp32 copies of bf16 weights for fp32 mode and fp32 routers), keyed by address and checked against the
+  // owner's lifetime so a freed and reused address is not mistaken.
+  const Tensor& bf16_weight(const Tensor& w) { return weight_as(w, DType::BF16, wcache_); }
+  const Tensor& f32_weight(const Tensor& w) { return weight_as(w, DType::F32, wcache32_); }
+  const Tensor& weight_as(const Tensor& w, DType want, std::unordered_map<const void*, WeightCopy>& cache) {
+    DSV3_CHECK(w.dtype == DType::F32 || w.dtype == DType::BF16, "weight {} has dtype {}; expected F32 or BF16", w.name,
+               dtype_name(w.dtype));
     check_dev(w, "weight");
-    auto it = wcache_.find(w.data);
-    if (it != wcache_.end()) {
+    if (w.dtype == want) return w;
+    auto it = cache.find(w.data);
+    if (it != cache.end()) {
       const WeightCopy& c = it->second;
       const bool same_owner = !c.owner.expired() && !c.owner.owner_before(w.storage) && !w.storage.owner_before(c.owner);
-      if (same_owner && c.numel == w.numel()) return c.bf16;
+      if (same_owner && c.numel == w.numel()) return c.copy;
     }
     WeightCopy c;
     c.owner = w.storage;
     c.numel = w.numel();
-    c.bf16 = alloc(DType::BF16, w.shape, w.name.c_str());
-    cuda::f32_to_bf16(static_cast<bf16*>(c.bf16.data), static_cast<const float*>(w.data), w.numel(), ctx_.stream);
-    return (wcache_[w.data] = std::move(c)).bf16;
-  }
-
-  // fp32 view of a weight (fp32 mode; fp32 routers): itself, or a cached widened copy of a bf16 weight.
-  const Tensor& f32_weight(const Tensor& w) {
-    if (w.dtype == DType::F32) {
-      check_dev(w, "weight");
-      return w;
-    }
-    DSV3_CHECK(w.dtype == DType::BF16, "weight {} has dtype {}; expected F32 or BF16", w.name, dtype_name(w.dtype));
-    check_dev(w, "weight");
-    auto it = wcache32_.find(w.data);
-    if (it != wcache32_.end()) {
-      const WeightCopy& c = it->second;
-      const bool same_owner = !c.owner.expired() && !c.owner.owner_before(w.storage) && !w.storage.owner_before(c.owner);
-      if (same_owner && c.numel == w.numel()) return c.bf16;
-    }
-    WeightCopy c;
-    c.owner = w.storage;
-    c.numel = w.numel();
-    c.bf16 = alloc(DType::F32, w.shape, w.name.c_str());
-    cuda::bf16_to_f32(c.bf16.ptr<float>(), w.ptr<bf16>(), w.numel(), ctx_.stream);
-    return (wcache32_[w.data] = std::move(c)).bf16;
+    c.copy = alloc(want, w.shape, w.name.c_str());
+    if (want == DType::BF16)
+      cuda::f32_to_bf16(static_cast<bf16*>(c.copy.data), static_cast<const float*>(w.data), w.numel(), ctx_.stream);
+    else
+      cuda::bf16_to_f32(c.copy.ptr<float>(), w.ptr<bf16>(), w.numel(), ctx_.stream);
+    return (cache[w.data] = std::move(c)).copy;
   }
 
   void collect_profile() {

@@ -1,6 +1,7 @@
 // GPU benchmarks of the dsv3 CUDA backend on one device, with random weights made on the GPU (no checkpoint):
 //   ceilings   device-to-device copy bandwidth and a large bf16 cuBLAS GEMM, measured in the same run;
-//   model      prefill of one 2048-token prompt, decode at batch 1 and batch 32 (Model::forward, logits to host);
+//   model      prefill of one 2048-token prompt, decode at batch 1 and batch 32 (Model::forward, logits to host),
+//              decode both with whole-step graphs (the default) and eagerly (graphs off);
 //   per op     GPU time of every backend op in one profiled pass of each workload, against its byte floor;
 //   kernels    attention prefill and MLA decode alone, skinny linear against cuBLAS.
 // Each number is printed with its floor: the larger of FLOPs / GEMM ceiling and bytes / copy bandwidth.
@@ -195,7 +196,8 @@ int main(int argc, char** argv) {
     const double pf_floor = std::max(pf_flops / gemm, pf_bytes / copy_bw);
 
     // Decode: B sequences with a 128-token prompt (prefilled together), then timed single-token steps.
-    auto decode = [&](int B, int nsteps, bool profile) {
+    auto decode = [&](int B, int nsteps, bool profile, bool graphs) {
+      cuda::set_graphs(be, graphs);
       const int64_t prompt = 128;
       KvCache cache(be, cfg, B * (prompt + nsteps + 16) + 64 * B);
       std::vector<SeqCache> sc(static_cast<size_t>(B));
@@ -218,12 +220,27 @@ int main(int argc, char** argv) {
         for (auto& b : batch) b.tokens = {int32_t(rng.below(uint64_t(V)))};
       }
       if (profile) cuda::set_profiling(be, false);
-      else std::printf("decode batch %d: host issues a step's ops in %.3f ms\n", B, host_issue_ms(be));
+      else
+        std::printf("decode batch %d (%s): host issues a step's ops in %.3f ms\n", B, graphs ? "graphs" : "eager",
+                    host_issue_ms(be));
+      cuda::set_graphs(be, true);
       double sum = 0;
       for (double s : st) sum += s;
       return sum / nsteps;  // mean seconds per step
     };
-    const double t_d1 = decode(1, steps, false), t_d32 = decode(32, std::max(16, steps / 2), false);
+    const double t_d1e = decode(1, steps, false, false), t_d32e = decode(32, std::max(16, steps / 2), false, false);
+    const cuda::GraphStats g0 = cuda::graph_stats(be);
+    double t_d1 = 0, t_d32 = 0;
+    try {
+      t_d1 = decode(1, steps, false, true);
+      t_d32 = decode(32, std::max(16, steps / 2), false, true);
+    } catch (const std::exception& e) {
+      std::printf("decode with graphs failed: %s\n", e.what());
+    }
+    const cuda::GraphStats g1 = cuda::graph_stats(be);
+    std::printf("graph steps: %lld recorded, %lld replayed, %lld eager (first use), %lld failed recordings\n",
+                (long long)(g1.captures - g0.captures), (long long)(g1.replays - g0.replays),
+                (long long)(g1.eager - g0.eager), (long long)(g1.failed - g0.failed));
     const int64_t ctx1 = 128 + steps / 2, ctx32 = 128 + steps / 4;
     const double d1_bytes = decode_bytes(cfg, wk, 1, ctx1), d32_bytes = decode_bytes(cfg, wk, 32, ctx32);
     const double d1_floor = d1_bytes / copy_bw, d32_floor = d32_bytes / copy_bw;
@@ -236,18 +253,24 @@ int main(int argc, char** argv) {
                 1 / t_d1, d1_floor * 1e3, d1_bytes / 1e9, copy_bw / 1e12, d1_floor / t_d1);
     std::printf("| decode batch 32 | %.2f ms/step, %.0f tok/s | %.2f ms (%.2f GB at %.2f TB/s) | %.2f |\n", t_d32 * 1e3,
                 32 / t_d32, d32_floor * 1e3, d32_bytes / 1e9, copy_bw / 1e12, d32_floor / t_d32);
+    std::printf("| decode batch 1, eager (no graphs) | %.2f ms/step, %.0f tok/s | | %.2f |\n", t_d1e * 1e3, 1 / t_d1e,
+                d1_floor / t_d1e);
+    std::printf("| decode batch 32, eager (no graphs) | %.2f ms/step, %.0f tok/s | | %.2f |\n", t_d32e * 1e3, 32 / t_d32e,
+                d32_floor / t_d32e);
     res["prefill_2048"] = {{"s", t_prefill}, {"tok_s", TP / t_prefill}, {"floor_s", pf_floor}, {"roofline", pf_floor / t_prefill}};
     res["decode_b1"] = {{"s_per_step", t_d1}, {"tok_s", 1 / t_d1}, {"floor_s", d1_floor}, {"roofline", d1_floor / t_d1}};
     res["decode_b32"] = {{"s_per_step", t_d32}, {"tok_s", 32 / t_d32}, {"floor_s", d32_floor}, {"roofline", d32_floor / t_d32}};
+    res["decode_b1_eager"] = {{"s_per_step", t_d1e}, {"tok_s", 1 / t_d1e}, {"roofline", d1_floor / t_d1e}};
+    res["decode_b32_eager"] = {{"s_per_step", t_d32e}, {"tok_s", 32 / t_d32e}, {"roofline", d32_floor / t_d32e}};
 
     // ---- per-op profile of each workload
     cuda::set_profiling(be, true);
     prefill_once();
     cuda::set_profiling(be, false);
     print_profile("prefill 2048 tokens", be, 1, copy_bw);
-    decode(1, 16, true);
+    decode(1, 16, true, false);
     print_profile("decode batch 1", be, 16, copy_bw);
-    decode(32, 8, true);
+    decode(32, 8, true, false);
     print_profile("decode batch 32", be, 8, copy_bw);
 
     // ---- kernels alone

@@ -70,23 +70,53 @@ Model::Step Model::prepare(std::vector<BatchSeq>& batch, KvCache& cache, bool ab
 
 ForwardResult Model::forward(std::vector<BatchSeq>& batch, KvCache& cache, const ForwardOptions& opt) {
   Step st = prepare(batch, cache, opt.absorb_decode);
-  const int64_t H = cfg_.hidden_size;
-  Tensor x = be_.alloc(be_.act_dtype(), {st.T, H}, "x");
-  be_.embedding(x, w_.embed, st.ids);
-  for (auto& L : w_.layers) layer_forward(L, x, st, cache, L.index);
-  Tensor hn = be_.alloc(be_.act_dtype(), {st.T, H}, "hidden");
-  be_.rmsnorm(hn, x, w_.final_norm, float(cfg_.rms_norm_eps));
-  ForwardResult r;
   std::vector<int64_t> out_rows;
   for (size_t i = 0; i < st.rows_of.size(); ++i) {
     const auto& rows = st.rows_of[i];
     if (opt.all_logits || batch[i].all_logits) out_rows.insert(out_rows.end(), rows.begin(), rows.end());
     else out_rows.push_back(rows.back());
   }
-  r.logits = logits_for(hn, out_rows);
+  ForwardResult r;
+  Tensor hn, logits;
+  auto run = [&] {
+    hn = hidden_states(st, cache);
+    logits = logits_for(hn, out_rows);
+  };
+  // A pure decode step (every sequence adds one token on the absorbed path) has a fixed op sequence for its batch
+  // size and block-table capacity: the backend may replay a recording of it (see Backend::begin_graph_step).
+  // Steps whose hidden states leave the step (MTP) stay eager: a recording's tensors are reused by the next step.
+  bool pure_decode = opt.absorb_decode && !opt.keep_hidden && st.n_decode == st.T;
+  for (auto& b : batch) pure_decode = pure_decode && b.tokens.size() == 1;
+  GraphStepKey key;
+  if (pure_decode) {
+    key.batch = st.T;
+    for (auto& s : st.seqs) key.kv_blocks = std::max(key.kv_blocks, cache.blocks_for(s.pos0 + 1));
+  }
+  if (pure_decode && be_.begin_graph_step(key)) {
+    try {
+      run();
+    } catch (...) {
+      be_.cancel_graph_step();
+      throw;
+    }
+    if (!be_.end_graph_step()) run();
+  } else {
+    run();
+  }
+  r.logits = be_.to_host(logits);
   if (opt.keep_hidden) r.hidden = in_batch_order(hn, st);
   for (auto& b : batch) b.cache->len += int64_t(b.tokens.size());
   return r;
+}
+
+Tensor Model::hidden_states(Step& st, KvCache& cache) {
+  const int64_t H = cfg_.hidden_size;
+  Tensor x = be_.alloc(be_.act_dtype(), {st.T, H}, "x");
+  be_.embedding(x, w_.embed, st.ids);
+  for (auto& L : w_.layers) layer_forward(L, x, st, cache, L.index);
+  Tensor hn = be_.alloc(be_.act_dtype(), {st.T, H}, "hidden");
+  be_.rmsnorm(hn, x, w_.final_norm, float(cfg_.rms_norm_eps));
+  return hn;
 }
 
 Tensor Model::in_batch_order(const Tensor& x, const Step& st) {
@@ -111,7 +141,7 @@ Tensor Model::logits_for(const Tensor& hn, const std::vector<int64_t>& rows) {
   }
   Tensor logits = be_.alloc(DType::F32, {n, V}, "logits");
   be_.linear(logits, sel, w_.lm_head);
-  return be_.to_host(logits);
+  return logits;
 }
 
 void Model::layer_forward(const LayerWeights& L, Tensor& x, Step& st, KvCache& cache, int64_t slot) {
@@ -243,7 +273,7 @@ Tensor Model::mtp_forward(int64_t k, const Tensor& h_prev, std::vector<BatchSeq>
     be_.rmsnorm(hn, x, M.head_norm, eps);
     std::vector<int64_t> rows;
     for (auto& r : st.rows_of) rows.insert(rows.end(), r.begin(), r.end());
-    *logits_out = logits_for(hn, rows);
+    *logits_out = be_.to_host(logits_for(hn, rows));
   }
   for (auto& b : batch) b.cache->len += int64_t(b.tokens.size());
   return in_batch_order(x, st);

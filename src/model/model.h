@@ -58,7 +58,8 @@ class Model {
   Tensor attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache& cache, int64_t slot);
   Tensor mlp(const MlpWeights& M, const Tensor& h);
   Tensor moe(const MoeWeights& M, const Tensor& h);
-  Tensor logits_for(const Tensor& hidden_normed, const std::vector<int64_t>& rows);
+  Tensor hidden_states(Step& st, KvCache& cache);  // embedding, layers, final norm: [T, H] in row order
+  Tensor logits_for(const Tensor& hidden_normed, const std::vector<int64_t>& rows);  // device fp32 [rows, V]
   Tensor in_batch_order(const Tensor& x, const Step& st);
   Step prepare(std::vector<BatchSeq>& batch, KvCache& cache, bool absorb);
 

@@ -34,6 +34,12 @@ struct SeqSlice {
   int64_t num_blocks = 0;
 };
 
+// Identifies a whole-step graph (see Backend::begin_graph_step): a pure decode step of `batch` sequences, one new
+// token each, whose block tables need at most `kv_blocks` blocks (the backend rounds it up to a capacity bucket).
+struct GraphStepKey {
+  int64_t batch = 0, kv_blocks = 0;
+};
+
 // Router hyper-parameters (from the config) for moe_route.
 struct RouteParams {
   int64_t n_experts = 0, top_k = 0, n_group = 1, topk_group = 1;
@@ -118,6 +124,25 @@ class Backend {
   // gate/up [E, I, H], down [E, H, I]. Experts that received no token cost nothing.
   virtual void moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                                const Tensor& gate, const Tensor& up, const Tensor& down) = 0;
+
+  // ---- whole-step graphs (optional; the defaults run everything eagerly)
+  // A pure decode step has the same op sequence and shapes every time for a given key, so a device backend may
+  // record it once and replay the recording, paying one launch instead of hundreds. The model brackets such a
+  // step (ops from the embedding to the logits product, no host reads in between):
+  //   if (be.begin_graph_step(key)) { ops...; if (!be.end_graph_step()) ops again, eagerly; }
+  //   (cancel_graph_step() instead of end when an op throws).
+  // Between begin and end the backend may only record the ops, or match them against an earlier recording and
+  // take their host metadata (ids, positions, block tables); the work is enqueued by end_graph_step. Tensors
+  // allocated inside belong to the recording: they stay valid until the next step with the same key (copy what
+  // must outlive it). end_graph_step returns false when nothing was enqueued (the step could not be recorded):
+  // the caller runs the same ops again without begin. begin returns false to mean "run eagerly" (first use of a
+  // key, profiling, switched off, or a backend without graphs).
+  virtual bool begin_graph_step(const GraphStepKey& key) {
+    (void)key;
+    return false;
+  }
+  virtual bool end_graph_step() { return true; }
+  virtual void cancel_graph_step() {}
 };
 
 inline void Backend::fill_normal(Tensor& t, float mean, float std, uint64_t seed) {

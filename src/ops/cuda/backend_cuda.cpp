@@ -3,6 +3,8 @@
 // Every op is enqueued on one stream; the host waits only in to_host() and synchronize() (and once per MoE
 // layer in prefill, to size the grouped expert GEMM). Host-side metadata (token ids, positions, cache block
 // tables) is uploaded once per forward through content-checked slots: the 27 layers of a step reuse it.
+// Pure decode steps may run as recorded CUDA graphs (step_graph.h): then alloc() and the uploads go through the
+// recording, and every launch is skipped while a recording is replayed (skip()).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -12,6 +14,7 @@
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
+#include "ops/cuda/step_graph.h"
 
 namespace dsv3 {
 
@@ -65,6 +68,9 @@ class CudaBackend final : public Backend {
     // for exact comparisons with the CPU backend; not a fast path.
     const char* a = std::getenv("DSV3_CUDA_ACT");
     act_ = a && std::string(a) == "f32" ? DType::F32 : DType::BF16;
+    // DSV3_CUDA_GRAPHS=0: every decode step eager (no whole-step graphs).
+    const char* g = std::getenv("DSV3_CUDA_GRAPHS");
+    graphs_on_ = !(g && std::string(g) == "0");
   }
   ~CudaBackend() override {
     try {
@@ -72,6 +78,7 @@ class CudaBackend final : public Backend {
     } catch (...) {
     }
     cudaStreamSynchronize(ctx_.stream);
+    graphs_.clear();
     for (auto& s : slots_)
       if (s.pinned) {
         cudaEventSynchronize(s.ev);
@@ -95,10 +102,14 @@ class CudaBackend final : public Backend {
   DeviceContext& ctx() { return ctx_; }
 
   // ---- memory
-  Tensor alloc(DType t, Shape s, const char* name) override { return cuda::device_tensor(ctx_, t, std::move(s), name); }
+  Tensor alloc(DType t, Shape s, const char* name) override {
+    if (graphs_.mode() != cuda::StepGraphs::Mode::Off) return graphs_.alloc(t, std::move(s), name);
+    return cuda::device_tensor(ctx_, t, std::move(s), name);
+  }
 
   Tensor upload(const Tensor& host) override {
     if (host.device == Device::CUDA) return host;
+    outside_graph_step("upload");
     Tensor r = alloc(host.dtype, host.shape, host.name.c_str());
     if (host.nbytes())
       DSV3_CUDA_CHECK(cudaMemcpyAsync(r.data, host.data, host.nbytes(), cudaMemcpyHostToDevice, ctx_.stream));
@@ -123,12 +134,14 @@ class CudaBackend final : public Backend {
   }
 
   Tensor alloc_kv_pool(const KvPoolSpec& spec) override {
+    outside_graph_step("alloc_kv_pool");
     Tensor p = alloc(act_, {spec.layers, spec.num_blocks, spec.block_size, spec.row()}, "kv_pool");
     DSV3_CUDA_CHECK(cudaMemsetAsync(p.data, 0, p.nbytes(), ctx_.stream));
     return p;
   }
 
   void synchronize() override {
+    outside_graph_step("synchronize");
     flush();
     end_step();
     DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
@@ -138,6 +151,7 @@ class CudaBackend final : public Backend {
   void fill_normal(Tensor& t, float mean, float std, uint64_t seed) override {
     flush();
     if (t.device == Device::CPU) return Backend::fill_normal(t, mean, std, seed);
+    outside_graph_step("fill_normal");
     ProfScope ps(*this, "fill_normal");
     cuda::fill_normal(t.data, t.dtype, t.numel(), mean, std, seed, ctx_.stream);
   }
@@ -146,7 +160,7 @@ class CudaBackend final : public Backend {
   void zero(Tensor& t) override {
     flush();
     check_dev(t, "zero");
-    if (t.nbytes()) DSV3_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), ctx_.stream));
+    if (t.nbytes() && !skip()) DSV3_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), ctx_.stream));
   }
 
   void gather_rows(Tensor& out, const Tensor& x, const std::vector<int64_t>& rows) override {
@@ -164,6 +178,7 @@ class CudaBackend final : public Backend {
       r32[i] = int32_t(rows[i]);
     }
     const int* d = upload_i32(kSlotGather, r32);
+    if (skip()) return;
     cuda::copy_rows(out.data, nullptr, C * esz, x.data, d, C * esz, n, C * esz, ctx_.stream);
   }
 
@@ -175,6 +190,7 @@ class CudaBackend final : public Backend {
     const int64_t H = table.dim(1), T = int64_t(ids.size());
     DSV3_CHECK(out.numel() == T * H, "embedding: out {} for {} ids of width {}", shape_str(out.shape), T, H);
     const int* d = upload_i32(kSlotIds, ids);
+    if (skip()) return;
     cuda::embedding(out.data, out.dtype, table.data, table.dtype, d, T, H, ctx_.stream);
   }
 
@@ -186,6 +202,7 @@ class CudaBackend final : public Backend {
       ProfScope ps(*this, "add+rmsnorm", double(x.nbytes()) * 4);
       PendingAdd p = std::move(pend_);
       pend_ = PendingAdd{};
+      if (skip()) return;
       cuda::add_rmsnorm(p.out.ptr<bf16>(), p.a.ptr<bf16>(), p.b.ptr<bf16>(), out.ptr<bf16>(), w.data, w.dtype,
                         x.numel() / Dn, Dn, eps, ctx_.stream);
       return;
@@ -198,6 +215,7 @@ class CudaBackend final : public Backend {
     ProfScope ps(*this, "rmsnorm", double(T * D) * 2 * dtype_size(out.dtype));
     DSV3_CHECK(out.dtype == x.dtype, "rmsnorm {}: out {} x {}", w.name, dtype_name(out.dtype), dtype_name(x.dtype));
     DSV3_CHECK(w.numel() == D, "rmsnorm {}: weight {} for rows of {}", w.name, shape_str(w.shape), D);
+    if (skip()) return;
     cuda::rmsnorm(out.data, x.data, x_stride ? x_stride : D, w.data, w.dtype, out.dtype, T, D, eps, ctx_.stream);
   }
 
@@ -213,6 +231,7 @@ class CudaBackend final : public Backend {
     if (!pend_.on) return;
     PendingAdd p = std::move(pend_);
     pend_ = PendingAdd{};
+    if (skip()) return;
     ProfScope ps(*this, "add", double(p.out.nbytes()) * 3);
     cuda::add(p.out.data, p.a.data, p.b.data, p.out.numel(), p.out.dtype, ctx_.stream);
   }
@@ -222,6 +241,7 @@ class CudaBackend final : public Backend {
     ProfScope ps(*this, "silu_mul", double(out.nbytes()) * 3);
     check_same(out, gate, "silu_mul");
     check_same(out, up, "silu_mul");
+    if (skip()) return;
     cuda::silu_mul(out.data, gate.data, up.data, out.numel(), out.dtype, ctx_.stream);
   }
 
@@ -233,6 +253,7 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(out.dtype == x.dtype, "copy_cols: dtypes differ");
     const int64_t T = out.dim(0), n = out.dim(-1), C = x.dim(-1), esz = int64_t(dtype_size(x.dtype));
     DSV3_CHECK(c0 + n <= C && x.numel() / C == T, "copy_cols: [{}, {}) of {}", c0, c0 + n, shape_str(x.shape));
+    if (skip()) return;
     cuda::copy_rows(out.data, nullptr, n * esz, static_cast<const char*>(x.data) + c0 * esz, nullptr, C * esz, T, n * esz,
                     ctx_.stream);
   }
@@ -245,6 +266,7 @@ class CudaBackend final : public Backend {
     const int64_t T = out.dim(0), na = a.dim(-1), nb = b.dim(-1), esz = int64_t(dtype_size(out.dtype));
     DSV3_CHECK(out.dim(-1) == na + nb, "concat_cols: {} + {} into {}", na, nb, shape_str(out.shape));
     char* o = static_cast<char*>(out.data);
+    if (skip()) return;
     cuda::copy_rows(o, nullptr, (na + nb) * esz, a.data, nullptr, na * esz, T, na * esz, ctx_.stream);
     cuda::copy_rows(o + na * esz, nullptr, (na + nb) * esz, b.data, nullptr, nb * esz, T, nb * esz, ctx_.stream);
   }
@@ -265,9 +287,9 @@ class CudaBackend final : public Backend {
       Tensor xf = x;
       if (x.dtype != DType::F32) {
         xf = alloc(DType::F32, x.shape, "x_f32");
-        cuda::bf16_to_f32(xf.ptr<float>(), x.ptr<bf16>(), x.numel(), ctx_.stream);
+        if (!skip()) cuda::bf16_to_f32(xf.ptr<float>(), x.ptr<bf16>(), x.numel(), ctx_.stream);
       }
-      gemm_xwT(y.data, DType::F32, N, w.data, K, xf.data, K, M, N, K, DType::F32);
+      if (!skip()) gemm_xwT(y.data, DType::F32, N, w.data, K, xf.data, K, M, N, K, DType::F32);
       return;
     }
     const Tensor& w = bf16_weight(w_in);
@@ -277,7 +299,7 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(x.dtype == DType::BF16, "linear {}: input must be bf16, got {}", w.name, dtype_name(x.dtype));
     ProfScope ps(*this, profiling_ ? "linear:" + weight_kind(w_in.name) : std::string(),
                  double(N * K * 2 + M * K * 2 + M * N * int64_t(dtype_size(y.dtype))));
-    if (M == 0 || N == 0) return;
+    if (M == 0 || N == 0 || skip()) return;
     cuda::SkinnyArgs a;
     a.w = static_cast<const bf16*>(w.data);
     a.ldw = K;
@@ -309,6 +331,7 @@ class CudaBackend final : public Backend {
                shape_str(x.shape), T, n, stride);
     for (int32_t p : pos) DSV3_CHECK(p >= 0 && p < cos.dim(0), "rope: position {} beyond table of {}", p, cos.dim(0));
     const int* d = upload_i32(kSlotPos, pos);
+    if (skip()) return;
     cuda::rope(x.data, x.dtype, T, n, stride, off, dr, d, cos.f32(), sin.f32(), interleave, ctx_.stream);
   }
 
@@ -330,6 +353,7 @@ class CudaBackend final : public Backend {
         rows[size_t(s.row0 + i)] = int32_t(int64_t(s.blocks[p / bs]) * bs + p % bs);
       }
     const int* d = upload_i32(kSlotKvWrite, rows);
+    if (skip()) return;
     if (pool.dtype == DType::BF16) {
       cuda::kv_write(reinterpret_cast<bf16*>(layer_base(pool, spec, layer)), d, c.ptr<bf16>(), kpe.ptr<bf16>(), int(T),
                      int(r), int(dr), ctx_.stream);
@@ -354,6 +378,7 @@ class CudaBackend final : public Backend {
     std::vector<int32_t> rows(static_cast<size_t>(n));
     for (int64_t p = 0; p < n; ++p) rows[size_t(p)] = int32_t(int64_t(s.blocks[p / bs]) * bs + p % bs);
     const int* d = upload_i32(kSlotKvGather, rows);
+    if (skip()) return;
     const char* base = layer_base(pool, spec, layer);
     cuda::copy_rows(c_out.data, nullptr, r * es, base, d, spec.row() * es, n, r * es, ctx_.stream);
     cuda::copy_rows(kpe_out.data, nullptr, dr * es, base + r * es, d, spec.row() * es, n, dr * es, ctx_.stream);
@@ -364,6 +389,7 @@ class CudaBackend final : public Backend {
     flush();
     const int64_t len = q.numel() / (nh * (dn + dr)), n = pos0 + len;
     ProfScope ps(*this, "mla_attention", double(len * nh * (dn + dr) * 2 + n * nh * (dn + dv) * 2 + len * nh * dv * 2));
+    if (skip()) return;
     const Tensor* all[] = {&out, &q, &kv, &kpe};
     for (const Tensor* t : all)
       DSV3_CHECK(t->device == Device::CUDA && t->dtype == q.dtype, "mla_attention: {} must be a {} CUDA tensor",
@@ -390,9 +416,21 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(q_lat.dim(0) == B && q_lat.dim(2) == r && q_pe.numel() == B * nh * dr && out_lat.numel() == B * nh * r,
                "mla_decode: q_lat {} q_pe {} out {} for {} sequences", shape_str(q_lat.shape), shape_str(q_pe.shape),
                shape_str(out_lat.shape), B);
-    // meta: [B] key counts, [B] table offsets, then each sequence's block table.
+    // meta: [B] key counts, [B] table offsets, then each sequence's block table. The split count and workspace
+    // follow the block-table capacity bucket (cap blocks), not the exact length, so a recorded step (whose
+    // tables are padded to cap blocks each) and an eager one launch the same grid: splits past a sequence's
+    // keys are empty and the merge gives them zero weight.
+    int64_t cap = 1;
+    for (const SeqSlice& s : seqs) cap = std::max(cap, (s.pos0 + bs) / bs);
+    cap = cuda::graph_capacity_blocks(cap);
+    const bool graph = graphs_.mode() != cuda::StepGraphs::Mode::Off;
+    if (graph) {
+      DSV3_CHECK(cap <= graphs_.key().cap_blocks, "mla_decode: {} blocks beyond the graph step's capacity {}", cap,
+                 graphs_.key().cap_blocks);
+      cap = graphs_.key().cap_blocks;
+    }
     std::vector<int32_t> meta(size_t(2 * B));
-    int64_t max_n = 0;
+    if (graph) meta.reserve(size_t(B * (2 + cap)));
     for (int64_t b = 0; b < B; ++b) {
       const SeqSlice& s = seqs[size_t(b)];
       const int64_t n = s.pos0 + 1, nb = (n + bs - 1) / bs;
@@ -400,12 +438,14 @@ class CudaBackend final : public Backend {
       meta[size_t(b)] = int32_t(n);
       meta[size_t(B + b)] = int32_t(meta.size());
       meta.insert(meta.end(), s.blocks, s.blocks + nb);
-      max_n = std::max(max_n, n);
+      if (graph) meta.resize(meta.size() + size_t(cap - nb), 0);
     }
+    const int64_t max_n = cap * bs;
     ProfScope ps(*this, "mla_decode", double(B * nh * (2 * r + dr) * 2) + double(max_n * B * spec.row() * 2));
     const int* d = upload_i32(kSlotDecode, meta);
     if (pool.dtype == DType::F32) {
       Tensor ws = alloc(DType::U8, {int64_t(cuda::mla_decode_ws_bytes(int(B), int(nh), int(r), 1, int(max_n)))}, "ws");
+      if (skip()) return;
       cuda::mla_decode_f32(out_lat.f32(), q_lat.f32(), q_pe.f32(),
                            reinterpret_cast<const float*>(layer_base(pool, spec, layer)), d, int(B), int(nh), int(r),
                            int(dr), int(bs), int(max_n), scale, ws.data, ctx_.stream);
@@ -414,6 +454,7 @@ class CudaBackend final : public Backend {
     const int splits = cuda::mla_decode_splits(int(B), int(nh), int(max_n), ctx_.prop.multiProcessorCount);
     Tensor ws = alloc(DType::U8, {int64_t(cuda::mla_decode_ws_bytes(int(B), int(nh), int(r), splits, int(max_n)))},
                       "mla_decode_ws");
+    if (skip()) return;
     cuda::mla_decode(static_cast<bf16*>(out_lat.data), static_cast<const bf16*>(q_lat.data),
                      static_cast<const bf16*>(q_pe.data), reinterpret_cast<const bf16*>(layer_base(pool, spec, layer)), d,
                      int(B), int(nh), int(r), int(dr), int(bs), splits, int(max_n), scale, ws.data, ctx_.stream);
@@ -429,7 +470,7 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(q.dtype == act_ && q_lat.dtype == act_, "mla_absorb_q: {} tensors expected", dtype_name(act_));
     DSV3_CHECK(q.numel() == B * nh * (dn + dr) && q_lat.numel() == B * nh * r && kv_b.dim(0) == nh * (dn + dv),
                "mla_absorb_q: q {} q_lat {} kv_b {}", shape_str(q.shape), shape_str(q_lat.shape), shape_str(kv_b.shape));
-    if (B == 0) return;
+    if (B == 0 || skip()) return;
     const bool al4 = (reinterpret_cast<uintptr_t>(kv_b.data) & 3) == 0;
     if (!f32 && B <= 8 && dn <= 256 && r % 2 == 0 && al4) {
       cuda::absorb_q_small(static_cast<bf16*>(q_lat.data), static_cast<const bf16*>(q.data),
@@ -458,7 +499,7 @@ class CudaBackend final : public Backend {
     const void* w_uv = static_cast<const char*>(kv_b.data) + dn * r * es;
     DSV3_CHECK(o_lat.numel() == B * nh * r && out.numel() == B * nh * dv, "mla_absorb_out: o_lat {} out {}",
                shape_str(o_lat.shape), shape_str(out.shape));
-    if (B == 0) return;
+    if (B == 0 || skip()) return;
     cuda::SkinnyArgs a;
     a.w = static_cast<const bf16*>(kv_b.data) + dn * r;
     a.ldw = r;
@@ -504,11 +545,39 @@ class CudaBackend final : public Backend {
                  "moe_route: bias {} must be fp32 [{}] on the GPU", bias.name, p.n_experts);
       b = bias.f32();
     }
+    if (skip()) return;
     cuda::moe_route(topk_idx.ptr<int>(), topk_w.f32(), logits.f32(), b, int(T), p, ctx_.stream);
   }
 
   void moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, const Tensor& gate_in,
                        const Tensor& up_in, const Tensor& down_in) override;
+
+  // ---- whole-step graphs (step_graph.h)
+  bool begin_graph_step(const GraphStepKey& key) override {
+    if (!graphs_on_ || profiling_ || act_ != DType::BF16 || key.batch <= 0) return false;
+    flush();
+    cuda::StepGraphs::Key k;
+    k.batch = key.batch;
+    k.cap_blocks = cuda::graph_capacity_blocks(std::max<int64_t>(key.kv_blocks, 1));
+    k.variant = skinny_ ? 1 : 0;
+    // Staging bytes: the decode tables (B x (2 + cap)) and the per-row ids, positions and cache rows, with room.
+    const size_t meta = size_t(k.batch) * size_t(k.cap_blocks + 2) * 4 + size_t(k.batch) * 64 + 65536;
+    return graphs_.begin(k, meta) != cuda::StepGraphs::Mode::Off;
+  }
+  bool end_graph_step() override {
+    flush();
+    return graphs_.end();
+  }
+  void cancel_graph_step() override {
+    pend_ = PendingAdd{};
+    graphs_.cancel();
+  }
+  void set_graphs(bool on) {
+    outside_graph_step("set_graphs");
+    graphs_on_ = on;
+    if (!on) graphs_.clear();
+  }
+  cuda::StepGraphs::Stats graph_stats() const { return graphs_.stats(); }
 
   // ---- helpers used by the free functions of cuda_backend.h
   void set_profiling(bool on) {
@@ -551,6 +620,11 @@ class CudaBackend final : public Backend {
     cudaEvent_t a, b;
   };
 
+  // Launches are skipped while a graph step is replayed (the recording does the work; see step_graph.h).
+  bool skip() const { return graphs_.replaying(); }
+  void outside_graph_step(const char* op) const {
+    DSV3_CHECK(graphs_.mode() == cuda::StepGraphs::Mode::Off, "{} inside a graph step", op);
+  }
   void check_dev(const Tensor& t, const char* op) const {
     if (t.device != Device::CUDA && t.numel() > 0)
       fail("{}: tensor {} is on the CPU; upload it to the CUDA backend first", op, t.name);
@@ -585,6 +659,7 @@ class CudaBackend final : public Backend {
     host_steps_++;
   }
   void copy_to_host(void* dst, const void* src, size_t bytes) {
+    outside_graph_step("to_host");
     end_step();
     if (bytes) DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx_.stream));
     DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
@@ -601,6 +676,7 @@ class CudaBackend final : public Backend {
   const void* upload_raw(Slot id, const void* data, size_t bytes) {
     UploadSlot& s = slots_[id];
     if (bytes == 0) return nullptr;
+    if (graphs_.mode() != cuda::StepGraphs::Mode::Off) return graphs_.upload(int(id), data, bytes);
     if (s.dev && s.last.size() == bytes && std::memcmp(s.last.data(), data, bytes) == 0) return s.dev.data;
     if (!s.ev) DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&s.ev, cudaEventDisableTiming));
     DSV3_CUDA_CHECK(cudaEventSynchronize(s.ev));
@@ -632,6 +708,11 @@ class CudaBackend final : public Backend {
       const WeightCopy& c = it->second;
       const bool same_owner = !c.owner.expired() && !c.owner.owner_before(w.storage) && !w.storage.owner_before(c.owner);
       if (same_owner && c.numel == w.numel()) return c.copy;
+    }
+    if (graphs_.mode() != cuda::StepGraphs::Mode::Off) {
+      // First use inside a graph step: the copy must outlive the recording, so the step runs eagerly instead.
+      graphs_.unsupported("a weight conversion");
+      return w;
     }
     WeightCopy c;
     c.owner = w.storage;
@@ -687,6 +768,8 @@ class CudaBackend final : public Backend {
   } pend_;
   double moe_stats_[3] = {0, 0, 0};  // profiled MoE calls, summed active experts, summed max tokens per expert
   bool in_step_ = false;             // see note_op()
+  bool graphs_on_ = true;
+  cuda::StepGraphs graphs_{ctx_};
   std::chrono::steady_clock::time_point step_t0_;
   double host_enqueue_ms_ = 0;
   int64_t host_steps_ = 0;
@@ -764,6 +847,11 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
   DSV3_CHECK(topk_idx.dtype == DType::I32 && topk_w.dtype == DType::F32 && topk_idx.dim(0) == T,
              "moe_experts_acc: idx {} w {}", shape_str(topk_idx.shape), shape_str(topk_w.shape));
   if (T == 0) return;
+  const bool small = !f32 && T <= 64 && skinny_ && H % 8 == 0 && I % 8 == 0;
+  if (!small && graphs_.mode() != cuda::StepGraphs::Mode::Off) {
+    graphs_.unsupported("the grouped expert GEMM (host-sized)");  // the capture fails; the step runs eagerly
+    return;
+  }
   Tensor plan = alloc(DType::I32, {3 * E + 2 + 2 * P}, "moe_plan");
   int* counts = plan.ptr<int>();
   int* offsets = counts + E;
@@ -771,12 +859,11 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
   int* n_active = active + E;
   int* sorted_xrow = n_active + 1;
   int* pair_pos = sorted_xrow + P;
-  {
+  if (!skip()) {
     ProfScope ps(*this, "moe.plan");
     cuda::moe_plan(topk_idx.ptr<int>(), int(T), int(K), int(E), counts, offsets, active, n_active, sorted_xrow, pair_pos,
                    ctx_.stream);
   }
-  const bool small = !f32 && T <= 64 && skinny_ && H % 8 == 0 && I % 8 == 0;
   std::vector<int> cnt;
   if (!small || profiling_) {  // counts on the host: to plan the grouped GEMM, or for the profile's byte counts
     if (!moe_counts_host_ || moe_counts_host_.numel() < E)
@@ -821,6 +908,7 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
     d.xrow = nullptr;
     Tensor act = alloc(DType::BF16, {P, I}, "moe_act");
     Tensor y = alloc(DType::F32, {P, H}, "moe_y");
+    if (skip()) return;
     g.y = act.data;
     g.ldy = I;
     g.out_t = DType::BF16;
@@ -949,6 +1037,11 @@ namespace cuda {
 void set_profiling(Backend& be, bool on) { as_cuda(be).set_profiling(on); }
 std::vector<OpStat> take_profile(Backend& be) { return as_cuda(be).take_profile(); }
 void set_skinny(Backend& be, bool on) { as_cuda(be).set_skinny(on); }
+void set_graphs(Backend& be, bool on) { as_cuda(be).set_graphs(on); }
+GraphStats graph_stats(Backend& be) {
+  const StepGraphs::Stats s = as_cuda(be).graph_stats();
+  return GraphStats{s.captures, s.replays, s.eager, s.failed};
+}
 
 DeviceInfo device_info(Backend& be) {
   const cudaDeviceProp& p = as_cuda(be).ctx().prop;

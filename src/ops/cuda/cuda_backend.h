@@ -26,6 +26,17 @@ std::vector<OpStat> take_profile(Backend& be);
 // Linear layers with <= 16 rows use the skinny tensor-core kernel unless turned off (then cuBLAS).
 void set_skinny(Backend& be, bool on);
 
+// Whole-step graphs for pure decode steps (on unless DSV3_CUDA_GRAPHS=0): switch them off or on (off also drops
+// every recording), and count how steps ran since the backend was made.
+void set_graphs(Backend& be, bool on);
+struct GraphStats {
+  int64_t captures = 0;  // steps recorded (and run from the new recording)
+  int64_t replays = 0;   // steps run from an existing recording
+  int64_t eager = 0;     // graph-eligible steps run eagerly (first use of a key)
+  int64_t failed = 0;    // recordings that failed (the key then runs eagerly)
+};
+GraphStats graph_stats(Backend& be);
+
 struct DeviceInfo {
   std::string name;
   int sms = 0;

@@ -15,6 +15,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/step_graph.h"
+#include "ops/cuda/stream_fan.h"
 
 namespace dsv3 {
 
@@ -71,6 +72,9 @@ class CudaBackend final : public Backend {
     // DSV3_CUDA_GRAPHS=0: every decode step eager (no whole-step graphs).
     const char* g = std::getenv("DSV3_CUDA_GRAPHS");
     graphs_on_ = !(g && std::string(g) == "0");
+    // DSV3_CUDA_MOE_STREAMS=N: prefill experts as one cuBLAS call each over N side streams (1: one grouped call).
+    const char* ms = std::getenv("DSV3_CUDA_MOE_STREAMS");
+    moe_streams_ = ms ? std::clamp(std::atoi(ms), 1, 16) : 4;
   }
   ~CudaBackend() override {
     try {
@@ -755,6 +759,8 @@ class CudaBackend final : public Backend {
   int dev_;
   DeviceContext& ctx_;
   bool skinny_ = true, profiling_ = false;
+  int moe_streams_ = 4;
+  std::unique_ptr<cuda::StreamFan> fan_;  // side streams of the prefill experts, made on first use
   UploadSlot slots_[kSlotCount];
   std::unordered_map<const void*, WeightCopy> wcache_, wcache32_;
   DType act_ = DType::BF16;
@@ -974,6 +980,26 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
   auto grouped = [&](Group& gr, void* const* base) {
     const int n = int(gr.m.size());
     if (n == 0) return;
+    if (moe_streams_ > 1 && n > 1) {
+      // One cuBLAS call per expert over side streams, the largest first onto the least-loaded stream: the
+      // small experts' products then run beside the large ones instead of after them.
+      if (!fan_) fan_ = std::make_unique<cuda::StreamFan>(dev_, moe_streams_);
+      std::vector<int> order(size_t(n), 0);
+      for (int i = 0; i < n; ++i) order[size_t(i)] = i;
+      std::sort(order.begin(), order.end(), [&](int a, int b) { return gr.n[size_t(a)] > gr.n[size_t(b)]; });
+      std::vector<double> load(size_t(fan_->size()), 0.0);
+      fan_->fork(ctx_.stream);
+      for (int i : order) {
+        const int s = int(std::min_element(load.begin(), load.end()) - load.begin());
+        load[size_t(s)] += double(gr.m[size_t(i)]) * gr.n[size_t(i)] * gr.k[size_t(i)];
+        DSV3_CUBLAS_CHECK(cublasGemmEx(fan_->blas(s), CUBLAS_OP_T, CUBLAS_OP_N, gr.m[size_t(i)], gr.n[size_t(i)],
+                                       gr.k[size_t(i)], &gr.alpha[size_t(i)], gr.A[size_t(i)], ct, gr.lda[size_t(i)],
+                                       gr.B[size_t(i)], ct, gr.ldb[size_t(i)], &gr.beta[size_t(i)], gr.C[size_t(i)], ct,
+                                       gr.ldc[size_t(i)], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
+      fan_->join(ctx_.stream);
+      return;
+    }
     const cublasStatus_t st = cublasGemmGroupedBatchedEx(
         ctx_.blas, gr.ta.data(), gr.tb.data(), gr.m.data(), gr.n.data(), gr.k.data(), gr.alpha.data(),
         reinterpret_cast<const void* const*>(base), ct, gr.lda.data(), reinterpret_cast<const void* const*>(base + n), ct,

@@ -5,8 +5,10 @@
 // Every test skips when no CUDA device is present.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -464,3 +466,87 @@ TEST(CudaTrain, AdamWMatchesCpuOptimizer) {
 }
 
 }  // namespace
+
+// Per-op wall time at the train-s shapes (bench/configs/train-s.json: B 8 x T 1024, H 1024, 16 heads of
+// 64 + 32 / 64, 32 experts top-4 of I 512, vocab 32768), bf16 products. Runs only with DSV3_CUDA_TRAIN_BENCH=1.
+TEST(CudaTrainBench, TrainSShapes) {
+  REQUIRE_CUDA();
+  if (!std::getenv("DSV3_CUDA_TRAIN_BENCH")) GTEST_SKIP() << "set DSV3_CUDA_TRAIN_BENCH=1";
+  TrainBackend& be = gpu(false);
+  const int64_t B = 8, T = 1024, N = B * T, H = 1024, nh = 16, dn = 64, dr = 32, dv = 64, E = 32, K = 4, I = 512,
+                Vv = 32768, F = 2816;
+  auto time_ms = [&](const char* what, double flop, const std::function<void()>& f) {
+    f();
+    be.synchronize();
+    const int reps = 5;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < reps; ++r) f();
+    be.synchronize();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
+    std::printf("[ cuda-train ] bench %-34s %9.3f ms%s", what, ms, flop > 0 ? "" : "\n");
+    if (flop > 0) std::printf("  %7.1f TFLOP/s\n", flop / ms * 1e-9);
+  };
+  auto buf = [&](int64_t n, uint64_t seed, double scale = 1.0) { return up(be, randn(size_t(n), seed, scale)); };
+  {  // dense linear (the dense FFN's gate projection)
+    auto x = buf(N * H, 1), W = buf(F * H, 2, 0.02), y = buf(N * F, 3), dx = buf(N * H, 4), dW = buf(F * H, 5);
+    time_ms("linear fwd 8192x2816x1024", 2.0 * N * F * H, [&] { be.linear_forward(y.data(), x.data(), W.data(), N, F, H); });
+    time_ms("linear bwd (dx, dW)", 4.0 * N * F * H,
+            [&] { be.linear_backward(dx.data(), false, dW.data(), y.data(), x.data(), W.data(), N, F, H); });
+  }
+  {  // attention core
+    auto q = buf(N * nh * (dn + dr), 10), kv = buf(N * nh * (dn + dv), 11), kpe = buf(N * dr, 12),
+         o = buf(N * nh * dv, 13), l = buf(B * nh * T, 14), dout = buf(N * nh * dv, 15), dq = buf(N * nh * (dn + dr), 16),
+         dkv = buf(N * nh * (dn + dv), 17), dkpe = buf(N * dr, 18);
+    const double causal = double(B) * nh * T * T;  // full products are computed (cuBLAS), count them all
+    time_ms("attention fwd", 2.0 * causal * (dn + dr + dv), [&] {
+      be.attention_forward(o.data(), l.data(), q.data(), kv.data(), kpe.data(), B, T, nh, dn, dr, dv, 0.1);
+    });
+    time_ms("attention bwd", 2.0 * causal * (2 * (dn + dr) + 3 * dv + dn + dr), [&] {
+      be.attention_backward(dq.data(), dkv.data(), dkpe.data(), dout.data(), o.data(), l.data(), q.data(), kv.data(),
+                            kpe.data(), B, T, nh, dn, dr, dv, 0.1);
+    });
+  }
+  {  // router + experts
+    RouteParams p;
+    p.n_experts = E, p.top_k = K, p.n_group = 4, p.topk_group = 2, p.scaling = 2.5;
+    auto logits = buf(N * E, 20), bias = buf(E, 21, 0.01), w = buf(N * K, 22), s = buf(N * E, 23), dz = buf(N * E, 24);
+    TBuf<int32_t> idx(&be);
+    idx.resize(size_t(N * K));
+    time_ms("route fwd", 0, [&] { be.route_forward(idx.data(), w.data(), s.data(), logits.data(), bias.data(), N, p); });
+    time_ms("route bwd", 0, [&] { be.route_backward(dz.data(), w.data(), s.data(), s.data(), idx.data(), N, p); });
+    time_ms("balance loss", 0, [&] { be.balance_loss(dz.data(), s.data(), idx.data(), B, T, E, K, 1e-3, 1.0); });
+    auto x = buf(N * H, 25), Wg = buf(E * I * H, 26, 0.02), Wu = buf(E * I * H, 27, 0.02), Wd = buf(E * H * I, 28, 0.02),
+         out = buf(N * H, 29), dx = buf(N * H, 30), dWg = buf(E * I * H, 31), dWu = buf(E * I * H, 32),
+         dWd = buf(E * H * I, 33), dw = buf(N * K, 34);
+    auto st = be.new_moe_state();
+    const double f = 2.0 * N * K * 3 * H * I;
+    time_ms("experts fwd", f, [&] {
+      be.experts_forward(out.data(), *st, x.data(), idx.data(), w.data(), Wg.data(), Wu.data(), Wd.data(), N, K, H, I, E);
+    });
+    time_ms("experts fwd + bwd", 3 * f, [&] {
+      be.experts_forward(out.data(), *st, x.data(), idx.data(), w.data(), Wg.data(), Wu.data(), Wd.data(), N, K, H, I, E);
+      be.experts_backward(dx.data(), dw.data(), dWg.data(), dWu.data(), dWd.data(), out.data(), *st, x.data(),
+                          idx.data(), w.data(), Wg.data(), Wu.data(), Wd.data(), N, K, H, I, E);
+    });
+  }
+  {  // norms, loss, optimizer
+    auto x = buf(N * H, 40), w = buf(H, 41), o = buf(N * H, 42), r = buf(N, 43), dx = buf(N * H, 44), dw = buf(H, 45);
+    time_ms("rmsnorm fwd", 0, [&] { be.rmsnorm_forward(o.data(), r.data(), x.data(), H, w.data(), N, H, 1e-6); });
+    time_ms("rmsnorm bwd", 0, [&] {
+      be.rmsnorm_backward(dx.data(), H, dw.data(), o.data(), x.data(), H, r.data(), w.data(), N, H);
+    });
+    auto z = buf(N * Vv, 46, 2.0);
+    I32 tg(static_cast<size_t>(N));
+    for (int64_t t = 0; t < N; ++t) tg[t] = int32_t((t * 7919) % Vv);
+    auto gt = up(be, tg);
+    time_ms("cross-entropy 8192 x 32768 (in place)", 0, [&] {
+      be.cross_entropy_forward_backward(z.data(), z.data(), gt.data(), N, Vv, 1.0 / N, nullptr);
+    });
+    const int64_t P = 200'000'000;
+    auto pp = buf(P, 47, 0.02), g = buf(P, 48, 1e-3), m = buf(P, 49, 0), v = buf(P, 50, 0);
+    time_ms("sum_squares 200M", 0, [&] { be.sum_squares(g.data(), P); });
+    time_ms("adamw 200M", 0, [&] {
+      be.adamw_update(pp.data(), g.data(), m.data(), v.data(), 0, P, 0.9f, 0.95f, 1e-8f, 1.f, 0.999f, 1e-3f, 1.f);
+    });
+  }
+}

@@ -173,16 +173,20 @@ class CudaTrainBackend final : public TrainBackend {
     return total;
   }
 
-  // ---- attention: per sequence, cuBLAS products batched over the heads, scores [nh, Tq, Tq] in scratch.
+  // ---- attention: per sequence, cuBLAS products batched over the heads, scores [nh, Tq, Tq] in scratch; the
+  // keys concatenated per head, Kc [B*Tq, nh, dn + dr] = [k_nope | k_pe], so each product is one call.
   void attention_forward(float* out, float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
                          int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale) override {
     const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv), os = nh * dv, TT = Tq * Tq;
     float* S = scratch<float>(kScores, size_t(nh * TT));
+    float* Kc = scratch<float>(kKeys, size_t(B * Tq * qs));
+    k::concat_keys(Kc, kv, kpe, B * Tq, nh, dn, dr, dv, ctx_.stream);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r0 = b * Tq;
-      scores(S, q + r0 * qs, kv + r0 * ks, kpe + r0 * dr, Tq, nh, dn, dr, dv, float(scale));
+      // S_h = scale Q_h Kc_h^T;  P = causal softmax (lse saved);  O_h = P_h V_h
+      gemm_batched(false, true, Tq, Tq, dn + dr, float(scale), q + r0 * qs, qs, dn + dr, Kc + r0 * qs, qs, dn + dr,
+                   0.f, S, Tq, TT, nh);
       k::causal_softmax_forward(S, lse + b * nh * Tq, nh, Tq, ctx_.stream);
-      // O_h = P_h V_h
       gemm_batched(false, false, Tq, dv, Tq, 1.f, S, Tq, TT, kv + r0 * ks + dn, ks, dn + dv, 0.f, out + r0 * os, os,
                    dv, nh);
     }
@@ -196,23 +200,23 @@ class CudaTrainBackend final : public TrainBackend {
     float* P = scratch<float>(kScores, size_t(nh * TT));
     float* dP = scratch<float>(kScores2, size_t(nh * TT));
     float* D = scratch<float>(kRowDot, size_t(nh * Tq));
-    float* part = scratch<float>(kKpePart, size_t(std::max<int64_t>(nh * Tq * dr, 1)));
+    float* Kc = scratch<float>(kKeys, size_t(B * Tq * qs));
+    float* dKc = scratch<float>(kKeyGrads, size_t(Tq * qs));
+    k::concat_keys(Kc, kv, kpe, B * Tq, nh, dn, dr, dv, ctx_.stream);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r0 = b * Tq;
-      const float *qb = q + r0 * qs, *kvb = kv + r0 * ks, *kpeb = kpe + r0 * dr, *dob = dout + r0 * os;
+      const float *qb = q + r0 * qs, *kvb = kv + r0 * ks, *kcb = Kc + r0 * qs, *dob = dout + r0 * os;
       float *dqb = dq + r0 * qs, *dkvb = dkv + r0 * ks;
-      scores(P, qb, kvb, kpeb, Tq, nh, dn, dr, dv, sc);
+      gemm_batched(false, true, Tq, Tq, dn + dr, sc, qb, qs, dn + dr, kcb, qs, dn + dr, 0.f, P, Tq, TT, nh);
       k::causal_softmax_recompute(P, D, lse + b * nh * Tq, dob, out + r0 * os, nh, Tq, dv, os, ctx_.stream);
       // dV = P^T dO;  dP = dO V^T;  dS = P (dP - D)
       gemm_batched(true, false, Tq, dv, Tq, 1.f, P, Tq, TT, dob, os, dv, 0.f, dkvb + dn, ks, dn + dv, nh);
       gemm_batched(false, true, Tq, Tq, dv, 1.f, dob, os, dv, kvb + dn, ks, dn + dv, 0.f, dP, Tq, TT, nh);
       k::softmax_backward(dP, P, D, nh, Tq, ctx_.stream);
-      // dQn = sc dS Kn;  dQp = sc dS Kpe;  dKn = sc dS^T Qn;  dKpe = sum_h sc dS_h^T Qp_h (head order)
-      gemm_batched(false, false, Tq, dn, Tq, sc, dP, Tq, TT, kvb, ks, dn + dv, 0.f, dqb, qs, dn + dr, nh);
-      gemm_batched(false, false, Tq, dr, Tq, sc, dP, Tq, TT, kpeb, dr, 0, 0.f, dqb + dn, qs, dn + dr, nh);
-      gemm_batched(true, false, Tq, dn, Tq, sc, dP, Tq, TT, qb, qs, dn + dr, 0.f, dkvb, ks, dn + dv, nh);
-      gemm_batched(true, false, Tq, dr, Tq, sc, dP, Tq, TT, qb + dn, qs, dn + dr, 0.f, part, dr, Tq * dr, nh);
-      k::sum_heads(dkpe + r0 * dr, part, nh, Tq * dr, ctx_.stream);
+      // dQ = sc dS Kc (both parts of q);  dKc = sc dS^T Q, split into dk_nope and the head sum for dkpe
+      gemm_batched(false, false, Tq, dn + dr, Tq, sc, dP, Tq, TT, kcb, qs, dn + dr, 0.f, dqb, qs, dn + dr, nh);
+      gemm_batched(true, false, Tq, dn + dr, Tq, sc, dP, Tq, TT, qb, qs, dn + dr, 0.f, dKc, qs, dn + dr, nh);
+      k::split_key_grads(dkvb, dkpe + r0 * dr, dKc, Tq, nh, dn, dr, dv, ctx_.stream);
     }
   }
 
@@ -340,7 +344,8 @@ class CudaTrainBackend final : public TrainBackend {
  private:
   // Scratch slots: grown on demand, reused by later ops (one stream orders every use).
   enum Slot {
-    kNormPart, kEmbPlan, kRowLoss, kRowHit, kScores, kScores2, kRowDot, kKpePart, kSeqLoss, kTokSum, kMoeX, kMoeA,
+    kNormPart, kEmbPlan, kRowLoss, kRowHit, kScores, kScores2, kRowDot, kKeys, kKeyGrads, kSeqLoss, kTokSum, kMoeX,
+    kMoeA,
     kMoeW, kSumSq, kNumSlots
   };
   struct Scratch {
@@ -389,14 +394,6 @@ class CudaTrainBackend final : public TrainBackend {
     int32_t* d = s.rows.resize(std::max<size_t>(plan_.size(), 1));
     upload(d, plan_.data(), plan_.size() * 4);
     synchronize();  // plan_ is pageable host memory reused by the next call
-  }
-
-  // Scores of one sequence for all heads: S_h = scale (Qn_h Kn_h^T + Qp_h Kpe^T), S [nh, T, T].
-  void scores(float* S, const float* q, const float* kv, const float* kpe, int64_t T, int64_t nh, int64_t dn,
-              int64_t dr, int64_t dv, float scale) {
-    const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv);
-    gemm_batched(false, true, T, T, dn, scale, q, qs, dn + dr, kv, ks, dn + dv, 0.f, S, T, T * T, nh);
-    if (dr > 0) gemm_batched(false, true, T, T, dr, scale, q + dn, qs, dn + dr, kpe, dr, 0, 1.f, S, T, T * T, nh);
   }
 
   // Row-major C[M, N] = alpha op(A) op(B) + beta C for `batch` matrices (strides in elements). cuBLAS is

@@ -1,6 +1,8 @@
 // The non-GEMM parts of the causal MLA attention core for training (the products are cuBLAS calls in
-// cuda_train_backend.cpp; the math is ops/cpu/backward_attention.cpp). Everything works on one sequence of T
-// tokens with all nh heads at once: scores S/P [nh, T, T] (row (h, i) at (h T + i) T), lse and D [nh, T].
+// cuda_train_backend.cpp; the math is ops/cpu/backward_attention.cpp). The softmax kernels work on one sequence
+// of T tokens with all nh heads at once: scores S/P [nh, T, T] (row (h, i) at (h T + i) T), lse and D [nh, T].
+// The keys are concatenated per head, Kc [n, nh, dn + dr] = [k_nope | k_pe], so that S = Q Kc^T, dQ = dS Kc and
+// dKc = dS^T Q are one product each (every product reads the T x T matrix once, and those passes dominate).
 #include "ops/cuda/train_common.cuh"
 #include "ops/cuda/train_kernels.h"
 
@@ -46,11 +48,33 @@ __global__ void softmax_bwd_kernel(float* dP, const float* P, const float* D, in
   }
 }
 
-__global__ void sum_heads_kernel(float* out, const float* part, int64_t nh, int64_t n) {
-  DSV3_GRID_STRIDE(k, n) {
-    float acc = 0.f;
-    for (int64_t h = 0; h < nh; ++h) acc += part[h * n + k];
-    out[k] = acc;
+// Kc[t, h, :] = [kv[t, h, :dn] | kpe[t, :]] for t < n.
+__global__ void concat_keys_kernel(float* Kc, const float* kv, const float* kpe, int64_t n, int64_t nh, int64_t dn,
+                                   int64_t dr, int64_t dv) {
+  const int64_t w = dn + dr;
+  DSV3_GRID_STRIDE(i, n * nh * w) {
+    const int64_t c = i % w, th = i / w, t = th / nh, h = th % nh;
+    Kc[i] = c < dn ? kv[t * nh * (dn + dv) + h * (dn + dv) + c] : kpe[t * dr + c - dn];
+  }
+}
+
+// From dKc [T, nh, dn + dr]: dkv[t, h, :dn] = dKc[t, h, :dn] (the v part is written elsewhere) and
+// dkpe[t, j] = sum over h of dKc[t, h, dn + j], in head order.
+__global__ void split_key_grads_kernel(float* dkv, float* dkpe, const float* dKc, int64_t T, int64_t nh, int64_t dn,
+                                       int64_t dr, int64_t dv) {
+  const int64_t w = dn + dr, cols = nh * dn + dr;
+  DSV3_GRID_STRIDE(i, T * cols) {
+    const int64_t t = i / cols, c = i % cols;
+    const float* src = dKc + t * nh * w;
+    if (c < nh * dn) {
+      const int64_t h = c / dn, j = c % dn;
+      dkv[t * nh * (dn + dv) + h * (dn + dv) + j] = src[h * w + j];
+    } else {
+      const int64_t j = c - nh * dn;
+      float acc = 0.f;
+      for (int64_t h = 0; h < nh; ++h) acc += src[h * w + dn + j];
+      dkpe[t * dr + j] = acc;
+    }
   }
 }
 
@@ -78,9 +102,17 @@ void softmax_backward(float* dP, const float* P, const float* D, int64_t nh, int
   DSV3_CUDA_KERNEL_CHECK();
 }
 
-void sum_heads(float* dkpe, const float* part, int64_t nh, int64_t n, cudaStream_t s) {
-  if (n <= 0) return;
-  sum_heads_kernel<<<grid_for(n), 256, 0, s>>>(dkpe, part, nh, n);
+void concat_keys(float* Kc, const float* kv, const float* kpe, int64_t n, int64_t nh, int64_t dn, int64_t dr,
+                 int64_t dv, cudaStream_t s) {
+  if (n * nh * (dn + dr) <= 0) return;
+  concat_keys_kernel<<<grid_for(n * nh * (dn + dr)), 256, 0, s>>>(Kc, kv, kpe, n, nh, dn, dr, dv);
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+void split_key_grads(float* dkv, float* dkpe, const float* dKc, int64_t T, int64_t nh, int64_t dn, int64_t dr,
+                     int64_t dv, cudaStream_t s) {
+  if (T * (nh * dn + dr) <= 0) return;
+  split_key_grads_kernel<<<grid_for(T * (nh * dn + dr)), 256, 0, s>>>(dkv, dkpe, dKc, T, nh, dn, dr, dv);
   DSV3_CUDA_KERNEL_CHECK();
 }
 

@@ -58,8 +58,12 @@ void causal_softmax_recompute(float* SP, float* D, const float* lse, const float
                               int64_t T, int64_t dv, int64_t os, cudaStream_t s);
 // dS = P * (dP - D) on j <= i, 0 above (in place on dP).
 void softmax_backward(float* dP, const float* P, const float* D, int64_t nh, int64_t T, cudaStream_t s);
-// dkpe[T, dr] = sum over h of part[h, T, dr], in head order.
-void sum_heads(float* dkpe, const float* part, int64_t nh, int64_t n, cudaStream_t s);
+// Kc [n, nh, dn + dr] = [k_nope | k_pe] per head, from kv [n, nh, dn + dv] and kpe [n, dr].
+void concat_keys(float* Kc, const float* kv, const float* kpe, int64_t n, int64_t nh, int64_t dn, int64_t dr,
+                 int64_t dv, cudaStream_t s);
+// dKc [T, nh, dn + dr] -> dkv[:, :, :dn] (v columns untouched) and dkpe [T, dr] = sum over heads in head order.
+void split_key_grads(float* dkv, float* dkpe, const float* dKc, int64_t T, int64_t nh, int64_t dn, int64_t dr,
+                     int64_t dv, cudaStream_t s);
 
 // ---- train_moe.cu: router, balance loss, expert dispatch helpers.
 void route_forward(int32_t* idx, float* w, float* scores, const float* logits, const float* bias, int64_t N,

@@ -182,10 +182,12 @@ __global__ void balance_loss_kernel(float* dscores, const float* scores, const i
     for (int64_t e = lane; e < E; e += 32) d[e] = float(kk * (f[e] / S - fs / (S * S)));
   }
   __syncthreads();  // Sbuf of the block's tokens is visible to the whole block
-  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+  // P_e: one warp per expert, lanes over tokens, a fixed shuffle tree (deterministic).
+  for (int64_t e = threadIdx.x >> 5; e < E; e += nw) {
     double P = 0;
-    for (int64_t t = t0; t < t0 + Tq; ++t) P += double(scores[t * E + e]) / Sbuf[t] / double(Tq);
-    fP[e] = f[e] * P;
+    for (int64_t t = t0 + lane; t < t0 + Tq; t += 32) P += double(scores[t * E + e]) / Sbuf[t] / double(Tq);
+    P = warp_sum_d(P);
+    if (lane == 0) fP[e] = f[e] * P;
   }
   __syncthreads();
   if (threadIdx.x == 0) {

@@ -1,0 +1,444 @@
+// TrainBackend on one GPU: fp32 memory from the device context's caching allocator, every op on the context's
+// stream, products through cuBLAS (fp32 in and out, bf16 tensor cores with fp32 accumulation; plain fp32 with
+// DSV3_CUDA_TRAIN_F32=1 for exact comparisons), the other ops in train_*.cu (host entry points in
+// train_kernels.h). The math of each op is the CPU reference kernel's (ops/cpu/train_ops.h).
+//
+// Host round trips (each waits for the stream): the ops that return host values (download, the losses,
+// sum_squares, count_experts), the expert bucketing of experts_forward (the expert counts size the per-expert
+// products, once per MoE layer) and embedding_backward (its per-row token lists are built on the host, which
+// keeps the scatter deterministic without atomics).
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <numeric>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/error.h"
+#include "ops/cuda/device.h"
+#include "ops/cuda/train_kernels.h"
+#include "ops/train_backend.h"
+
+namespace dsv3 {
+
+namespace {
+
+using cuda::DeviceContext;
+namespace k = cuda::train;
+
+int as_int(int64_t v, const char* what) {
+  if (v < 0 || v > INT_MAX) fail("CUDA training backend: {} = {} does not fit a cuBLAS int", what, v);
+  return int(v);
+}
+
+// Routed-expert state of one MoE layer between experts_forward and experts_backward.
+struct CudaMoeState final : MoeSavedState {
+  std::vector<int64_t> offsets;  // host [E + 1]: first sorted position of each expert
+  TBuf<int32_t> rows;            // [3 NK]: sorted pos -> token | sorted pos -> t K + k | t K + k -> sorted pos
+  TBuf<float> G, U, Y;           // [NK, I], [NK, I], [NK, H] in sorted order
+  explicit CudaMoeState(TrainBackend* be) : rows(be), G(be), U(be), Y(be) {}
+};
+
+class CudaTrainBackend final : public TrainBackend {
+ public:
+  explicit CudaTrainBackend(int dev) : dev_(dev), ctx_(DeviceContext::get(dev)) {
+    DSV3_CUDA_CHECK(cudaSetDevice(dev));
+    // DSV3_CUDA_TRAIN_F32=1: fp32 products without TF32 (exact comparisons with the CPU); else bf16 tensor cores.
+    const char* e = std::getenv("DSV3_CUDA_TRAIN_F32");
+    f32_ = e && std::string(e) == "1";
+  }
+  ~CudaTrainBackend() override {
+    cudaStreamSynchronize(ctx_.stream);
+    for (auto& s : scratch_)
+      if (s.p) ctx_.alloc.release(s.p, s.rounded);
+    for (auto& [p, r] : sizes_) ctx_.alloc.release(p, r);
+  }
+
+  std::string name() const override { return "cuda:" + std::to_string(dev_) + (f32_ ? " (fp32 products)" : ""); }
+  bool is_host() const override { return false; }
+
+  // ---- memory
+  void* raw_alloc(size_t bytes) override {
+    size_t rounded = 0;
+    void* p = ctx_.alloc.alloc(std::max<size_t>(bytes, 1), &rounded);
+    sizes_[p] = rounded;
+    return p;
+  }
+  void raw_free(void* p) override {
+    if (!p) return;
+    auto it = sizes_.find(p);
+    if (it == sizes_.end()) fail("CUDA training backend: freeing memory it did not allocate");
+    ctx_.alloc.release(p, it->second);  // stream order keeps the block's pending work ahead of its next use
+    sizes_.erase(it);
+  }
+  void upload(void* dst, const void* host_src, size_t bytes) override {
+    if (bytes) DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, ctx_.stream));
+  }
+  void download(void* host_dst, const void* src, size_t bytes) override {
+    if (bytes) DSV3_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, ctx_.stream));
+    synchronize();
+  }
+  void synchronize() override { DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream)); }
+  void fill(float* x, float value, int64_t n) override { k::fill(x, value, n, ctx_.stream); }
+  void copy(float* dst, const float* src, int64_t n) override {
+    if (n > 0 && dst != src)
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(n) * 4, cudaMemcpyDeviceToDevice, ctx_.stream));
+  }
+  void copy_2d(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows, int64_t cols,
+               bool accumulate) override {
+    k::copy_2d(dst, dst_stride, src, src_stride, rows, cols, accumulate, ctx_.stream);
+  }
+  void add(float* y, const float* x, int64_t n) override { k::add(y, x, n, ctx_.stream); }
+
+  // ---- products
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override {
+    gemm_batched(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+  }
+
+  // ---- norms, rope, swiglu, embedding
+  void rmsnorm_forward(float* out, float* rstd, const float* x, int64_t xs, const float* w, int64_t N, int64_t D,
+                       double eps) override {
+    k::rmsnorm_forward(out, rstd, x, xs, w, N, D, eps, ctx_.stream);
+  }
+  void rmsnorm_backward(float* dx, int64_t dxs, float* dw, const float* dout, const float* x, int64_t xs,
+                        const float* rstd, const float* w, int64_t N, int64_t D) override {
+    float* part = scratch<float>(kNormPart, size_t(k::rmsnorm_backward_part_floats(N, D)));
+    k::rmsnorm_backward(dx, dxs, dw, dout, x, xs, rstd, w, N, D, part, ctx_.stream);
+  }
+  void rope_forward(float* x, int64_t N, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
+                    const float* cos, const float* sin, bool interleave) override {
+    k::rope(x, N, n, stride, off, dr, pos, cos, sin, interleave, false, ctx_.stream);
+  }
+  void rope_backward(float* dx, int64_t N, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
+                     const float* cos, const float* sin, bool interleave) override {
+    k::rope(dx, N, n, stride, off, dr, pos, cos, sin, interleave, true, ctx_.stream);
+  }
+  void swiglu_forward(float* out, const float* g, const float* u, int64_t n) override {
+    k::swiglu_forward(out, g, u, n, ctx_.stream);
+  }
+  void swiglu_backward(float* dg, float* du, const float* dout, const float* g, const float* u, int64_t n) override {
+    k::swiglu_backward(dg, du, dout, g, u, n, ctx_.stream);
+  }
+  void embedding_forward(float* out, const float* table, const int32_t* ids, int64_t N, int64_t H) override {
+    k::embedding_forward(out, table, ids, N, H, ctx_.stream);
+  }
+  void embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t N, int64_t H) override {
+    if (N <= 0) return;
+    host_i32_.resize(size_t(N));
+    download(host_i32_.data(), ids, size_t(N) * 4);
+    // Token lists per distinct id (ids ascending, tokens in order inside an id): [rows | offsets | tokens].
+    std::vector<int32_t> ord(static_cast<size_t>(N));
+    std::iota(ord.begin(), ord.end(), 0);
+    std::stable_sort(ord.begin(), ord.end(), [&](int32_t a, int32_t b) { return host_i32_[a] < host_i32_[b]; });
+    std::vector<int32_t> row_id, off;
+    for (int64_t i = 0; i < N; ++i)
+      if (i == 0 || host_i32_[ord[i]] != host_i32_[ord[i - 1]]) {
+        row_id.push_back(host_i32_[ord[i]]);
+        off.push_back(int32_t(i));
+      }
+    off.push_back(int32_t(N));
+    const int64_t nr = int64_t(row_id.size());
+    plan_.clear();
+    plan_.insert(plan_.end(), row_id.begin(), row_id.end());
+    plan_.insert(plan_.end(), off.begin(), off.end());
+    plan_.insert(plan_.end(), ord.begin(), ord.end());
+    int32_t* d = scratch<int32_t>(kEmbPlan, plan_.size());
+    upload(d, plan_.data(), plan_.size() * 4);
+    k::embedding_backward(dtable, dout, d, d + nr, d + 2 * nr + 1, nr, H, ctx_.stream);
+    synchronize();  // plan_ (pageable host memory) may be rewritten by the next call
+  }
+
+  double cross_entropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                                        int64_t V, double scale, int64_t* correct) override {
+    if (N <= 0) {
+      if (correct) *correct = 0;
+      return 0.0;
+    }
+    double* loss = scratch<double>(kRowLoss, size_t(N));
+    int32_t* hit = scratch<int32_t>(kRowHit, size_t(N));
+    k::cross_entropy(dlogits, logits, targets, N, V, scale, loss, hit, ctx_.stream);
+    std::vector<double> hl(static_cast<size_t>(N));
+    host_i32_.resize(size_t(N));
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(hl.data(), loss, size_t(N) * 8, cudaMemcpyDeviceToHost, ctx_.stream));
+    download(host_i32_.data(), hit, size_t(N) * 4);
+    double total = 0;
+    int64_t c = 0;
+    for (int64_t t = 0; t < N; ++t) total += hl[t], c += host_i32_[t];
+    if (correct) *correct = c;
+    return total;
+  }
+
+  // ---- attention: per sequence, cuBLAS products batched over the heads, scores [nh, Tq, Tq] in scratch; the
+  // keys concatenated per head, Kc [B*Tq, nh, dn + dr] = [k_nope | k_pe], so each product is one call.
+  void attention_forward(float* out, float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
+                         int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale) override {
+    const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv), os = nh * dv, TT = Tq * Tq;
+    float* S = scratch<float>(kScores, size_t(nh * TT));
+    float* Kc = scratch<float>(kKeys, size_t(B * Tq * qs));
+    k::concat_keys(Kc, kv, kpe, B * Tq, nh, dn, dr, dv, ctx_.stream);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r0 = b * Tq;
+      // S_h = scale Q_h Kc_h^T;  P = causal softmax (lse saved);  O_h = P_h V_h
+      gemm_batched(false, true, Tq, Tq, dn + dr, float(scale), q + r0 * qs, qs, dn + dr, Kc + r0 * qs, qs, dn + dr,
+                   0.f, S, Tq, TT, nh);
+      k::causal_softmax_forward(S, lse + b * nh * Tq, nh, Tq, ctx_.stream);
+      gemm_batched(false, false, Tq, dv, Tq, 1.f, S, Tq, TT, kv + r0 * ks + dn, ks, dn + dv, 0.f, out + r0 * os, os,
+                   dv, nh);
+    }
+  }
+
+  void attention_backward(float* dq, float* dkv, float* dkpe, const float* dout, const float* out, const float* lse,
+                          const float* q, const float* kv, const float* kpe, int64_t B, int64_t Tq, int64_t nh,
+                          int64_t dn, int64_t dr, int64_t dv, double scale) override {
+    const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv), os = nh * dv, TT = Tq * Tq;
+    const float sc = float(scale);
+    float* P = scratch<float>(kScores, size_t(nh * TT));
+    float* dP = scratch<float>(kScores2, size_t(nh * TT));
+    float* D = scratch<float>(kRowDot, size_t(nh * Tq));
+    float* Kc = scratch<float>(kKeys, size_t(B * Tq * qs));
+    float* dKc = scratch<float>(kKeyGrads, size_t(Tq * qs));
+    k::concat_keys(Kc, kv, kpe, B * Tq, nh, dn, dr, dv, ctx_.stream);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r0 = b * Tq;
+      const float *qb = q + r0 * qs, *kvb = kv + r0 * ks, *kcb = Kc + r0 * qs, *dob = dout + r0 * os;
+      float *dqb = dq + r0 * qs, *dkvb = dkv + r0 * ks;
+      gemm_batched(false, true, Tq, Tq, dn + dr, sc, qb, qs, dn + dr, kcb, qs, dn + dr, 0.f, P, Tq, TT, nh);
+      k::causal_softmax_recompute(P, D, lse + b * nh * Tq, dob, out + r0 * os, nh, Tq, dv, os, ctx_.stream);
+      // dV = P^T dO;  dP = dO V^T;  dS = P (dP - D)
+      gemm_batched(true, false, Tq, dv, Tq, 1.f, P, Tq, TT, dob, os, dv, 0.f, dkvb + dn, ks, dn + dv, nh);
+      gemm_batched(false, true, Tq, Tq, dv, 1.f, dob, os, dv, kvb + dn, ks, dn + dv, 0.f, dP, Tq, TT, nh);
+      k::softmax_backward(dP, P, D, nh, Tq, ctx_.stream);
+      // dQ = sc dS Kc (both parts of q);  dKc = sc dS^T Q, split into dk_nope and the head sum for dkpe
+      gemm_batched(false, false, Tq, dn + dr, Tq, sc, dP, Tq, TT, kcb, qs, dn + dr, 0.f, dqb, qs, dn + dr, nh);
+      gemm_batched(true, false, Tq, dn + dr, Tq, sc, dP, Tq, TT, qb, qs, dn + dr, 0.f, dKc, qs, dn + dr, nh);
+      k::split_key_grads(dkvb, dkpe + r0 * dr, dKc, Tq, nh, dn, dr, dv, ctx_.stream);
+    }
+  }
+
+  // ---- router
+  void route_forward(int32_t* idx, float* w, float* scores, const float* logits, const float* bias, int64_t N,
+                     const RouteParams& p) override {
+    k::route_forward(idx, w, scores, logits, bias, N, p, ctx_.stream);
+  }
+  void route_backward(float* dlogits, const float* dw, const float* dscores_extra, const float* scores,
+                      const int32_t* idx, int64_t N, const RouteParams& p) override {
+    k::route_backward(dlogits, dw, dscores_extra, scores, idx, N, p, ctx_.stream);
+  }
+  double balance_loss(float* dscores, const float* scores, const int32_t* idx, int64_t B, int64_t Tq, int64_t E,
+                      int64_t K, double alpha, double grad_scale) override {
+    if (B <= 0) return 0.0;
+    double* seq = scratch<double>(kSeqLoss, size_t(B));
+    double* S = scratch<double>(kTokSum, size_t(B * Tq));
+    k::balance_loss(dscores, scores, idx, B, Tq, E, K, alpha, grad_scale, seq, S, ctx_.stream);
+    std::vector<double> h(static_cast<size_t>(B));
+    download(h.data(), seq, size_t(B) * 8);
+    double total = 0;
+    for (double v : h) total += v;
+    return total;
+  }
+  void count_experts(std::vector<int64_t>& load, const int32_t* idx, int64_t n) override {
+    if (n <= 0) return;
+    host_i32_.resize(size_t(n));
+    download(host_i32_.data(), idx, size_t(n) * 4);
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t e = host_i32_[i];
+      if (e >= 0 && e < int64_t(load.size())) ++load[e];
+    }
+  }
+
+  // ---- routed experts
+  std::unique_ptr<MoeSavedState> new_moe_state() override { return std::make_unique<CudaMoeState>(this); }
+
+  void experts_forward(float* out, MoeSavedState& st, const float* x, const int32_t* idx, const float* w,
+                       const float* Wg, const float* Wu, const float* Wd, int64_t N, int64_t K, int64_t H, int64_t I,
+                       int64_t E) override {
+    auto& s = as_state(st);
+    const int64_t NK = N * K;
+    plan_experts(s, idx, NK, K, E);
+    if (NK == 0) return;
+    const int32_t* xrow = s.rows.data();
+    float* G = s.G.resize(size_t(NK * I));
+    float* U = s.U.resize(size_t(NK * I));
+    float* Y = s.Y.resize(size_t(NK * H));
+    float* Xs = scratch<float>(kMoeX, size_t(NK * H));
+    float* A = scratch<float>(kMoeA, size_t(NK * I));
+    k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
+      if (n == 0) continue;
+      gemm(false, true, n, I, H, 1.f, Xs + o * H, H, Wg + e * I * H, H, 0.f, G + o * I, I);
+      gemm(false, true, n, I, H, 1.f, Xs + o * H, H, Wu + e * I * H, H, 0.f, U + o * I, I);
+    }
+    k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
+      if (n == 0) continue;
+      gemm(false, true, n, H, I, 1.f, A + o * I, I, Wd + e * H * I, I, 0.f, Y + o * H, H);
+    }
+    k::moe_combine(out, Y, w, s.rows.data() + 2 * NK, N, K, H, ctx_.stream);
+  }
+
+  void experts_backward(float* dx, float* dw, float* dWg, float* dWu, float* dWd, const float* dout,
+                        MoeSavedState& st, const float* x, const int32_t* idx, const float* w, const float* Wg,
+                        const float* Wu, const float* Wd, int64_t N, int64_t K, int64_t H, int64_t I,
+                        int64_t E) override {
+    auto& s = as_state(st);
+    const int64_t NK = N * K;
+    if (NK == 0) return;
+    if (int64_t(s.offsets.size()) != E + 1 || s.Y.size() != size_t(NK * H))
+      fail("experts_backward: the saved state does not match (run experts_forward on the same shapes first)");
+    const int32_t *xrow = s.rows.data(), *order = xrow + NK, *where = xrow + 2 * NK;
+    float *G = s.G.data(), *U = s.U.data(), *Y = s.Y.data();
+    k::moe_dw(dw, dout, Y, where, N, K, H, ctx_.stream);
+    // dY = w_tk dout_t in sorted order (Y's buffer is free now: it becomes dY, later the per-pair dx).
+    float* ws = scratch<float>(kMoeW, size_t(NK));
+    k::gather_rows(ws, w, order, NK, 1, ctx_.stream);
+    float* dY = Y;
+    k::gather_rows_scaled(dY, dout, xrow, ws, NK, H, ctx_.stream);
+    float* Xs = scratch<float>(kMoeX, size_t(NK * H));
+    float* A = scratch<float>(kMoeA, size_t(NK * I));
+    k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
+    k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
+    for (int64_t e = 0; e < E; ++e) {  // dWd += dY^T A;  dA = dY Wd (into A once dWd has used it)
+      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
+      if (n == 0) continue;
+      gemm(true, false, H, I, n, 1.f, dY + o * H, H, A + o * I, I, 1.f, dWd + e * H * I, I);
+      gemm(false, false, n, I, H, 1.f, dY + o * H, H, Wd + e * H * I, I, 0.f, A + o * I, I);
+    }
+    k::swiglu_backward(G, U, A, G, U, NK * I, ctx_.stream);  // in place: G, U become dG, dU
+    float* DX = Y;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
+      if (n == 0) continue;
+      gemm(false, false, n, H, I, 1.f, G + o * I, I, Wg + e * I * H, H, 0.f, DX + o * H, H);
+      gemm(false, false, n, H, I, 1.f, U + o * I, I, Wu + e * I * H, H, 1.f, DX + o * H, H);
+      gemm(true, false, I, H, n, 1.f, G + o * I, I, Xs + o * H, H, 1.f, dWg + e * I * H, H);
+      gemm(true, false, I, H, n, 1.f, U + o * I, I, Xs + o * H, H, 1.f, dWu + e * I * H, H);
+    }
+    k::moe_sum_pairs(dx, DX, where, N, K, H, ctx_.stream);
+  }
+
+  // ---- optimizer
+  double sum_squares(const float* x, int64_t n) override {
+    if (n <= 0) return 0.0;
+    double* part = scratch<double>(kSumSq, k::kSumSquaresBlocks);
+    k::sum_squares(x, n, part, ctx_.stream);
+    std::vector<double> h(k::kSumSquaresBlocks);
+    download(h.data(), part, h.size() * 8);
+    double s = 0;
+    for (double v : h) s += v;
+    return s;
+  }
+  void adamw_update(float* params, const float* grads, float* m, float* v, int64_t offset, int64_t n, float b1,
+                    float b2, float eps, float grad_scale, float decay, float step_size,
+                    float inv_sqrt_bc2) override {
+    k::adamw(params + offset, grads + offset, m + offset, v + offset, n, b1, b2, eps, grad_scale, decay, step_size,
+             inv_sqrt_bc2, ctx_.stream);
+  }
+
+ private:
+  // Scratch slots: grown on demand, reused by later ops (one stream orders every use).
+  enum Slot {
+    kNormPart, kEmbPlan, kRowLoss, kRowHit, kScores, kScores2, kRowDot, kKeys, kKeyGrads, kSeqLoss, kTokSum, kMoeX,
+    kMoeA,
+    kMoeW, kSumSq, kNumSlots
+  };
+  struct Scratch {
+    void* p = nullptr;
+    size_t bytes = 0, rounded = 0;
+  };
+  template <typename T>
+  T* scratch(Slot slot, size_t n) {
+    Scratch& s = scratch_[slot];
+    const size_t bytes = std::max<size_t>(n * sizeof(T), 1);
+    if (bytes > s.bytes) {
+      if (s.p) ctx_.alloc.release(s.p, s.rounded);
+      s.p = nullptr;
+      s.p = ctx_.alloc.alloc(bytes, &s.rounded);
+      s.bytes = bytes;
+    }
+    return static_cast<T*>(s.p);
+  }
+
+  static CudaMoeState& as_state(MoeSavedState& st) {
+    auto* s = dynamic_cast<CudaMoeState*>(&st);
+    if (!s) fail("experts_forward/backward: the MoE state was not made by this CUDA backend");
+    return *s;
+  }
+
+  // Buckets the NK pairs (t, k) by expert, token order inside an expert (the CPU's order): host offsets, and
+  // on the device [token of each sorted position | t K + k of each sorted position | sorted position of t K + k].
+  void plan_experts(CudaMoeState& s, const int32_t* idx, int64_t NK, int64_t K, int64_t E) {
+    host_i32_.resize(size_t(NK));
+    if (NK) download(host_i32_.data(), idx, size_t(NK) * 4);
+    s.offsets.assign(size_t(E + 1), 0);
+    for (int64_t i = 0; i < NK; ++i) {
+      const int32_t e = host_i32_[i];
+      if (e < 0 || e >= E) fail("experts_forward: expert index {} out of range [0, {})", e, E);
+      s.offsets[e + 1]++;
+    }
+    for (int64_t e = 0; e < E; ++e) s.offsets[e + 1] += s.offsets[e];
+    plan_.assign(size_t(3 * NK), 0);
+    std::vector<int64_t> fill(s.offsets.begin(), s.offsets.end() - 1);
+    for (int64_t i = 0; i < NK; ++i) {
+      const int64_t pos = fill[host_i32_[i]]++;
+      plan_[pos] = int32_t(i / K);
+      plan_[NK + pos] = int32_t(i);
+      plan_[2 * NK + i] = int32_t(pos);
+    }
+    int32_t* d = s.rows.resize(std::max<size_t>(plan_.size(), 1));
+    upload(d, plan_.data(), plan_.size() * 4);
+    synchronize();  // plan_ is pageable host memory reused by the next call
+  }
+
+  // Row-major C[M, N] = alpha op(A) op(B) + beta C for `batch` matrices (strides in elements). cuBLAS is
+  // column-major: a row-major X is its transpose there, so it computes C^T = op(B)^T op(A)^T, i.e. the operands
+  // swap places and keep their transpose flags.
+  void gemm_batched(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                    int64_t sa, const float* B, int64_t ldb, int64_t sb, float beta, float* C, int64_t ldc,
+                    int64_t sc, int64_t batch) {
+    if (M <= 0 || N <= 0 || batch <= 0) return;
+    const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasComputeType_t ct = f32_ ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
+    const int m = as_int(N, "N"), n = as_int(M, "M"), kk = as_int(K, "K");
+    // K = 0 leaves C = beta C (as BLAS); leading dimensions must still be >= 1 for cuBLAS.
+    const int la = as_int(std::max<int64_t>(lda, 1), "lda"), lb = as_int(std::max<int64_t>(ldb, 1), "ldb");
+    const int lc = as_int(std::max<int64_t>(ldc, 1), "ldc");
+    DSV3_CUDA_CHECK(cudaSetDevice(dev_));
+    if (batch == 1) {
+      DSV3_CUBLAS_CHECK(cublasGemmEx(ctx_.blas, ob, oa, m, n, kk, &alpha, B, CUDA_R_32F, lb, A, CUDA_R_32F, la, &beta,
+                                     C, CUDA_R_32F, lc, ct, CUBLAS_GEMM_DEFAULT));
+    } else {
+      DSV3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(ctx_.blas, ob, oa, m, n, kk, &alpha, B, CUDA_R_32F, lb, sb, A,
+                                                   CUDA_R_32F, la, sa, &beta, C, CUDA_R_32F, lc, sc,
+                                                   as_int(batch, "batch"), ct, CUBLAS_GEMM_DEFAULT));
+    }
+  }
+
+  int dev_;
+  DeviceContext& ctx_;
+  bool f32_ = false;
+  std::unordered_map<void*, size_t> sizes_;  // live raw_alloc blocks -> their allocator size class
+  Scratch scratch_[kNumSlots];
+  std::vector<int32_t> host_i32_, plan_;
+};
+
+}  // namespace
+
+std::unique_ptr<TrainBackend> make_cuda_train_backend(int device_index) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    (void)cudaGetLastError();
+    fail("no CUDA device is available ({}); use --device cpu", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+  }
+  if (device_index < 0 || device_index >= n) fail("CUDA device {} does not exist ({} present)", device_index, n);
+  return std::make_unique<CudaTrainBackend>(device_index);
+}
+
+}  // namespace dsv3

@@ -34,7 +34,8 @@ TEST(TrainGrads, TinyFp32MatchesTransformers) {
   SafetensorsFile ref(dir + "/reference.safetensors");
   Tensor ids = ref.get("input_ids");
   ASSERT_EQ(ids.dtype, DType::I32);
-  TrainModel tm(cfg, w, g);
+  auto be = make_cpu_train_backend();
+  TrainModel tm(*be, cfg, w, g);
   LossOptions opt;
   opt.mtp = false;
   StepStats st = tm.run(ids.ptr<int32_t>(), ids.dim(0), ids.dim(1), opt, 1.0, true);

@@ -41,7 +41,8 @@ TEST(TrainOptim, AdamWStepDecayAndClip) {
   ParamLayout L = make_param_layout(c);
   AdamWConfig cfg;
   cfg.clip = 0;
-  AdamW opt(L, cfg);
+  auto be = make_cpu_train_backend();
+  AdamW opt(*be, L, cfg);
   std::vector<float> p(L.num_params, 1.f), g(L.num_params, 0.5f);
   const double lr = 0.01;
   opt.step(p.data(), g.data(), lr);
@@ -52,7 +53,7 @@ TEST(TrainOptim, AdamWStepDecayAndClip) {
   EXPECT_NEAR(p[norm.offset], 1.0 - lr, 1e-6);
   // Clipping: the reported norm is the pre-clip norm; a huge gradient moves parameters as a clipped one does.
   AdamWConfig cc;
-  AdamW a(L, cc), b(L, cc);
+  AdamW a(*be, L, cc), b(*be, L, cc);
   std::vector<float> pa(L.num_params, 0.f), pb(L.num_params, 0.f), big(L.num_params, 100.f);
   const double n = a.step(pa.data(), big.data(), lr);
   EXPECT_NEAR(n, 100.0 * std::sqrt(double(L.num_params)), 1e-3 * n);

@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
+#include "train/param_memory.h"
 #include "train/train_model.h"
 
 namespace dsv3::cli {
@@ -15,7 +16,7 @@ namespace {
 void add_grads(CLI::App& app) {
   auto* c = app.add_subcommand("grads", "Loss and the gradient of every trainable tensor for int32 input_ids [B,T]");
   struct Args {
-    std::string dir, in, out;
+    std::string dir, in, out, device = "cpu";
     bool mtp = false;
     double mtp_lambda = 0.3, alpha = 0.0;
   };
@@ -23,6 +24,7 @@ void add_grads(CLI::App& app) {
   c->add_option("--model", a->dir, "Model directory")->required();
   c->add_option("--input", a->in, "safetensors with int32 input_ids [B,T]")->required();
   c->add_option("--output", a->out, "safetensors to write: loss [1] and grad.<tensor name>")->required();
+  c->add_option("--device", a->device, "cpu | cuda | cuda:N (GPU index)")->capture_default_str();
   c->add_flag("--mtp", a->mtp, "Add the MTP loss lambda/D sum_k CE_k (default: main-model loss only)");
   c->add_option("--mtp-lambda", a->mtp_lambda, "MTP loss weight lambda (with --mtp)");
   c->add_option("--balance-alpha", a->alpha, "Add the sequence-wise balance loss with this alpha (default 0: off)");
@@ -38,17 +40,20 @@ void add_grads(CLI::App& app) {
     std::vector<int32_t> flat(B * T);
     for (int64_t i = 0; i < B * T; ++i)
       flat[i] = ids.dtype == DType::I32 ? ids.ptr<int32_t>()[i] : int32_t(ids.ptr<int64_t>()[i]);
+    std::unique_ptr<TrainBackend> be = make_train_backend(a->device);
     ModelConfig cfg = ModelConfig::load(a->dir);
     LoadOptions lo;
     lo.dtype = "f32";  // bf16/fp8 checkpoints are computed in fp32 from their stored values
     ModelWeights w = load_weights(cfg, a->dir, lo);
     ModelWeights g = alloc_weights(cfg, DType::F32);
-    TrainModel tm(cfg, w, g);
+    ParamMemory mem(*be, w, g);
+    TrainModel tm(*be, cfg, w, g, mem.view());
     LossOptions opt;
     opt.mtp = a->mtp;
     opt.mtp_lambda = a->mtp_lambda;
     opt.balance_alpha = a->alpha;
     StepStats st = tm.run(flat.data(), B, T, opt, 1.0, true);
+    mem.download_grads();
     std::vector<Tensor> outs;
     Tensor loss = Tensor::empty(DType::F32, {1}, "loss");
     loss.f32()[0] = float(st.total);

@@ -10,7 +10,7 @@
 namespace dsv3::cli {
 
 void add_train_run(CLI::App& app) {
-  auto* c = app.add_subcommand("train", "Train a DeepSeek-V3-architecture model on the CPU (AdamW, MTP, "
+  auto* c = app.add_subcommand("train", "Train a DeepSeek-V3-architecture model on the CPU or a GPU (AdamW, MTP, "
                                         "aux-loss-free balancing), writing hub checkpoints");
   auto a = std::make_shared<TrainArgs>();
   auto no_report = std::make_shared<bool>(false);
@@ -18,6 +18,7 @@ void add_train_run(CLI::App& app) {
   c->add_option("--init-from", a->init_from, "Start from the weights of this hub directory");
   c->add_option("--resume", a->resume, "Continue a run from its checkpoint directory (OUT/checkpoint) exactly");
   c->add_option("--data", a->data, "Data directory made by dsv3 prepare-data");
+  c->add_option("--device", a->device, "cpu | cuda | cuda:N (GPU index): where the model trains")->capture_default_str();
   c->add_option("--out", a->out, "Output directory: checkpoint/, metrics.jsonl, report.html")->capture_default_str();
   c->add_option("--batch", a->batch, "Sequences per micro-batch")->capture_default_str();
   c->add_option("--seq", a->seq, "Tokens per sequence")->capture_default_str();

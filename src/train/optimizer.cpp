@@ -30,23 +30,10 @@ void LrSchedule::validate() const {
   if (decay_frac < 0 || decay_frac > 1) fail("--wsd-decay must be in [0, 1], got {}", decay_frac);
 }
 
-double sum_squares(const float* x, int64_t n) {
-  const int64_t chunk = 1 << 16, nc = (n + chunk - 1) / chunk;
-  std::vector<double> part(nc, 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nc; ++c) {
-    double s = 0;
-    for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) s += double(x[i]) * x[i];
-    part[c] = s;
-  }
-  double s = 0;
-  for (double p : part) s += p;
-  return s;
-}
-
-AdamW::AdamW(const ParamLayout& layout, AdamWConfig cfg) : cfg_(cfg) {
-  m.assign(layout.num_params, 0.f);
-  v.assign(layout.num_params, 0.f);
+AdamW::AdamW(TrainBackend& be, const ParamLayout& layout, AdamWConfig cfg)
+    : be_(be), n_(layout.num_params), m_(&be), v_(&be), cfg_(cfg) {
+  be_.fill(m_.resize(size_t(n_)), 0.f, n_);
+  be_.fill(v_.resize(size_t(n_)), 0.f, n_);
   // Parameters are laid out in spec order; merge neighbours with the same decay flag into segments.
   for (auto& s : layout.specs) {
     if (s.is_bias) continue;
@@ -59,28 +46,30 @@ AdamW::AdamW(const ParamLayout& layout, AdamWConfig cfg) : cfg_(cfg) {
   }
 }
 
+void AdamW::get_moments(std::vector<float>& m, std::vector<float>& v) {
+  m.resize(size_t(n_)), v.resize(size_t(n_));
+  be_.download(m.data(), m_.data(), size_t(n_) * sizeof(float));
+  be_.download(v.data(), v_.data(), size_t(n_) * sizeof(float));
+}
+
+void AdamW::set_moments(const std::vector<float>& m, const std::vector<float>& v) {
+  if (int64_t(m.size()) != n_ || int64_t(v.size()) != n_)
+    fail("optimizer state has {} / {} values, the model has {} parameters", m.size(), v.size(), n_);
+  be_.upload(m_.data(), m.data(), size_t(n_) * sizeof(float));
+  be_.upload(v_.data(), v.data(), size_t(n_) * sizeof(float));
+}
+
 double AdamW::step(float* params, const float* grads, double lr) {
-  const int64_t n = int64_t(m.size());
-  const double norm = std::sqrt(sum_squares(grads, n));
+  const double norm = std::sqrt(be_.sum_squares(grads, n_));
   const double clip = cfg_.clip > 0 && norm > cfg_.clip ? cfg_.clip / (norm + 1e-6) : 1.0;
   ++t;
   const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps), gs = float(clip);
   const double bc1 = 1.0 - std::pow(cfg_.beta1, double(t)), bc2 = 1.0 - std::pow(cfg_.beta2, double(t));
   const float step_size = float(lr / bc1), inv_sqrt_bc2 = float(1.0 / std::sqrt(bc2));
-  float* M = m.data();
-  float* Vv = v.data();
   for (const Segment& s : segs_) {
-    // PyTorch's AdamW: p *= 1 - lr wd; m, v updated; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
     const float decay = s.decay ? float(1.0 - lr * cfg_.weight_decay) : 1.f;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = s.offset; i < s.offset + s.n; ++i) {
-      const float g = grads[i] * gs;
-      const float mi = b1 * M[i] + (1.f - b1) * g;
-      const float vi = b2 * Vv[i] + (1.f - b2) * g * g;
-      M[i] = mi;
-      Vv[i] = vi;
-      params[i] = params[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
-    }
+    be_.adamw_update(params, grads, m_.data(), v_.data(), s.offset, s.n, b1, b2, eps, gs, decay, step_size,
+                     inv_sqrt_bc2);
   }
   return norm;
 }

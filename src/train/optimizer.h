@@ -1,12 +1,13 @@
 #pragma once
 // AdamW over the flat parameter buffer (fp32 master weights), the learning-rate schedule and global-norm
-// gradient clipping. Parameters, gradients and both moments share one layout (make_param_layout order), so
-// the update is one fused loop over flat buffers.
+// gradient clipping. Parameters, gradients and both moments share one layout (make_param_layout order) and
+// live in a TrainBackend's memory, so the update is one fused op per segment of that layout.
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "model/weights.h"
+#include "ops/train_backend.h"
 
 namespace dsv3 {
 
@@ -28,17 +29,17 @@ struct LrSchedule {
   void validate() const;
 };
 
-// Sum of squares of n floats, in fp64, with fixed chunks summed in order (independent of thread count).
-double sum_squares(const float* x, int64_t n);
-
 class AdamW {
  public:
-  AdamW(const ParamLayout& layout, AdamWConfig cfg);
-  // Clips grads to cfg.clip (scaling in the update), applies one AdamW step with learning rate lr to params.
-  // Returns the gradient's global norm before clipping.
+  // m and v start at zero in be's memory.
+  AdamW(TrainBackend& be, const ParamLayout& layout, AdamWConfig cfg);
+  // params, grads: [num_params] in the backend's memory. Clips grads to cfg.clip (scaling in the update),
+  // applies one AdamW step with learning rate lr to params. Returns the gradient's global norm before clipping.
   double step(float* params, const float* grads, double lr);
-  std::vector<float> m, v;  // first and second moments, [num_params]
-  int64_t t = 0;            // steps taken (bias correction)
+  // Moments to and from host vectors [num_params] (checkpoints).
+  void get_moments(std::vector<float>& m, std::vector<float>& v);
+  void set_moments(const std::vector<float>& m, const std::vector<float>& v);
+  int64_t t = 0;  // steps taken (bias correction)
   const AdamWConfig& config() const { return cfg_; }
 
  private:
@@ -46,6 +47,9 @@ class AdamW {
     int64_t offset, n;
     bool decay;
   };
+  TrainBackend& be_;
+  int64_t n_;
+  TBuf<float> m_, v_;  // first and second moments, [num_params]
   std::vector<Segment> segs_;
   AdamWConfig cfg_;
 };

@@ -16,6 +16,7 @@
 #include "model/weights.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
+#include "train/param_memory.h"
 #include "train/profile.h"
 #include "train/report.h"
 #include "train/train_model.h"
@@ -32,7 +33,8 @@ json TrainArgs::to_json() const {
           {"wsd-decay", sched.decay_frac}, {"beta1", adam.beta1}, {"beta2", adam.beta2}, {"eps", adam.eps},
           {"weight-decay", adam.weight_decay}, {"clip", adam.clip}, {"bias-gamma", bias_gamma},
           {"balance-alpha", balance_alpha}, {"mtp-lambda", mtp_lambda}, {"eval-every", eval_every},
-          {"eval-batches", eval_batches}, {"save-every", save_every}, {"log-every", log_every}, {"seed", seed}};
+          {"eval-batches", eval_batches}, {"save-every", save_every}, {"log-every", log_every}, {"seed", seed},
+          {"device", device}};
 }
 
 TrainArgs TrainArgs::from_json(const json& j) {
@@ -48,7 +50,7 @@ TrainArgs TrainArgs::from_json(const json& j) {
   get("weight-decay", a.adam.weight_decay), get("clip", a.adam.clip), get("bias-gamma", a.bias_gamma);
   get("balance-alpha", a.balance_alpha), get("mtp-lambda", a.mtp_lambda), get("eval-every", a.eval_every);
   get("eval-batches", a.eval_batches), get("save-every", a.save_every), get("log-every", a.log_every);
-  get("seed", a.seed);
+  get("seed", a.seed), get("device", a.device);
   return a;
 }
 
@@ -105,7 +107,8 @@ void run_training(const TrainArgs& a_in) {
   a.sched.total = total_steps;
   a.sched.validate();
 
-  // ---- model, optimizer state
+  // ---- backend, model, optimizer state
+  std::unique_ptr<TrainBackend> be = make_train_backend(a.device);
   ModelConfig cfg;
   ModelWeights params;
   TrainerState state;
@@ -130,14 +133,16 @@ void run_training(const TrainArgs& a_in) {
   }
   if (a.seq > cfg.max_position_embeddings)
     fail("--seq {} exceeds the model's max_position_embeddings {}", a.seq, cfg.max_position_embeddings);
+  // The host params keep the layout and the checkpoint copy; mem holds what the backend trains.
   ModelWeights grads = alloc_weights(cfg, DType::F32);
-  AdamW adam(params.layout, a.adam);
+  ParamMemory mem(*be, params, grads);
+  AdamW adam(*be, params.layout, a.adam);
   if (!adam_m.empty()) {
-    adam.m = std::move(adam_m);
-    adam.v = std::move(adam_v);
+    adam.set_moments(adam_m, adam_v);
     adam.t = state.adam_t;
+    std::vector<float>().swap(adam_m), std::vector<float>().swap(adam_v);
   }
-  TrainModel tm(cfg, params, grads);
+  TrainModel tm(*be, cfg, params, grads, mem.view());
 
   // ---- data
   DataLoader data(a.data, a.seed);
@@ -166,7 +171,10 @@ void run_training(const TrainArgs& a_in) {
     state.adam_t = adam.t;
     data.rng().get_state(state.rng.data());
     state.args = a.to_json();
-    save_checkpoint(ckpt_dir, cfg, params, a.save_dtype == "bf16" ? DType::BF16 : DType::F32, adam.m, adam.v, state,
+    mem.download_params();
+    std::vector<float> m, v;
+    adam.get_moments(m, v);
+    save_checkpoint(ckpt_dir, cfg, params, a.save_dtype == "bf16" ? DType::BF16 : DType::F32, m, v, state,
                     tokenizer_dir);
     if (tty) std::fprintf(stderr, "\n");
     std::fprintf(stderr, "saved %s (%s, step %lld)\n", ckpt_dir.c_str(), why, (long long)state.step);
@@ -213,8 +221,8 @@ void run_training(const TrainArgs& a_in) {
   for (auto& s : params.layout.specs)
     if (!s.is_bias && s.name.rfind("model.layers.", 0) == 0 && std::stoll(s.name.substr(13)) >= cfg.num_hidden_layers)
       mtp_params += shape_numel(s.shape);
-  std::fprintf(stderr, "training %s: %lld params (%lld in MTP modules), %lld steps of %lld tokens (batch %lld x seq %lld x accum %lld), data %s (%lld tokens)\n",
-               a.resume.empty() ? "from scratch" : "resumed", (long long)params.layout.num_params, (long long)mtp_params,
+  std::fprintf(stderr, "training %s on %s: %lld params (%lld in MTP modules), %lld steps of %lld tokens (batch %lld x seq %lld x accum %lld), data %s (%lld tokens)\n",
+               a.resume.empty() ? "from scratch" : "resumed", be->name().c_str(), (long long)params.layout.num_params, (long long)mtp_params,
                (long long)total_steps, (long long)tokens_per_step, (long long)a.batch, (long long)a.seq,
                (long long)a.grad_accum, a.data.c_str(), (long long)data.train_tokens());
   g_stop = false;
@@ -231,7 +239,7 @@ void run_training(const TrainArgs& a_in) {
   while (state.step < total_steps) {
     const auto t0 = std::chrono::steady_clock::now();
     const double lr = a.sched.at(state.step);
-    std::fill(grads.flat.ptr<float>(), grads.flat.ptr<float>() + grads.flat.numel(), 0.f);
+    mem.zero_grads();
     tm.reset_load();
     double loss = 0, bal = 0;
     const int64_t D = cfg.num_nextn_predict_layers;
@@ -250,12 +258,13 @@ void run_training(const TrainArgs& a_in) {
     double gnorm;
     {
       ProfileScope prof("adamw");
-      gnorm = adam.step(params.flat.ptr<float>(), grads.flat.ptr<float>(), lr);
+      gnorm = adam.step(mem.params(), mem.grads(), lr);
     }
     if (!std::isfinite(gnorm))
       fail("the gradient norm is not finite ({}) at step {}: stopping without saving{}", std::isnan(gnorm) ? "NaN" : "Inf", state.step + 1,
            fs::exists(ckpt_dir) ? fmt::format(" (the last good checkpoint is {})", ckpt_dir) : "");
-    // Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per MoE layer.
+    // Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), per MoE layer. The host biases
+    // are the master copy (only this loop changes them); a device backend gets the updated slice.
     json maxvio = json::array(), loads = json::array();
     double worst = 0;
     for (size_t r = 0; r < moe_layers.size(); ++r) {
@@ -265,7 +274,8 @@ void run_training(const TrainArgs& a_in) {
       maxvio.push_back(vio);
       loads.push_back(ld);
       if (a.bias_gamma > 0 && cfg.topk_method == "noaux_tc") {  // other routers have no selection bias
-        Tensor b = params.view("model.layers." + std::to_string(moe_layers[r]) + ".mlp.gate.e_score_correction_bias");
+        const std::string bname = "model.layers." + std::to_string(moe_layers[r]) + ".mlp.gate.e_score_correction_bias";
+        Tensor b = params.view(bname);
         int64_t sum = 0;
         for (auto v : ld) sum += v;
         const double mean = double(sum) / double(E);
@@ -273,6 +283,7 @@ void run_training(const TrainArgs& a_in) {
           const double d = mean - double(ld[e]);
           b.ptr<float>()[e] += float(a.bias_gamma * double((d > 0) - (d < 0)));
         }
+        mem.upload_biases(params.layout.at(bname).offset, E);
       }
     }
     state.step++;

@@ -1,6 +1,6 @@
 #pragma once
 // The training loop behind `dsv3 train`: data windows -> forward/backward (with gradient accumulation) ->
-// AdamW -> auxiliary-loss-free bias update -> metrics, validation, checkpoints. Deterministic given the seed:
+// AdamW -> auxiliary-loss-free bias update -> metrics, validation, checkpoints, on one TrainBackend (--device). Deterministic given the seed:
 // the same arguments give the same losses bit for bit, and --resume continues a run exactly.
 #include <cstdint>
 #include <string>
@@ -13,6 +13,7 @@ namespace dsv3 {
 
 struct TrainArgs {
   std::string config, init_from, resume, out = "out", data, save_dtype = "f32";
+  std::string device = "cpu";                // cpu | cuda | cuda:N (make_train_backend)
   int64_t batch = 8, seq = 256, grad_accum = 1, steps = 0, tokens = 0, stop_after = 0;
   LrSchedule sched;                          // lr, min_lr, warmup, kind, decay_frac (total set from steps)
   AdamWConfig adam;

@@ -275,3 +275,29 @@ def test_plot_command(tmp_path, dsv3_bin, corpus):
     assert r.returncode == 0, r.stderr
     html = (tmp_path / "r.html").read_text()
     assert html.count("<svg") >= 4 and "MaxVio" in html and "Expert load" in html
+
+
+def test_unknown_device_is_a_one_line_error(tmp_path, dsv3_bin, corpus):
+    for cmd in (["train", *TRAIN, "--data", corpus, "--steps", "2", "--out", tmp_path / "o"],
+                ["bench-train", "--config", TINY, "--batch", "1", "--seq", "8"]):
+        r = run([dsv3_bin, *cmd, "--device", "nonsense"])
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+        assert "nonsense" in r.stderr and "cpu, cuda or cuda:N" in r.stderr, r.stderr
+
+
+def test_bench_train_runs_on_cpu(dsv3_bin):
+    r = run([dsv3_bin, "bench-train", "--config", TINY, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
+             "--json"])
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["device"] == "cpu" and j["mtp"] is True and "mfu" not in j
+    assert j["tokens_per_s"] > 0 and j["ms_per_step"] > 0 and np.isfinite(j["last_loss"])
+    # 2 layers (1 dense, 1 MoE with 2 of 8 routed experts + 1 shared), lm_head, and the MTP module + lm_head again
+    cfg = json.loads(TINY.read_text())
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    assert j["active_params_per_token"] > 2 * V * H
+    assert j["active_params_per_token"] < j["total_params"] + V * H
+    r = run([dsv3_bin, "bench-train", "--config", TINY, "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0",
+             "--peak-tflops", "1"])
+    assert r.returncode == 0 and "MFU" in r.stdout, r.stdout + r.stderr

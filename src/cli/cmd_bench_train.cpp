@@ -1,0 +1,118 @@
+// dsv3 bench-train: training throughput on one device. Random weights made in memory (as `dsv3 init` makes
+// them) and random token ids; each step is the full forward + backward (MTP and the balance loss when the
+// config has MTP modules / routed experts) + AdamW, the same work as a `dsv3 train` step. Reports tokens/s,
+// ms/step and the model FLOP utilisation against a peak:
+//   MFU = 6 * active params per token * tokens/s / peak   (see train/flops.h for what is counted)
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "cli/common.h"
+#include "core/rng.h"
+#include "model/weights.h"
+#include "train/flops.h"
+#include "train/optimizer.h"
+#include "train/param_memory.h"
+#include "train/train_model.h"
+
+#include <omp.h>
+
+namespace dsv3::cli {
+
+using json = nlohmann::json;
+
+void add_bench_train(CLI::App& app) {
+  auto* c = app.add_subcommand("bench-train", "Training tokens/s and model FLOP utilisation (forward + backward + "
+                                              "AdamW on random weights and tokens)");
+  struct Args {
+    std::string config, device = "cpu";
+    int64_t batch = 8, seq = 1024, steps = 10, warmup = 2;
+    double peak_tflops = -1;
+    uint64_t seed = 0;
+    bool json = false;
+  };
+  auto a = std::make_shared<Args>();
+  c->add_option("--config", a->config, "Model config.json (random weights made in memory)")->required();
+  c->add_option("--device", a->device, "cpu | cuda | cuda:N")->capture_default_str();
+  c->add_option("--batch", a->batch, "Sequences per step")->capture_default_str();
+  c->add_option("--seq", a->seq, "Tokens per sequence")->capture_default_str();
+  c->add_option("--steps", a->steps, "Steps measured")->capture_default_str();
+  c->add_option("--warmup", a->warmup, "Steps run before measuring")->capture_default_str();
+  c->add_option("--peak-tflops", a->peak_tflops,
+                "Peak TFLOP/s for the utilisation (default 989, dense bf16 of an H100/H200, on cuda; none on cpu)");
+  c->add_option("--seed", a->seed, "Seed for weights and tokens")->capture_default_str();
+  c->add_flag("--json", a->json, "Print one JSON object");
+  c->footer("Model FLOPs per token = 6 x active parameters: every matrix and norm except the embedding, lm_head\n"
+            "included, routed experts only for the top-k chosen plus the shared experts; with MTP each module adds\n"
+            "its own active parameters and lm_head again. Attention scores are not counted.");
+  c->callback([=] {
+    if (a->batch < 1 || a->seq < 2 || a->steps < 1 || a->warmup < 0)
+      fail("--batch >= 1, --seq >= 2, --steps >= 1 and --warmup >= 0 are required");
+    std::unique_ptr<TrainBackend> be = make_train_backend(a->device);
+    const ModelConfig cfg = ModelConfig::load(a->config);
+    if (a->seq > cfg.max_position_embeddings)
+      fail("--seq {} exceeds the model's max_position_embeddings {}", a->seq, cfg.max_position_embeddings);
+    const double peak = a->peak_tflops >= 0 ? a->peak_tflops : (be->is_host() ? 0.0 : 989.0);
+
+    ModelWeights params = init_weights(cfg, a->seed, DType::F32);
+    ModelWeights grads = alloc_weights(cfg, DType::F32);
+    ParamMemory mem(*be, params, grads);
+    AdamW adam(*be, params.layout, AdamWConfig{});
+    TrainModel tm(*be, cfg, params, grads, mem.view());
+    LossOptions opt;  // as `dsv3 train` by default
+    opt.mtp = cfg.num_nextn_predict_layers > 0;
+    opt.mtp_lambda = 0.3;
+    opt.balance_alpha = cfg.n_routed_experts > 0 ? 1e-4 : 0.0;
+
+    Rng rng(a->seed + 1);
+    std::vector<int32_t> ids(a->batch * a->seq);
+    using clk = std::chrono::steady_clock;
+    double measured = 0, loss = 0;
+    for (int64_t s = 0; s < a->warmup + a->steps; ++s) {
+      for (auto& x : ids) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+      const auto t0 = clk::now();
+      mem.zero_grads();
+      loss = tm.run(ids.data(), a->batch, a->seq, opt, 1.0, true).total;
+      adam.step(mem.params(), mem.grads(), 1e-4);
+      be->synchronize();
+      if (s >= a->warmup) measured += std::chrono::duration<double>(clk::now() - t0).count();
+    }
+    const double tokens = double(a->batch * a->seq), tok_s = tokens * double(a->steps) / measured;
+    const int64_t active = train_active_params(cfg, params.layout, opt.mtp);
+    const double tflops = 6.0 * double(active) * tok_s / 1e12;
+    json j = {{"device", be->name()},
+              {"batch", a->batch},
+              {"seq", a->seq},
+              {"steps", a->steps},
+              {"total_params", params.layout.num_params},
+              {"active_params_per_token", active},
+              {"mtp", opt.mtp},
+              {"tokens_per_s", tok_s},
+              {"ms_per_step", 1e3 * measured / double(a->steps)},
+              {"achieved_tflops", tflops},
+              {"last_loss", loss},
+              {"threads", omp_get_max_threads()}};
+    if (peak > 0) {
+      j["peak_tflops"] = peak;
+      j["mfu"] = tflops / peak;
+    }
+    if (a->json) {
+      std::printf("%s\n", j.dump().c_str());
+      return;
+    }
+    std::printf("model     %s params, %s active per token%s, device %s\n", human(params.layout.num_params).c_str(),
+                human(active).c_str(), opt.mtp ? " (MTP included)" : "", be->name().c_str());
+    std::printf("train     batch %lld x seq %lld: %.0f tokens/s, %.1f ms/step (%lld steps after %lld warmup)\n",
+                (long long)a->batch, (long long)a->seq, tok_s, 1e3 * measured / double(a->steps),
+                (long long)a->steps, (long long)a->warmup);
+    if (peak > 0)
+      std::printf("flops     %.2f TFLOP/s of model FLOPs = %.1f%% of %.0f TFLOP/s peak (MFU)\n", tflops,
+                  100.0 * tflops / peak, peak);
+    else
+      std::printf("flops     %.3f TFLOP/s of model FLOPs\n", tflops);
+  });
+}
+
+}  // namespace dsv3::cli

@@ -173,24 +173,25 @@ Tensor Model::attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache
   // Latent and the shared rope key: a = [c_raw (r) | k_pe (dr)].
   Tensor kva = be_.alloc(at, {T, r + dr}, "kv_a");
   be_.linear(kva, h, A.kv_a_proj);
-  Tensor c = be_.alloc(at, {T, r}, "c");
-  be_.rmsnorm(c, kva, A.kv_a_norm, eps, r + dr);
-  Tensor kpe = be_.alloc(at, {T, dr}, "k_pe");
-  be_.copy_cols(kpe, kva, r);
-  be_.rope(q, nh, dn + dr, dn, st.pos, rope_cos_, rope_sin_, cfg_.rope_interleave);
-  be_.rope(kpe, 1, dr, 0, st.pos, rope_cos_, rope_sin_, cfg_.rope_interleave);
+  // Cache rows: c = norm(c_raw), k_pe = rope(k_pe_raw), written at each row's position (one fused op).
   const KvPoolSpec& spec = cache.spec();
-  be_.kv_write(cache.pool(), spec, slot, st.seqs, c, kpe);
+  be_.kv_norm_rope_write(cache.pool(), spec, slot, st.seqs, kva, A.kv_a_norm, eps, st.pos, rope_cos_, rope_sin_,
+                         cfg_.rope_interleave);
 
   Tensor out = be_.alloc(at, {T, nh * dv}, "attn_out");
   const int64_t nd = st.n_decode;
+  if (nd < T) {  // prefill rows rotate their queries in place; decode rows in mla_decode_q
+    Tensor qp = q.rows(nd, T);
+    const std::vector<int32_t> ppos(st.pos.begin() + nd, st.pos.end());
+    be_.rope(qp, nh, dn + dr, dn, ppos, rope_cos_, rope_sin_, cfg_.rope_interleave);
+  }
   if (nd > 0) {
     // Absorbed decode: scores and values in the latent space, never expanding the cache.
     Tensor qd = q.rows(0, nd).reshape({nd, nh, dn + dr});
     Tensor q_lat = be_.alloc(at, {nd, nh, r}, "q_lat");
-    be_.mla_absorb_q(q_lat, qd, A.kv_b_proj, nh, dn, dr, dv);
     Tensor q_pe = be_.alloc(at, {nd * nh, dr}, "q_pe");
-    be_.copy_cols(q_pe, qd.reshape({nd * nh, dn + dr}), dn);
+    const std::vector<int32_t> dpos(st.pos.begin(), st.pos.begin() + nd);
+    be_.mla_decode_q(q_lat, q_pe, qd, A.kv_b_proj, nh, dn, dr, dv, dpos, rope_cos_, rope_sin_, cfg_.rope_interleave);
     Tensor o_lat = be_.alloc(at, {nd, nh, r}, "o_lat");
     std::vector<SeqSlice> dseqs(st.seqs.begin(), st.seqs.begin() + nd);
     be_.mla_decode(o_lat, q_lat, q_pe.reshape({nd, nh, dr}), cache.pool(), spec, slot, dseqs, scale);
@@ -215,10 +216,8 @@ Tensor Model::attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache
 
 Tensor Model::mlp(const MlpWeights& M, const Tensor& h) {
   const int64_t T = h.dim(0), I = M.gate.dim(0);
-  Tensor g = be_.alloc(be_.act_dtype(), {T, I}, "mlp_gate"), u = be_.alloc(be_.act_dtype(), {T, I}, "mlp_up");
-  be_.linear(g, h, M.gate);
-  be_.linear(u, h, M.up);
-  be_.silu_mul(g, g, u);
+  Tensor g = be_.alloc(be_.act_dtype(), {T, I}, "mlp_act");
+  be_.linear_swiglu(g, h, M.gate, M.up);
   Tensor d = be_.alloc(be_.act_dtype(), {T, cfg_.hidden_size}, "mlp_down");
   be_.linear(d, g, M.down);
   return d;

@@ -125,6 +125,23 @@ class Backend {
   virtual void moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                                const Tensor& gate, const Tensor& up, const Tensor& down) = 0;
 
+  // ---- fused decode ops: each is exactly the composition its comment names (the CPU runs that composition);
+  // a device backend may run it as one kernel, which matters at decode sizes where every kernel costs a few
+  // microseconds whatever its bytes.
+  // out[T, I] = silu(x gate^T) * (x up^T), gate/up [I, H]: linear, linear, silu_mul (the SwiGLU input).
+  virtual void linear_swiglu(Tensor& out, const Tensor& x, const Tensor& gate, const Tensor& up) = 0;
+  // The step's new cache rows from kv_a [T, r + dr] = [c_raw | k_pe_raw] (row t at position pos[t]):
+  // c = rmsnorm(c_raw) * norm_w; k_pe = rope(k_pe_raw); kv_write(pool, spec, layer, seqs, c, k_pe).
+  virtual void kv_norm_rope_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer,
+                                  const std::vector<SeqSlice>& seqs, const Tensor& kva, const Tensor& norm_w, float eps,
+                                  const std::vector<int32_t>& pos, const Tensor& cos, const Tensor& sin,
+                                  bool interleave) = 0;
+  // The absorbed-decode queries from q [B, nh, dn + dr] whose rope part is not yet rotated (row b at position
+  // pos[b]): q_lat [B, nh, r] as mla_absorb_q, and q_pe [B, nh, dr] = rope(q[:, :, dn:]) (q is not modified).
+  virtual void mla_decode_q(Tensor& q_lat, Tensor& q_pe, const Tensor& q, const Tensor& kv_b, int64_t nh, int64_t dn,
+                            int64_t dr, int64_t dv, const std::vector<int32_t>& pos, const Tensor& cos,
+                            const Tensor& sin, bool interleave) = 0;
+
   // ---- whole-step graphs (optional; the defaults run everything eagerly)
   // A pure decode step has the same op sequence and shapes every time for a given key, so a device backend may
   // record it once and replay the recording, paying one launch instead of hundreds. The model brackets such a

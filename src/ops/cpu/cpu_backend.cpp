@@ -210,6 +210,37 @@ class CpuBackend final : public Backend {
                          x.dim(1), gate, up, down);
   }
 
+  // Fused ops: the compositions backend.h defines them by (the reference the device kernels are tested against).
+  void linear_swiglu(Tensor& out, const Tensor& x, const Tensor& gate, const Tensor& up) override {
+    Tensor u = alloc(DType::F32, out.shape, "swiglu_up");
+    linear(out, x, gate);
+    linear(u, x, up);
+    silu_mul(out, out, u);
+  }
+  void kv_norm_rope_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs,
+                          const Tensor& kva, const Tensor& norm_w, float eps, const std::vector<int32_t>& pos,
+                          const Tensor& cos, const Tensor& sin, bool interleave) override {
+    const int64_t T = kva.dim(0), r = spec.kv_lora_rank, dr = spec.rope_dim;
+    DSV3_CHECK(kva.numel() == T * (r + dr) && int64_t(pos.size()) == T, "kv_norm_rope_write: kv_a {} for {} positions",
+               shape_str(kva.shape), pos.size());
+    Tensor c = alloc(DType::F32, {T, r}, "c"), kpe = alloc(DType::F32, {T, dr}, "k_pe");
+    rmsnorm(c, kva, norm_w, eps, r + dr);
+    copy_cols(kpe, kva, r);
+    rope(kpe, 1, dr, 0, pos, cos, sin, interleave);
+    kv_write(pool, spec, layer, seqs, c, kpe);
+  }
+  void mla_decode_q(Tensor& q_lat, Tensor& q_pe, const Tensor& q, const Tensor& kv_b, int64_t nh, int64_t dn,
+                    int64_t dr, int64_t dv, const std::vector<int32_t>& pos, const Tensor& cos, const Tensor& sin,
+                    bool interleave) override {
+    const int64_t B = q.dim(0);
+    DSV3_CHECK(q.numel() == B * nh * (dn + dr) && q_pe.numel() == B * nh * dr && int64_t(pos.size()) == B,
+               "mla_decode_q: q {} q_pe {} for {} positions", shape_str(q.shape), shape_str(q_pe.shape), pos.size());
+    mla_absorb_q(q_lat, q, kv_b, nh, dn, dr, dv);
+    Tensor qp = q_pe.reshape({B * nh, dr});
+    copy_cols(qp, q.reshape({B * nh, dn + dr}), dn);
+    rope(qp, nh, dr, 0, pos, cos, sin, interleave);
+  }
+
  private:
   std::shared_ptr<BufferPool> pool_ = std::make_shared<BufferPool>();
 };

@@ -15,7 +15,6 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/step_graph.h"
-#include "ops/cuda/stream_fan.h"
 
 namespace dsv3 {
 
@@ -72,9 +71,6 @@ class CudaBackend final : public Backend {
     // DSV3_CUDA_GRAPHS=0: every decode step eager (no whole-step graphs).
     const char* g = std::getenv("DSV3_CUDA_GRAPHS");
     graphs_on_ = !(g && std::string(g) == "0");
-    // DSV3_CUDA_MOE_STREAMS=N: prefill experts as one cuBLAS call each over N side streams (1: one grouped call).
-    const char* ms = std::getenv("DSV3_CUDA_MOE_STREAMS");
-    moe_streams_ = ms ? std::clamp(std::atoi(ms), 1, 16) : 4;
   }
   ~CudaBackend() override {
     try {
@@ -200,6 +196,23 @@ class CudaBackend final : public Backend {
 
   void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps, int64_t x_stride) override {
     const int64_t Dn = out.dim(-1);
+    if (pend_.on && comb_.on && pend_.b.data == comb_.f.data && pend_.out.data == x.data &&
+        (x_stride == 0 || x_stride == Dn) && x.numel() == pend_.out.numel() && out.numel() == x.numel() &&
+        out.dtype == DType::BF16 && x.dtype == DType::BF16 && pend_.a.data == x.data && w.numel() == Dn &&
+        w.device == Device::CUDA && comb_.f.numel() == x.numel() && Dn == comb_.f.dim(-1) &&
+        cuda::combine_add_rmsnorm_ok(x.data, comb_.f.data, comb_.y.data, out.data, int(comb_.K), Dn)) {
+      // The routed experts' un-permute, the residual add and this norm in one kernel (see combine_add_rmsnorm).
+      ProfScope ps(*this, "moe.combine+add+rmsnorm", double(x.nbytes()) * 5);
+      PendingAdd p = std::move(pend_);
+      PendingCombine c = std::move(comb_);
+      pend_ = PendingAdd{};
+      comb_ = PendingCombine{};
+      if (skip()) return;
+      cuda::combine_add_rmsnorm(p.out.ptr<bf16>(), c.f.ptr<bf16>(), c.y.ptr<float>(), c.w.f32(), c.pair_pos, int(c.T),
+                                int(c.K), out.ptr<bf16>(), w.data, w.dtype, Dn, eps, ctx_.stream);
+      return;
+    }
+    flush_combine();
     if (pend_.on && pend_.out.data == x.data && (x_stride == 0 || x_stride == Dn) && x.numel() == pend_.out.numel() &&
         out.numel() == x.numel() && out.dtype == DType::BF16 && x.dtype == DType::BF16 && w.numel() == Dn &&
         w.device == Device::CUDA && cuda::add_rmsnorm_ok(x.data, pend_.a.data, pend_.b.data, out.data, Dn)) {
@@ -226,12 +239,28 @@ class CudaBackend final : public Backend {
   // Deferred: the model's residual add is always followed by the norm of its result, which fuses it (rmsnorm);
   // any other op first flushes it.
   void add(Tensor& out, const Tensor& a, const Tensor& b) override {
-    flush();
+    // A pending combine into b stays pending: the norm that follows may take combine, add and norm at once.
+    if (comb_.on && b.data == comb_.f.data && a.data != b.data && out.data != b.data) flush_add();
+    else flush();
     check_same(out, a, "add");
     check_same(out, b, "add");
     pend_ = PendingAdd{out, a, b, true};
   }
+  // Runs the deferred ops in their order: the combine (issued first), then the residual add.
   void flush() {
+    flush_combine();
+    flush_add();
+  }
+  void flush_combine() {
+    if (!comb_.on) return;
+    PendingCombine c = std::move(comb_);
+    comb_ = PendingCombine{};
+    if (skip()) return;
+    ProfScope ps(*this, "moe.combine");
+    cuda::moe_combine(c.f.ptr<bf16>(), c.y.data, true, c.w.f32(), c.pair_pos, int(c.T), int(c.K), int(c.f.dim(-1)),
+                      ctx_.stream);
+  }
+  void flush_add() {
     if (!pend_.on) return;
     PendingAdd p = std::move(pend_);
     pend_ = PendingAdd{};
@@ -322,6 +351,92 @@ class CudaBackend final : public Backend {
     gemm_xwT(y.data, y.dtype, N, w.data, K, x.data, K, M, N, K, DType::BF16);
   }
 
+  // ---- fused decode ops
+  void linear_swiglu(Tensor& out, const Tensor& x, const Tensor& gate_in, const Tensor& up_in) override {
+    flush();
+    check_dev(out, "linear_swiglu");
+    check_dev(x, "linear_swiglu");
+    const int64_t I = gate_in.dim(0), K = gate_in.dim(1), M = x.numel() / std::max<int64_t>(K, 1);
+    DSV3_CHECK(up_in.shape == gate_in.shape && x.numel() == M * K && out.numel() == M * I && out.dtype == x.dtype,
+               "linear_swiglu {}: x {} out {} gate {} up {}", gate_in.name, shape_str(x.shape), shape_str(out.shape),
+               shape_str(gate_in.shape), shape_str(up_in.shape));
+    if (x.dtype == DType::BF16 && skinny_ && M <= cuda::kSkinnyMaxRows) {
+      const Tensor& g = bf16_weight(gate_in);
+      const Tensor& u = bf16_weight(up_in);
+      cuda::SkinnyArgs a;
+      a.w = g.ptr<bf16>();
+      a.w2 = u.ptr<bf16>();
+      a.ldw = K;
+      a.x = x.ptr<bf16>();
+      a.ldx = K;
+      a.y = out.data;
+      a.ldy = I;
+      a.M = int(M);
+      a.N = int(I);
+      a.K = int(K);
+      a.out_t = DType::BF16;
+      if (cuda::skinny_aligned(a)) {
+        // Both matrices' rows in one pass, SwiGLU in the epilogue: one kernel instead of three.
+        ProfScope ps(*this, profiling_ ? "linear_swiglu:" + weight_kind(gate_in.name) : std::string(),
+                     double(2 * I * K * 2 + M * K * 2 + M * I * 2));
+        if (M == 0 || skip()) return;
+        cuda::skinny_gemm(a, int(M), ctx_.stream);
+        return;
+      }
+    }
+    Tensor u = alloc(out.dtype, out.shape, "swiglu_up");
+    linear(out, x, gate_in);
+    linear(u, x, up_in);
+    silu_mul(out, out, u);
+  }
+
+  void kv_norm_rope_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs,
+                          const Tensor& kva, const Tensor& norm_w, float eps, const std::vector<int32_t>& pos,
+                          const Tensor& cos, const Tensor& sin, bool interleave) override {
+    flush();
+    ProfScope ps(*this, "kv_norm_rope_write");
+    check_pool(pool, spec, layer);
+    check_dev(kva, "kv_norm_rope_write");
+    check_dev(norm_w, "kv_norm_rope_write");
+    check_dev(cos, "kv_norm_rope_write");
+    const int64_t r = spec.kv_lora_rank, dr = spec.rope_dim, T = kva.dim(0);
+    DSV3_CHECK(kva.dtype == pool.dtype && kva.numel() == T * (r + dr) && int64_t(pos.size()) == T &&
+                   norm_w.numel() == r && cos.dtype == DType::F32 && sin.dtype == DType::F32 && cos.dim(1) * 2 == dr,
+               "kv_norm_rope_write: kv_a {} {} norm {} rope {} for {} positions", dtype_name(kva.dtype),
+               shape_str(kva.shape), shape_str(norm_w.shape), shape_str(cos.shape), pos.size());
+    for (int32_t p : pos)
+      DSV3_CHECK(p >= 0 && p < cos.dim(0), "kv_norm_rope_write: position {} beyond table of {}", p, cos.dim(0));
+    const int* drows = upload_i32(kSlotKvWrite, cache_rows(spec, seqs, T));
+    const int* dpos = upload_i32(kSlotPos, pos);
+    if (skip()) return;
+    cuda::kv_norm_rope_write(layer_base(pool, spec, layer), drows, kva.data, kva.dtype, int(T), int(r), int(dr),
+                             norm_w.data, norm_w.dtype, eps, dpos, cos.f32(), sin.f32(), interleave, ctx_.stream);
+  }
+
+  void mla_decode_q(Tensor& q_lat, Tensor& q_pe, const Tensor& q, const Tensor& kv_b, int64_t nh, int64_t dn,
+                    int64_t dr, int64_t dv, const std::vector<int32_t>& pos, const Tensor& cos, const Tensor& sin,
+                    bool interleave) override {
+    flush();
+    const int64_t B = q.dim(0);
+    check_dev(q_pe, "mla_decode_q");
+    check_dev(cos, "mla_decode_q");
+    DSV3_CHECK(q_pe.dtype == act_ && q_pe.numel() == B * nh * dr && int64_t(pos.size()) == B &&
+                   cos.dtype == DType::F32 && sin.dtype == DType::F32 && cos.dim(1) * 2 == dr,
+               "mla_decode_q: q_pe {} {} rope {} for {} positions", dtype_name(q_pe.dtype), shape_str(q_pe.shape),
+               shape_str(cos.shape), pos.size());
+    for (int32_t p : pos) DSV3_CHECK(p >= 0 && p < cos.dim(0), "mla_decode_q: position {} beyond table of {}", p, cos.dim(0));
+    const int* dpos = upload_i32(kSlotPos, pos);
+    cuda::RopeArgs ra;
+    ra.pos = dpos;
+    ra.cos = cos.f32();
+    ra.sin = sin.f32();
+    ra.interleave = interleave;
+    if (absorb_q(q_lat, q, kv_b, nh, dn, dr, dv, &q_pe, ra)) return;  // q_pe written by the absorb kernel
+    ProfScope ps(*this, "rope_copy");
+    if (B == 0 || skip()) return;
+    cuda::rope_copy(q_pe.data, q.data, act_, B, nh, dn + dr, dn, dr, dpos, ra.cos, ra.sin, interleave, ctx_.stream);
+  }
+
   // ---- rotary embedding
   void rope(Tensor& x, int64_t n, int64_t stride, int64_t off, const std::vector<int32_t>& pos, const Tensor& cos,
             const Tensor& sin, bool interleave) override {
@@ -347,16 +462,8 @@ class CudaBackend final : public Backend {
     check_pool(pool, spec, layer);
     DSV3_CHECK(c.dtype == pool.dtype && kpe.dtype == pool.dtype, "kv_write: c and k_pe must be {}",
                dtype_name(pool.dtype));
-    const int64_t r = spec.kv_lora_rank, dr = spec.rope_dim, bs = spec.block_size, T = c.dim(0);
-    std::vector<int32_t> rows(size_t(T), -1);
-    for (auto& s : seqs)
-      for (int64_t i = 0; i < s.len; ++i) {
-        const int64_t p = s.pos0 + i;
-        DSV3_CHECK(p / bs < s.num_blocks, "kv_write: position {} beyond the sequence's {} blocks", p, s.num_blocks);
-        DSV3_CHECK(s.row0 + i < T, "kv_write: row {} of {}", s.row0 + i, T);
-        rows[size_t(s.row0 + i)] = int32_t(int64_t(s.blocks[p / bs]) * bs + p % bs);
-      }
-    const int* d = upload_i32(kSlotKvWrite, rows);
+    const int64_t r = spec.kv_lora_rank, dr = spec.rope_dim, T = c.dim(0);
+    const int* d = upload_i32(kSlotKvWrite, cache_rows(spec, seqs, T));
     if (skip()) return;
     if (pool.dtype == DType::BF16) {
       cuda::kv_write(reinterpret_cast<bf16*>(layer_base(pool, spec, layer)), d, c.ptr<bf16>(), kpe.ptr<bf16>(), int(T),
@@ -467,6 +574,12 @@ class CudaBackend final : public Backend {
   void mla_absorb_q(Tensor& q_lat, const Tensor& q, const Tensor& kv_b_in, int64_t nh, int64_t dn, int64_t dr,
                     int64_t dv) override {
     flush();
+    absorb_q(q_lat, q, kv_b_in, nh, dn, dr, dv, nullptr, cuda::RopeArgs{});
+  }
+  // q_lat = q_nope . W_UK per head. With q_pe, the small-batch kernel also writes the rotated q_pe and this returns
+  // true; otherwise (cuBLAS path, or no q_pe) it returns false and q_pe is the caller's job.
+  bool absorb_q(Tensor& q_lat, const Tensor& q, const Tensor& kv_b_in, int64_t nh, int64_t dn, int64_t dr, int64_t dv,
+                Tensor* q_pe, const cuda::RopeArgs& ra) {
     const bool f32 = q.dtype == DType::F32;
     const Tensor& kv_b = f32 ? f32_weight(kv_b_in) : bf16_weight(kv_b_in);
     const int64_t B = q.dim(0), r = kv_b.dim(1);
@@ -474,13 +587,14 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(q.dtype == act_ && q_lat.dtype == act_, "mla_absorb_q: {} tensors expected", dtype_name(act_));
     DSV3_CHECK(q.numel() == B * nh * (dn + dr) && q_lat.numel() == B * nh * r && kv_b.dim(0) == nh * (dn + dv),
                "mla_absorb_q: q {} q_lat {} kv_b {}", shape_str(q.shape), shape_str(q_lat.shape), shape_str(kv_b.shape));
-    if (B == 0 || skip()) return;
     const bool al4 = (reinterpret_cast<uintptr_t>(kv_b.data) & 3) == 0;
-    if (!f32 && B <= 8 && dn <= 256 && r % 2 == 0 && al4) {
+    const bool small = !f32 && B <= 8 && dn <= 256 && r % 2 == 0 && al4;
+    if (B == 0 || skip()) return small;
+    if (small) {
       cuda::absorb_q_small(static_cast<bf16*>(q_lat.data), static_cast<const bf16*>(q.data),
                            static_cast<const bf16*>(kv_b.data), int(B), int(nh), int(dn), int(dr), int(dv), int(r),
-                           ctx_.stream);
-      return;
+                           q_pe ? q_pe->ptr<bf16>() : nullptr, ra, ctx_.stream);
+      return true;
     }
     // Per head h: q_lat_h [B, r] = q_h [B, dn] W_UK[h] [dn, r]. Column-major: C (r x B) = W (r x dn) * Q (dn x B).
     const float one = 1.f, zero = 0.f;
@@ -489,6 +603,7 @@ class CudaBackend final : public Backend {
                                                  kv_b.data, ct, int(r), (dn + dv) * r, q.data, ct, int(nh * (dn + dr)),
                                                  dn + dr, &zero, q_lat.data, ct, int(nh * r), r, int(nh),
                                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return false;
   }
 
   void mla_absorb_out(Tensor& out, const Tensor& o_lat, const Tensor& kv_b_in, int64_t nh, int64_t dn,
@@ -536,8 +651,8 @@ class CudaBackend final : public Backend {
   void moe_route(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const Tensor& bias,
                  const RouteParams& p) override {
     flush();
-    ProfScope ps(*this, "moe_route");
     const int64_t T = logits.dim(0);
+    ProfScope ps(*this, act_ == DType::BF16 && T <= cuda::kRoutePlanMaxT ? "moe_route+plan" : "moe_route");
     DSV3_CHECK(logits.dtype == DType::F32 && logits.dim(1) == p.n_experts, "moe_route: logits {} {}",
                dtype_name(logits.dtype), shape_str(logits.shape));
     DSV3_CHECK(topk_idx.dtype == DType::I32 && topk_w.dtype == DType::F32 && topk_idx.numel() == T * p.top_k &&
@@ -548,6 +663,19 @@ class CudaBackend final : public Backend {
       DSV3_CHECK(bias.dtype == DType::F32 && bias.device == Device::CUDA && bias.numel() == p.n_experts,
                  "moe_route: bias {} must be fp32 [{}] on the GPU", bias.name, p.n_experts);
       b = bias.f32();
+    }
+    route_plan_ = RoutePlan{};
+    if (act_ == DType::BF16 && T > 0 && T <= cuda::kRoutePlanMaxT) {
+      // Decode sizes: the dispatch plan of moe_experts_acc is made here in the same kernel and kept for it.
+      const int64_t E = p.n_experts, P = T * p.top_k;
+      RoutePlan rp{topk_idx, alloc(DType::I32, {3 * E + 2 + 2 * P}, "moe_plan"), T, p.top_k, E};
+      if (!skip()) {
+        int* c = rp.plan.ptr<int>();
+        cuda::moe_route_plan(topk_idx.ptr<int>(), topk_w.f32(), logits.f32(), b, int(T), p, c, c + E, c + 2 * E + 1,
+                             c + 3 * E + 1, c + 3 * E + 2, c + 3 * E + 2 + P, ctx_.stream);
+      }
+      route_plan_ = std::move(rp);
+      return;
     }
     if (skip()) return;
     cuda::moe_route(topk_idx.ptr<int>(), topk_w.f32(), logits.f32(), b, int(T), p, ctx_.stream);
@@ -570,10 +698,13 @@ class CudaBackend final : public Backend {
   }
   bool end_graph_step() override {
     flush();
+    route_plan_ = RoutePlan{};
     return graphs_.end();
   }
   void cancel_graph_step() override {
     pend_ = PendingAdd{};
+    comb_ = PendingCombine{};
+    route_plan_ = RoutePlan{};
     graphs_.cancel();
   }
   void set_graphs(bool on) {
@@ -644,6 +775,19 @@ class CudaBackend final : public Backend {
                    pool.numel() == spec.layers * spec.num_blocks * spec.block_size * spec.row(),
                "kv pool {} {} does not match its spec", dtype_name(pool.dtype), shape_str(pool.shape));
     DSV3_CHECK(layer >= 0 && layer < spec.layers, "kv pool: layer {} of {}", layer, spec.layers);
+  }
+  // Cache row (block * block_size + slot) of each of the T batch rows that seqs cover; -1 for rows they do not.
+  static std::vector<int32_t> cache_rows(const KvPoolSpec& spec, const std::vector<SeqSlice>& seqs, int64_t T) {
+    const int64_t bs = spec.block_size;
+    std::vector<int32_t> rows(size_t(T), -1);
+    for (auto& s : seqs)
+      for (int64_t i = 0; i < s.len; ++i) {
+        const int64_t p = s.pos0 + i;
+        DSV3_CHECK(p / bs < s.num_blocks, "kv_write: position {} beyond the sequence's {} blocks", p, s.num_blocks);
+        DSV3_CHECK(s.row0 + i < T, "kv_write: row {} of {}", s.row0 + i, T);
+        rows[size_t(s.row0 + i)] = int32_t(int64_t(s.blocks[p / bs]) * bs + p % bs);
+      }
+    return rows;
   }
   static char* layer_base(const Tensor& pool, const KvPoolSpec& spec, int64_t layer) {
     return static_cast<char*>(pool.data) +
@@ -759,8 +903,6 @@ class CudaBackend final : public Backend {
   int dev_;
   DeviceContext& ctx_;
   bool skinny_ = true, profiling_ = false;
-  int moe_streams_ = 4;
-  std::unique_ptr<cuda::StreamFan> fan_;  // side streams of the prefill experts, made on first use
   UploadSlot slots_[kSlotCount];
   std::unordered_map<const void*, WeightCopy> wcache_, wcache32_;
   DType act_ = DType::BF16;
@@ -772,6 +914,19 @@ class CudaBackend final : public Backend {
     Tensor out, a, b;
     bool on = false;
   } pend_;
+  // The decode MoE's weighted un-permute, deferred like the add: f [T, H] += sum_k w y[pair_pos] (y fp32 [P, H]).
+  struct PendingCombine {
+    Tensor f, y, w, plan;  // plan: holds pair_pos's memory until the kernel is issued
+    const int* pair_pos = nullptr;
+    int64_t T = 0, K = 0;
+    bool on = false;
+  } comb_;
+  // The plan made by moe_route at decode sizes for the experts call that follows (idx held, so its address cannot
+  // be reused by another tensor while the plan is kept).
+  struct RoutePlan {
+    Tensor idx, plan;
+    int64_t T = 0, K = 0, E = 0;
+  } route_plan_;
   double moe_stats_[3] = {0, 0, 0};  // profiled MoE calls, summed active experts, summed max tokens per expert
   bool in_step_ = false;             // see note_op()
   bool graphs_on_ = true;
@@ -858,14 +1013,19 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
     graphs_.unsupported("the grouped expert GEMM (host-sized)");  // the capture fails; the step runs eagerly
     return;
   }
-  Tensor plan = alloc(DType::I32, {3 * E + 2 + 2 * P}, "moe_plan");
+  Tensor plan;
+  const bool planned = route_plan_.plan && route_plan_.idx.data == topk_idx.data && route_plan_.T == T &&
+                       route_plan_.K == K && route_plan_.E == E;
+  if (planned) plan = std::move(route_plan_.plan);
+  else plan = alloc(DType::I32, {3 * E + 2 + 2 * P}, "moe_plan");
+  route_plan_ = RoutePlan{};
   int* counts = plan.ptr<int>();
   int* offsets = counts + E;
   int* active = offsets + E + 1;
   int* n_active = active + E;
   int* sorted_xrow = n_active + 1;
   int* pair_pos = sorted_xrow + P;
-  if (!skip()) {
+  if (!planned && !skip()) {
     ProfScope ps(*this, "moe.plan");
     cuda::moe_plan(topk_idx.ptr<int>(), int(T), int(K), int(E), counts, offsets, active, n_active, sorted_xrow, pair_pos,
                    ctx_.stream);
@@ -914,6 +1074,8 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
     d.xrow = nullptr;
     Tensor act = alloc(DType::BF16, {P, I}, "moe_act");
     Tensor y = alloc(DType::F32, {P, H}, "moe_y");
+    // The combine is deferred (flush_combine): the residual add and norm that follow take it into their kernel.
+    comb_ = PendingCombine{out, y, topk_w, plan, pair_pos, T, K, true};
     if (skip()) return;
     g.y = act.data;
     g.ldy = I;
@@ -931,8 +1093,6 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
       ProfScope ps(*this, "moe.down", eb);
       cuda::skinny_gemm(d, hint, ctx_.stream);
     }
-    ProfScope ps(*this, "moe.combine");
-    cuda::moe_combine(out.ptr<bf16>(), y.data, true, topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
     return;
   }
   // Prefill (and fp32 mode): inputs in sorted-pair order, then grouped GEMMs over the experts that have tokens.
@@ -980,26 +1140,6 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
   auto grouped = [&](Group& gr, void* const* base) {
     const int n = int(gr.m.size());
     if (n == 0) return;
-    if (moe_streams_ > 1 && n > 1) {
-      // One cuBLAS call per expert over side streams, the largest first onto the least-loaded stream: the
-      // small experts' products then run beside the large ones instead of after them.
-      if (!fan_) fan_ = std::make_unique<cuda::StreamFan>(dev_, moe_streams_);
-      std::vector<int> order(size_t(n), 0);
-      for (int i = 0; i < n; ++i) order[size_t(i)] = i;
-      std::sort(order.begin(), order.end(), [&](int a, int b) { return gr.n[size_t(a)] > gr.n[size_t(b)]; });
-      std::vector<double> load(size_t(fan_->size()), 0.0);
-      fan_->fork(ctx_.stream);
-      for (int i : order) {
-        const int s = int(std::min_element(load.begin(), load.end()) - load.begin());
-        load[size_t(s)] += double(gr.m[size_t(i)]) * gr.n[size_t(i)] * gr.k[size_t(i)];
-        DSV3_CUBLAS_CHECK(cublasGemmEx(fan_->blas(s), CUBLAS_OP_T, CUBLAS_OP_N, gr.m[size_t(i)], gr.n[size_t(i)],
-                                       gr.k[size_t(i)], &gr.alpha[size_t(i)], gr.A[size_t(i)], ct, gr.lda[size_t(i)],
-                                       gr.B[size_t(i)], ct, gr.ldb[size_t(i)], &gr.beta[size_t(i)], gr.C[size_t(i)], ct,
-                                       gr.ldc[size_t(i)], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      }
-      fan_->join(ctx_.stream);
-      return;
-    }
     const cublasStatus_t st = cublasGemmGroupedBatchedEx(
         ctx_.blas, gr.ta.data(), gr.tb.data(), gr.m.data(), gr.n.data(), gr.k.data(), gr.alpha.data(),
         reinterpret_cast<const void* const*>(base), ct, gr.lda.data(), reinterpret_cast<const void* const*>(base + n), ct,

@@ -73,8 +73,14 @@ bool skinny_aligned(const SkinnyArgs& a);
 // rows_hint: the most rows any matrix can get (chooses 8 or 16 rows per pass; larger counts loop).
 void skinny_gemm(const SkinnyArgs& a, int rows_hint, cudaStream_t s);
 // q_lat[b, h, :r] = q[b, h, :dn] . W_UK[h] with W_UK[h] = kv_b rows [h*(dn+dv), h*(dn+dv)+dn) ([dn, r]); B <= 8.
+// With q_pe (optional): also q_pe[b, h, :dr] = rope(q[b, h, dn:]) at position pos[b] (tables as for rope).
+struct RopeArgs {
+  const int* pos = nullptr;
+  const float *cos = nullptr, *sin = nullptr;
+  bool interleave = true;
+};
 void absorb_q_small(bf16* q_lat, const bf16* q, const bf16* kv_b, int B, int nh, int dn, int dr, int dv, int r,
-                    cudaStream_t s);
+                    bf16* q_pe, const RopeArgs& rope, cudaStream_t s);
 
 // ---- attention_prefill.cu: causal MLA attention of one sequence (flash-attention style on tensor cores).
 // q [len, nh, dn+dr], kv [n, nh, dn+dv], kpe [n, dr], out [len, nh, dv], n = pos0 + len.
@@ -97,8 +103,26 @@ void mla_decode(bf16* out_lat, const bf16* q_lat, const bf16* q_pe, const bf16* 
 void mla_decode_f32(float* out_lat, const float* q_lat, const float* q_pe, const float* pool, const int* meta, int B,
                     int nh, int r, int dr, int bs, int max_n, float scale, void* ws, cudaStream_t s);
 
+// ---- fused.cu: fused decode kernels (each replaces a chain of small ones; see the file).
+// Cache rows rows[t] (< 0: skipped) of this layer's pool = [rmsnorm(kva[t, :r]) * w | rope(kva[t, r:r+dr])].
+void kv_norm_rope_write(void* pool, const int* rows, const void* kva, DType at, int T, int r, int dr, const void* w,
+                        DType wt, float eps, const int* pos, const float* cos, const float* sin, bool interleave,
+                        cudaStream_t s);
+// out [T, n, dr] = rope(x[t, h, off : off + dr]) for x viewed [T, n, stride] (x unchanged).
+void rope_copy(void* out, const void* x, DType at, int64_t T, int64_t n, int64_t stride, int64_t off, int64_t dr,
+               const int* pos, const float* cos, const float* sin, bool interleave, cudaStream_t s);
+// Per row t of D: f = bf16(f + sum_k w[t, k] y[pair_pos[t*K + k]]); x = bf16(x + f); out = rmsnorm(x) * nw.
+// y [P, D] fp32 (moe_combine's input), bf16 rows, D % 8 == 0, 16-byte aligned (see combine_add_rmsnorm_ok).
+bool combine_add_rmsnorm_ok(const void* x, const void* f, const void* y, const void* out, int K, int64_t D);
+void combine_add_rmsnorm(bf16* x, bf16* f, const float* y, const float* w, const int* pair_pos, int T, int K, bf16* out,
+                         const void* nw, DType nwt, int64_t D, float eps, cudaStream_t s);
+
 // ---- moe.cu: routing and dispatch.
 void moe_route(int* idx, float* w, const float* logits, const float* bias, int T, const RouteParams& p, cudaStream_t s);
+// moe_route then moe_plan in one single-block kernel, for decode sizes (T <= kRoutePlanMaxT).
+constexpr int kRoutePlanMaxT = 64;
+void moe_route_plan(int* idx, float* w, const float* logits, const float* bias, int T, const RouteParams& p, int* counts,
+                    int* offsets, int* active, int* n_active, int* sorted_xrow, int* pair_pos, cudaStream_t s);
 // Buckets the T*K (token, slot) pairs by expert: counts[E], offsets[E+1], active[E] (experts with tokens, ascending),
 // n_active[1], sorted_xrow[pos] = token of the pair at sorted position pos, pair_pos[t*K + k] = its position.
 void moe_plan(const int* idx, int T, int K, int E, int* counts, int* offsets, int* active, int* n_active,

@@ -39,6 +39,7 @@ __global__ void __launch_bounds__(kWarps * 32) skinny_kernel(SkinnyArgs a) {
     if constexpr (DUAL) W2 += e * a.stride_w;
   } else {
     W += blockIdx.y * a.stride_w;
+    if constexpr (DUAL) W2 += blockIdx.y * a.stride_w;
     X += blockIdx.y * a.stride_x;
     yoff = blockIdx.y * a.stride_y;
   }
@@ -138,12 +139,27 @@ void launch_skinny(const SkinnyArgs& a, dim3 grid, cudaStream_t s) {
 // q_lat[b, h, j] = sum_i q[b, h, i] W_UK[h][i, j]: W_UK[h] is [dn, r] row-major, so a block takes 64 columns of
 // one head (2 per thread, 4-byte loads coalesced along j) and 8 slices of i, reduced in shared memory.
 constexpr int kAbsorbMaxB = 8, kAbsorbMaxDn = 256;
+// With q_pe, the blocks of column chunk 0 also write the rotated rope part of their head (rope in place on q
+// and the q_pe copy were two more kernels per layer).
 __global__ void __launch_bounds__(256) absorb_q_kernel(bf16* q_lat, const bf16* q, const bf16* kv_b, int B, int nh, int dn,
-                                                       int dr, int dv, int r) {
+                                                       int dr, int dv, int r, bf16* q_pe, RopeArgs rp) {
   pdl_start();
   __shared__ float qs[kAbsorbMaxB][kAbsorbMaxDn];
   __shared__ float red[8][kAbsorbMaxB][64];
   const int h = blockIdx.x, cp = threadIdx.x & 31, sl = threadIdx.x >> 5;
+  if (q_pe && blockIdx.y == 0) {
+    const int half = dr / 2;
+    for (int i = threadIdx.x; i < B * half; i += blockDim.x) {
+      const int b = i / half, j = i % half;
+      const bf16* v = q + int64_t(b) * nh * (dn + dr) + int64_t(h) * (dn + dr) + dn;
+      bf16* o = q_pe + (int64_t(b) * nh + h) * dr;
+      const int i0 = rp.interleave ? 2 * j : j, i1 = rp.interleave ? 2 * j + 1 : j + half, p = rp.pos[b];
+      const float c = rp.cos[int64_t(p) * half + j], sn = rp.sin[int64_t(p) * half + j];
+      const float a = __bfloat162float(v[i0]), bb = __bfloat162float(v[i1]);
+      o[i0] = __float2bfloat16(a * c - bb * sn);
+      o[i1] = __float2bfloat16(bb * c + a * sn);
+    }
+  }
   for (int i = threadIdx.x; i < B * dn; i += blockDim.x) {
     const int b = i / dn, d = i % dn;
     qs[b][d] = __bfloat162float(q[int64_t(b) * nh * (dn + dr) + int64_t(h) * (dn + dr) + d]);
@@ -195,13 +211,15 @@ void skinny_gemm(const SkinnyArgs& a, int rows_hint, cudaStream_t s) {
   if (a.N == 0 || a.batch == 0) return;
   const dim3 grid((a.N + 15) / 16, a.batch);
   const bool moe = a.active != nullptr, dual = a.w2 != nullptr;
-  DSV3_CHECK(!dual || moe, "skinny_gemm: the dual (SwiGLU) form is for MoE experts");
+  // The dual (SwiGLU) form serves the routed experts (MoE) and the shared experts / dense MLP (plain).
   if (rows_hint <= 8) {
-    if (dual) launch_skinny<1, true, true>(a, grid, s);
+    if (dual && moe) launch_skinny<1, true, true>(a, grid, s);
+    else if (dual) launch_skinny<1, true, false>(a, grid, s);
     else if (moe) launch_skinny<1, false, true>(a, grid, s);
     else launch_skinny<1, false, false>(a, grid, s);
   } else {
-    if (dual) launch_skinny<2, true, true>(a, grid, s);
+    if (dual && moe) launch_skinny<2, true, true>(a, grid, s);
+    else if (dual) launch_skinny<2, true, false>(a, grid, s);
     else if (moe) launch_skinny<2, false, true>(a, grid, s);
     else launch_skinny<2, false, false>(a, grid, s);
   }
@@ -209,10 +227,12 @@ void skinny_gemm(const SkinnyArgs& a, int rows_hint, cudaStream_t s) {
 }
 
 void absorb_q_small(bf16* q_lat, const bf16* q, const bf16* kv_b, int B, int nh, int dn, int dr, int dv, int r,
-                    cudaStream_t s) {
+                    bf16* q_pe, const RopeArgs& rope, cudaStream_t s) {
   DSV3_CHECK(B <= kAbsorbMaxB && dn <= kAbsorbMaxDn && r % 2 == 0, "absorb_q_small: B {} dn {} r {}", B, dn, r);
+  DSV3_CHECK(!q_pe || (rope.pos && rope.cos && rope.sin), "absorb_q_small: q_pe needs positions and tables");
   if (B == 0) return;
-  launch(absorb_q_kernel, dim3(dim3(nh, (r + 63) / 64)), dim3(256), 0, s, q_lat, q, kv_b, B, nh, dn, dr, dv, r);
+  launch(absorb_q_kernel, dim3(dim3(nh, (r + 63) / 64)), dim3(256), 0, s, q_lat, q, kv_b, B, nh, dn, dr, dv, r, q_pe,
+         rope);
   DSV3_CUDA_KERNEL_CHECK();
 }
 

@@ -1,8 +1,9 @@
 // DeepSeekMoE on the GPU: the router (sigmoid or softmax scores, selection bias, group-limited top-k, weights),
 // the dispatch plan (pairs bucketed by expert, in expert order) and the
 // weighted un-permute (combine). Expert products themselves are in gemm.cu (decode) or cuBLAS (prefill).
-#include <cmath>
+#include <algorithm>
 #include <climits>
+#include <cmath>
 
 #include "ops/backend.h"
 #include "ops/cuda/common.cuh"
@@ -30,16 +31,12 @@ struct RouteArgs {
   float scaling;
 };
 
-// One warp per token; scores s and selection scores sel live in shared memory (2E floats per warp).
-__global__ void moe_route_kernel(int* __restrict__ idx, float* __restrict__ w, const float* __restrict__ logits,
-                                 const float* __restrict__ bias, RouteArgs a) {
-  pdl_start();
-  extern __shared__ float sm[];
-  const int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int tok = blockIdx.x * (blockDim.x >> 5) + wib;
-  if (tok >= a.T) return;  // whole warps only; no block-wide barrier below
+// Routes token tok with one warp; scores s and selection scores sel are that warp's 2E floats of shared memory.
+// Only warp-level synchronization inside (callers may run it on some warps of a block).
+__device__ void route_token(int tok, float* s, int* __restrict__ idx, float* __restrict__ w,
+                            const float* __restrict__ logits, const float* __restrict__ bias, const RouteArgs& a) {
+  const int lane = threadIdx.x & 31;
   const int E = a.E, K = a.K;
-  float* s = sm + wib * 2 * E;
   float* sel = s + E;
   const float* lg = logits + int64_t(tok) * E;
   if (a.sigmoid) {
@@ -123,10 +120,20 @@ __global__ void moe_route_kernel(int* __restrict__ idx, float* __restrict__ w, c
   }
 }
 
-__global__ void moe_plan_kernel(const int* __restrict__ idx, int P, int K, int E, int* counts, int* offsets, int* active,
-                                int* n_active, int* sorted_xrow, int* pair_pos) {
+// One warp per token.
+__global__ void moe_route_kernel(int* __restrict__ idx, float* __restrict__ w, const float* __restrict__ logits,
+                                 const float* __restrict__ bias, RouteArgs a) {
   pdl_start();
-  extern __shared__ int smi[];
+  extern __shared__ float sm[];
+  const int wib = threadIdx.x >> 5;
+  const int tok = blockIdx.x * (blockDim.x >> 5) + wib;
+  if (tok >= a.T) return;  // whole warps only; no block-wide barrier in route_token
+  route_token(tok, sm + wib * 2 * a.E, idx, w, logits, bias, a);
+}
+
+// The dispatch plan of P = T*K pairs by one block (smi: 3E + 1 ints of shared memory; every thread must call).
+__device__ void plan_block(int* smi, const int* __restrict__ idx, int P, int K, int E, int* counts, int* offsets,
+                           int* active, int* n_active, int* sorted_xrow, int* pair_pos) {
   int* cnt = smi;           // [E]
   int* off = cnt + E;       // [E + 1]
   int* fill = off + E + 1;  // [E]
@@ -166,6 +173,30 @@ __global__ void moe_plan_kernel(const int* __restrict__ idx, int P, int K, int E
   }
 }
 
+__global__ void moe_plan_kernel(const int* __restrict__ idx, int P, int K, int E, int* counts, int* offsets, int* active,
+                                int* n_active, int* sorted_xrow, int* pair_pos) {
+  pdl_start();
+  extern __shared__ int smi[];
+  plan_block(smi, idx, P, K, E, counts, offsets, active, n_active, sorted_xrow, pair_pos);
+}
+
+// Decode sizes: routing (the first rw warps, tokens strided over them) and the plan in one block of 1024 threads.
+// The block's barrier makes the idx it wrote visible to all its threads before the plan reads them.
+__global__ void __launch_bounds__(1024) moe_route_plan_kernel(int* __restrict__ idx, float* __restrict__ w,
+                                                              const float* __restrict__ logits,
+                                                              const float* __restrict__ bias, RouteArgs a, int rw,
+                                                              int* counts, int* offsets, int* active, int* n_active,
+                                                              int* sorted_xrow, int* pair_pos) {
+  pdl_start();
+  extern __shared__ float sm[];
+  const int wib = threadIdx.x >> 5;
+  if (wib < rw)
+    for (int tok = wib; tok < a.T; tok += rw) route_token(tok, sm + wib * 2 * a.E, idx, w, logits, bias, a);
+  __syncthreads();
+  plan_block(reinterpret_cast<int*>(sm + rw * 2 * a.E), idx, a.T * a.K, a.K, a.E, counts, offsets, active, n_active,
+             sorted_xrow, pair_pos);
+}
+
 // Block (t, column chunk of 256): out[t, c] += sum_k w[t, k] * Y[pair_pos[t, k], c].
 template <typename TO, typename TY>
 __global__ void moe_combine_kernel(TO* out, const TY* y, const float* w, const int* pair_pos, int K, int H) {
@@ -200,6 +231,25 @@ void moe_route(int* idx, float* w, const float* logits, const float* bias, int T
   constexpr int warps = 4;
   const size_t smem = size_t(warps) * 2 * a.E * sizeof(float);
   launch(moe_route_kernel, dim3((T + warps - 1) / warps), dim3(warps * 32), smem, s, idx, w, logits, bias, a);
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+void moe_route_plan(int* idx, float* w, const float* logits, const float* bias, int T, const RouteParams& p, int* counts,
+                    int* offsets, int* active, int* n_active, int* sorted_xrow, int* pair_pos, cudaStream_t s) {
+  if (T == 0) return;
+  DSV3_CHECK(T <= kRoutePlanMaxT, "moe_route_plan: {} tokens (at most {})", T, kRoutePlanMaxT);
+  DSV3_CHECK(p.top_k >= 1 && p.top_k <= 32 && p.top_k <= p.n_experts, "moe_route: top_k {} of {} experts", p.top_k,
+             p.n_experts);
+  RouteArgs a{T, int(p.n_experts), int(p.top_k), int(p.n_group), int(p.topk_group), p.sigmoid, p.norm_topk_prob,
+              p.group_limited, p.noaux_bias, float(p.scaling)};
+  if (a.group_limited && a.G > 1)
+    DSV3_CHECK(a.G <= 32 && a.E % a.G == 0 && a.TG <= a.G, "moe_route: {} groups of {} experts, top {}", a.G, a.E, a.TG);
+  // Routing warps: one per token up to 32, fewer when 2E floats each would pass 40 KB (E = 256: 20 warps).
+  const int rw = std::max(1, std::min({T, 32, int(40960 / (8 * a.E))}));
+  const size_t smem = size_t(rw) * 2 * a.E * sizeof(float) + size_t(3 * a.E + 1) * sizeof(int);
+  DSV3_CHECK(smem <= 48 * 1024, "moe_route_plan: {} experts need {} bytes of shared memory", a.E, smem);
+  launch(moe_route_plan_kernel, dim3(1), dim3(1024), smem, s, idx, w, logits, bias, a, rw, counts, offsets, active,
+         n_active, sorted_xrow, pair_pos);
   DSV3_CUDA_KERNEL_CHECK();
 }
 

@@ -20,7 +20,7 @@ LoadedModel open_model(const std::string& dir, const std::string& device, const 
   lm.backend = make_backend(device);
   LoadOptions lo;
   lo.dtype = dtype;
-  ModelWeights w = upload_weights(load_weights(cfg, dir, lo), *lm.backend);
+  ModelWeights w = load_weights(cfg, dir, lo, lm.backend.get());  // straight into the backend's memory
   lm.model = std::make_unique<Model>(cfg, std::move(w), *lm.backend);
   return lm;
 }

@@ -6,6 +6,7 @@
 #include "core/rng.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
+#include "ops/backend.h"
 
 namespace dsv3 {
 
@@ -179,13 +180,13 @@ void ModelWeights::bind() {
   }
 }
 
-ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype) {
+ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_flat) {
   ModelWeights w;
   w.cfg = cfg;
   w.layout = make_param_layout(cfg);
-  w.flat = Tensor::zeros(dtype, {w.layout.num_params}, "params");
+  if (allocate_flat) w.flat = Tensor::zeros(dtype, {w.layout.num_params}, "params");
   w.bias_flat = Tensor::zeros(DType::F32, {std::max<int64_t>(w.layout.num_bias, 1)}, "biases");
-  w.bind();
+  if (allocate_flat) w.bind();
   return w;
 }
 
@@ -201,25 +202,9 @@ void store(Tensor& flat, int64_t offset, const float* src, int64_t n) {
   }
 }
 
-// fp8 e4m3 weight [N, K] times its block scale [ceil(N/bn), ceil(K/bk)] -> fp32, exactly.
-std::vector<float> dequant_fp8(const Tensor& wt, const Tensor& sc, int64_t bn, int64_t bk) {
-  const int64_t N = wt.dim(0), K = wt.dim(1);
-  Shape want = {(N + bn - 1) / bn, (K + bk - 1) / bk};
-  if (sc.shape != want)
-    fail("tensor {}_scale_inv: expected shape {} for weight {} with {}x{} blocks, got {}", wt.name, shape_str(want),
-         shape_str(wt.shape), bn, bk, shape_str(sc.shape));
-  std::vector<float> scale(sc.numel());
-  convert_to_f32(sc.dtype, sc.data, scale.data(), scale.size());
-  std::vector<float> out(N * K);
-  convert_to_f32(DType::F8E4M3, wt.data, out.data(), out.size());
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) out[n * K + k] *= scale[(n / bn) * want[1] + k / bk];
-  return out;
-}
-
 }  // namespace
 
-ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt) {
+ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt, Backend* target) {
   WeightSet ws(dir);
   ParamLayout layout = make_param_layout(cfg);
   // Decide the buffer dtype: bf16 only if every parameter is stored as bf16 (then it stays bf16 in memory).
@@ -233,38 +218,64 @@ ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const 
   if (opt.dtype == "f32") dt = DType::F32;
   else if (opt.dtype == "bf16") dt = DType::BF16;
   else if (opt.dtype != "auto") fail("unknown --dtype '{}' (auto, f32 or bf16)", opt.dtype);
-  ModelWeights w = alloc_weights(cfg, dt);
+  // A device backend gets its parameter buffer directly: every tensor goes from the mmap'd file to the device
+  // (converted there), so the host never holds the whole model. Biases are small: host first, then uploaded.
+  const bool device = target && target->device() != Device::CPU;
+  ModelWeights w = alloc_weights(cfg, device ? DType::F32 : dt, /*allocate_flat=*/!device);
+  if (device) w.flat = target->alloc(dt, {layout.num_params}, "params");
   std::vector<std::string> errors;
-#pragma omp parallel for schedule(dynamic)
-  for (size_t i = 0; i < layout.specs.size(); ++i) {
-    const ParamSpec& s = layout.specs[i];
+  // One tensor: checks, then conversion into its place (fp8: times the block scales, exactly as in fp32).
+  auto put = [&](const ParamSpec& s) {
+    if (s.is_bias && !ws.has(s.name)) fail("missing tensor {} in {} (expected shape {})", s.name, dir, shape_str(s.shape));
+    Tensor t = ws.get(s.name);
+    if (t.shape != s.shape)
+      fail("tensor {} in {}: expected shape {} from config.json, got {}", s.name, dir, shape_str(s.shape), shape_str(t.shape));
+    if (t.dtype == DType::F8E4M3) {
+      std::string sn = s.name + "_scale_inv";
+      if (!ws.has(sn)) fail("fp8 tensor {} has no {} in {}", s.name, sn, dir);
+      if (t.ndim() != 2 || s.is_bias) fail("fp8 tensor {} must be a 2-D weight, got {}", s.name, shape_str(t.shape));
+      const int64_t N = t.dim(0), K = t.dim(1), bn = cfg.fp8_block_n, bk = cfg.fp8_block_k;
+      Tensor sc = ws.get(sn);
+      const Shape want = {(N + bn - 1) / bn, (K + bk - 1) / bk};
+      if (sc.shape != want)
+        fail("tensor {}: expected shape {} for weight {} with {}x{} blocks, got {}", sn, shape_str(want),
+             shape_str(t.shape), bn, bk, shape_str(sc.shape));
+      if (sc.dtype != DType::F32 && sc.dtype != DType::BF16 && sc.dtype != DType::F16)
+        fail("tensor {} in {} has dtype {}; expected a float type", sn, dir, dtype_name(sc.dtype));
+      std::vector<float> scale(static_cast<size_t>(sc.numel()));
+      convert_to_f32(sc.dtype, sc.data, scale.data(), scale.size());
+      const auto* w8 = static_cast<const uint8_t*>(t.data);
+      if (device) target->write_weights_fp8(w.flat, s.offset, w8, scale.data(), N, K, bn, bk);
+      else write_weights_fp8_host(w.flat, s.offset, w8, scale.data(), N, K, bn, bk);
+    } else if (t.dtype == DType::F32 || t.dtype == DType::BF16 || t.dtype == DType::F16) {
+      if (s.is_bias) write_weights_host(w.bias_flat, s.offset, t.data, t.dtype, t.numel());
+      else if (device) target->write_weights(w.flat, s.offset, t.data, t.dtype, t.numel());
+      else write_weights_host(w.flat, s.offset, t.data, t.dtype, t.numel());
+    } else {
+      fail("tensor {} in {} has dtype {}; expected a float type", s.name, dir, dtype_name(t.dtype));
+    }
+  };
+  auto guarded = [&](const ParamSpec& s) {
     try {
-      if (s.is_bias && !ws.has(s.name)) fail("missing tensor {} in {} (expected shape {})", s.name, dir, shape_str(s.shape));
-      Tensor t = ws.get(s.name);
-      if (t.shape != s.shape)
-        fail("tensor {} in {}: expected shape {} from config.json, got {}", s.name, dir, shape_str(s.shape), shape_str(t.shape));
-      std::vector<float> v;
-      if (t.dtype == DType::F8E4M3) {
-        std::string sn = s.name + "_scale_inv";
-        if (!ws.has(sn)) fail("fp8 tensor {} has no {} in {}", s.name, sn, dir);
-        if (t.ndim() != 2) fail("fp8 tensor {} must be 2-D, got {}", s.name, shape_str(t.shape));
-        v = dequant_fp8(t, ws.get(sn), cfg.fp8_block_n, cfg.fp8_block_k);
-      } else if (t.dtype == DType::F32 || t.dtype == DType::BF16 || t.dtype == DType::F16) {
-        v.resize(t.numel());
-        convert_to_f32(t.dtype, t.data, v.data(), v.size());
-      } else {
-        fail("tensor {} in {} has dtype {}; expected a float type", s.name, dir, dtype_name(t.dtype));
-      }
-      if (s.is_bias) store(w.bias_flat, s.offset, v.data(), int64_t(v.size()));
-      else store(w.flat, s.offset, v.data(), int64_t(v.size()));
+      put(s);
     } catch (const std::exception& e) {
 #pragma omp critical
       errors.push_back(e.what());
     }
+  };
+  if (device) {
+    for (const ParamSpec& s : layout.specs) guarded(s);  // the device copies are ordered on one stream
+  } else {
+#pragma omp parallel for schedule(dynamic)
+    for (size_t i = 0; i < layout.specs.size(); ++i) guarded(layout.specs[i]);
   }
   if (!errors.empty()) {
     std::sort(errors.begin(), errors.end());
     throw InputError(errors.front());
+  }
+  if (device) {
+    w.bias_flat = target->upload(w.bias_flat);
+    w.bind();
   }
   // MTP copies of the shared embedding and head: checked for shape if present (they duplicate the main ones).
   for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) {

@@ -13,6 +13,8 @@
 
 namespace dsv3 {
 
+class Backend;
+
 struct ParamSpec {
   std::string name;  // hub name, e.g. model.layers.3.mlp.experts.7.up_proj.weight
   Shape shape;
@@ -84,12 +86,15 @@ struct LoadOptions {
 };
 
 // Reads config.json + safetensors of a hub directory, checks every expected tensor by name and shape,
-// dequantizes fp8 (x weight_scale_inv per 128x128 block) and fills the flat buffers (CPU).
-ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt = {});
+// dequantizes fp8 (x weight_scale_inv per 128x128 block) and fills the flat buffers: in host memory, or, with a
+// device backend as target, straight in its memory (each tensor converted there from the mmap'd file).
+ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt = {},
+                          Backend* target = nullptr);
 // Random weights: normal(0, initializer_range) for matrices and embeddings, ones for norms, zero biases.
 ModelWeights init_weights(const ModelConfig& cfg, uint64_t seed, DType dtype);
 // Allocates zeroed flat buffers of a dtype for a config (used for gradients and optimizer state too).
-ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype);
+// allocate_flat false leaves flat empty for the caller to place (the loader's device path).
+ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_flat = true);
 // Writes a hub directory: config.json and model.safetensors with hub names (experts split, MTP copies of
 // embed_tokens and shared_head.head included), in dtype. Atomic per file.
 void save_weights(const ModelConfig& cfg, const ModelWeights& w, const std::string& dir, DType dtype);

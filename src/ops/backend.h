@@ -66,6 +66,14 @@ class Backend {
   // depends only on (seed, i), so backends agree and large random models can be made in place (benchmarks,
   // tests). The default works on CPU tensors; device backends override it.
   virtual void fill_normal(Tensor& t, float mean, float std, uint64_t seed);
+  // Weights straight from a checkpoint into a flat parameter buffer of this backend (F32 or BF16), so a model
+  // is never held twice in host memory: n elements of src (host memory, typically an mmap'd safetensors
+  // tensor of dtype src_dt) converted into flat[offset, offset + n). The defaults work on CPU tensors.
+  virtual void write_weights(Tensor& flat, int64_t offset, const void* src, DType src_dt, int64_t n);
+  // An fp8 e4m3 weight [N, K] (host) times its block scales scale [ceil(N/bn), ceil(K/bk)] (host fp32), exactly
+  // as in fp32 (one product per element), into flat[offset, offset + N*K).
+  virtual void write_weights_fp8(Tensor& flat, int64_t offset, const uint8_t* w8, const float* scale, int64_t N,
+                                 int64_t K, int64_t bn, int64_t bk);
 
   // ---- elementwise / norms
   virtual void zero(Tensor& t) = 0;
@@ -161,6 +169,11 @@ class Backend {
   virtual bool end_graph_step() { return true; }
   virtual void cancel_graph_step() {}
 };
+
+// The host forms of Backend::write_weights / write_weights_fp8 (flat in CPU memory; the loader's host path).
+void write_weights_host(Tensor& flat, int64_t offset, const void* src, DType src_dt, int64_t n);
+void write_weights_fp8_host(Tensor& flat, int64_t offset, const uint8_t* w8, const float* scale, int64_t N,
+                            int64_t K, int64_t bn, int64_t bk);
 
 inline void Backend::fill_normal(Tensor& t, float mean, float std, uint64_t seed) {
   if (t.device != Device::CPU) fail("fill_normal: backend {} cannot fill device tensor {}", name(), t.name);

@@ -116,6 +116,44 @@ class CudaBackend final : public Backend {
     return r;
   }
 
+  // Checkpoint tensors straight into a device flat buffer (backend.h). Same dtype: one copy from the (mmap'd)
+  // host memory; other float dtypes are converted on the host per tensor first (fp32 checkpoints into bf16
+  // buffers, f16); fp8 goes up as stored and is dequantized here.
+  void write_weights(Tensor& flat, int64_t offset, const void* src, DType src_dt, int64_t n) override {
+    if (flat.device == Device::CPU) return Backend::write_weights(flat, offset, src, src_dt, n);
+    check_weight_dest(flat, offset, n);
+    outside_graph_step("write_weights");
+    char* dst = static_cast<char*>(flat.data) + size_t(offset) * dtype_size(flat.dtype);
+    if (src_dt == flat.dtype) {
+      // Pageable source: the copy returns once the bytes are staged, so the file mapping may go right after.
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(n) * dtype_size(src_dt), cudaMemcpyHostToDevice, ctx_.stream));
+      return;
+    }
+    Tensor tmp = Tensor::empty(flat.dtype, {n}, "weights_tmp");
+    write_weights_host(tmp, 0, src, src_dt, n);
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, tmp.data, tmp.nbytes(), cudaMemcpyHostToDevice, ctx_.stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));  // tmp is freed on return
+  }
+  void write_weights_fp8(Tensor& flat, int64_t offset, const uint8_t* w8, const float* scale, int64_t N, int64_t K,
+                         int64_t bn, int64_t bk) override {
+    if (flat.device == Device::CPU) return Backend::write_weights_fp8(flat, offset, w8, scale, N, K, bn, bk);
+    check_weight_dest(flat, offset, N * K);
+    outside_graph_step("write_weights_fp8");
+    const int64_t ns = ((N + bn - 1) / bn) * ((K + bk - 1) / bk);
+    Tensor d8 = alloc(DType::U8, {N * K}, "fp8_weight");
+    Tensor ds = alloc(DType::F32, {ns}, "fp8_scale");
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(d8.data, w8, size_t(N * K), cudaMemcpyHostToDevice, ctx_.stream));
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(ds.data, scale, size_t(ns) * 4, cudaMemcpyHostToDevice, ctx_.stream));
+    char* dst = static_cast<char*>(flat.data) + size_t(offset) * dtype_size(flat.dtype);
+    cuda::dequant_fp8(dst, flat.dtype, d8.ptr<uint8_t>(), ds.f32(), N, K, bn, bk, ctx_.stream);
+  }
+  void check_weight_dest(const Tensor& flat, int64_t offset, int64_t n) const {
+    if (flat.dtype != DType::F32 && flat.dtype != DType::BF16)
+      fail("write_weights: {} must be F32 or BF16, got {}", flat.name, dtype_name(flat.dtype));
+    if (offset < 0 || n < 0 || offset + n > flat.numel())
+      fail("write_weights: [{}, {}) is outside {} of {} elements", offset, offset + n, flat.name, flat.numel());
+  }
+
   Tensor to_host(const Tensor& t) override {
     flush();
     if (t.device == Device::CPU) return t;

@@ -25,6 +25,10 @@ using bf16 = __nv_bfloat16;
     if (e_ != cudaSuccess) ::dsv3::cuda::throw_cuda_error(e_, #x, __FILE__, __LINE__);     \
   } while (0)
 
+// ---- write_weights.cu: fp8 e4m3 [N, K] times block scales [ceil(N/bn), ceil(K/bk)] (fp32) -> out (F32 or BF16).
+void dequant_fp8(void* out, DType out_t, const uint8_t* w8, const float* scale, int64_t N, int64_t K, int64_t bn,
+                 int64_t bk, cudaStream_t s);
+
 // ---- norm_rope.cu: elementwise ops, norms, rope, copies.
 // out[t, :D] = x[t*xs : t*xs + D] * rsqrt(mean(x^2) + eps) * w; act dtype at (BF16 or F32), weight dtype wt.
 void rmsnorm(void* out, const void* x, int64_t xs, const void* w, DType wt, DType at, int64_t T, int64_t D, float eps,

@@ -190,20 +190,6 @@ ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_fl
   return w;
 }
 
-namespace {
-
-// Stores n fp32 values into the flat buffer at an element offset, converting to its dtype.
-void store(Tensor& flat, int64_t offset, const float* src, int64_t n) {
-  if (flat.dtype == DType::F32) {
-    std::copy(src, src + n, flat.ptr<float>() + offset);
-  } else {
-    uint16_t* d = flat.ptr<uint16_t>() + offset;
-    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
-  }
-}
-
-}  // namespace
-
 ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt, Backend* target) {
   WeightSet ws(dir);
   ParamLayout layout = make_param_layout(cfg);
@@ -302,7 +288,7 @@ ModelWeights init_weights(const ModelConfig& cfg, uint64_t seed, DType dtype) {
       Rng rng(hash_str(s.name.c_str(), seed * 0x9e3779b97f4a7c15ull + 1));  // per-tensor stream: order-free
       for (auto& x : v) x = float(rng.normal() * cfg.initializer_range);
     }
-    store(w.flat, s.offset, v.data(), n);
+    write_weights_host(w.flat, s.offset, v.data(), DType::F32, n);
   }
   return w;
 }

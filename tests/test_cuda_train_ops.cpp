@@ -321,11 +321,12 @@ TEST(CudaTrain, AttentionForwardBackward) {
     attention_case(f32, 1, 130, 4, 32, 16, 32, 95);   // the tiny fixtures' head dims (fused in bf16 mode)
     attention_case(f32, 2, 200, 3, 64, 32, 64, 100);  // train-s head dims, T > 3 tiles, not a tile multiple
   }
-  // The fused kernels at train-s head dims: one exact tile, a partial single tile, one token, 4+ tiles with a
-  // 1-row tail; and the materialized path at the same dims through the switch.
+  // The fused kernels at train-s head dims: one exact tile, a partial single tile, three tokens, 4+ tiles with
+  // a 1-row tail; and the materialized path at the same dims through the switch. (Not T = 1: there dS = 0, so
+  // the reference dq/dkpe are rounding noise and a relative error means nothing.)
   attention_case(false, 1, 64, 2, 64, 32, 64, 110);
   attention_case(false, 3, 17, 2, 64, 32, 64, 115);
-  attention_case(false, 2, 1, 2, 64, 32, 64, 120);
+  attention_case(false, 2, 3, 2, 64, 32, 64, 120);
   attention_case(false, 1, 257, 2, 64, 32, 64, 125);
   attention_case(false, 1, 40, 5, 32, 16, 32, 130);
   attention_case(false, 2, 200, 3, 64, 32, 64, 100, /*naive=*/true);

@@ -6,10 +6,15 @@
 // kpe [N, dr] shared by the heads (key of head h = [k_nope_h | kpe]), out [N, nh, dv], lse [B, nh, T] (natural log
 // of the softmax denominators of the scaled scores).
 //
-// Every call first converts its operands to bf16 copies in the work buffer (one elementwise pass, ~0.05 ms at
+// Every call first converts its operands to 16-bit copies in the work buffer (one elementwise pass, ~0.05 ms at
 // train-s shapes) so the attention kernels stream tiles with cp.async like the inference prefill kernel
 // (attention_prefill.cu): Qb [N, nh, DQK], Kb [N, nh, DQK] = [k_nope | kpe] per head, Vb [N, nh, DV], and for the
-// backward dOb [N, nh, DV]. The rounding is the one the cuBLAS path applies to its operands.
+// backward dOb [N, nh, DV].
+// Precision: the forward uses fp16 operands (q, k, v, P; 8x finer rounding than bf16, output error ~4e-4 like
+// the cuBLAS path), because its rounding reaches the router scores of the later layers: with bf16 operands
+// (~3e-3) near-tied experts flipped often enough to fail the whole-model comparison with the CPU. Activations
+// are far inside fp16's range (|x| < 65504); P is in [0, 1]. The backward uses bf16: dO and dS are gradients
+// (tiny magnitudes that fp16 would flush), and its ~4e-3 error stays in the gradients.
 //
 // Kernels (64-row tiles, 4 warps of 16 rows, fragments as in common.cuh):
 //  - forward: block = 64 queries of one (b, h); online softmax over 64-key tiles; writes out and lse.
@@ -23,6 +28,8 @@
 #include <climits>
 #include <cmath>
 
+#include <cuda_fp16.h>
+
 #include "ops/cuda/train_common.cuh"
 #include "ops/cuda/train_kernels.h"
 
@@ -32,6 +39,32 @@ namespace {
 
 constexpr int kTile = 64, kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+// The 16-bit element type of the tensor-core operands: fp16 in the forward, bf16 in the backward (see the file
+// comment). Both have the same fragment layouts; only the conversion and the mma variant differ.
+template <typename E>
+struct Elem;
+template <>
+struct Elem<bf16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return pack_bf16(lo, hi); }
+  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    mma_bf16(c, a[0], a[1], a[2], a[3], b0, b1);
+  }
+};
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
 
 template <int DN, int DR, int DV>
 struct FlashCfg {
@@ -50,8 +83,8 @@ struct FlashCfg {
 
 // Loads rows row0.. row0+63 (W bf16 columns, row r at g + r * gstride) into smem with pitch P; rows >= limit
 // are zero-filled. cp.async: the caller commits and waits.
-template <int W, int P>
-__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int64_t gstride, int row0, int limit) {
+template <int W, int P, typename E>
+__device__ __forceinline__ void load_tile(E* s, const E* g, int64_t gstride, int row0, int limit) {
   constexpr int CH = W / 8;
   for (int c = threadIdx.x; c < kTile * CH; c += kThreads) {
     const int r = c / CH, cc = c % CH, row = row0 + r;
@@ -61,41 +94,41 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int64_t gstrid
 }
 
 // acc[16 x (16 NP)] += A (16 x 16 KS, fragments af) B^T, B rows = the 16 NP n-indices in smem [n][k] (pitch P).
-template <int KS, int NP, int P>
-__device__ __forceinline__ void mma_abt(float (*acc)[4], const uint32_t (*af)[4], const bf16* B, int lane) {
+template <int KS, int NP, int P, typename E>
+__device__ __forceinline__ void mma_abt(float (*acc)[4], const uint32_t (*af)[4], const E* B, int lane) {
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
     for (int np = 0; np < NP; ++np) {
       uint32_t b[4];
       ldmatrix_x4(b, B + (np * 16 + (lane & 7) + (lane >> 4) * 8) * P + ks * 16 + ((lane >> 3) & 1) * 8);
-      mma_bf16(acc[2 * np], af[ks][0], af[ks][1], af[ks][2], af[ks][3], b[0], b[1]);
-      mma_bf16(acc[2 * np + 1], af[ks][0], af[ks][1], af[ks][2], af[ks][3], b[2], b[3]);
+      Elem<E>::mma(acc[2 * np], af[ks], b[0], b[1]);
+      Elem<E>::mma(acc[2 * np + 1], af[ks], b[2], b[3]);
     }
 }
 
 // acc[16 x W] += X (16 x 64, fp32 C-fragments x[8][4], rounded to bf16) Z, Z = smem [64 k-rows][W] (pitch P).
 // The C-fragments of two adjacent 8-column tiles form one A-fragment (common.cuh layouts).
-template <int W, int P>
-__device__ __forceinline__ void mma_cz(float (*acc)[4], const float (*x)[4], const bf16* Z, int lane) {
+template <int W, int P, typename E>
+__device__ __forceinline__ void mma_cz(float (*acc)[4], const float (*x)[4], const E* Z, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kTile / 16; ++kk) {
-    const uint32_t a0 = pack_bf16(x[2 * kk][0], x[2 * kk][1]), a1 = pack_bf16(x[2 * kk][2], x[2 * kk][3]);
-    const uint32_t a2 = pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                   a3 = pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+    const uint32_t a[4] = {Elem<E>::pack(x[2 * kk][0], x[2 * kk][1]), Elem<E>::pack(x[2 * kk][2], x[2 * kk][3]),
+                           Elem<E>::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                           Elem<E>::pack(x[2 * kk + 1][2], x[2 * kk + 1][3])};
 #pragma unroll
     for (int dp = 0; dp < W / 16; ++dp) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, Z + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * P + dp * 16 + (lane >> 4) * 8);
-      mma_bf16(acc[2 * dp], a0, a1, a2, a3, b[0], b[1]);
-      mma_bf16(acc[2 * dp + 1], a0, a1, a2, a3, b[2], b[3]);
+      Elem<E>::mma(acc[2 * dp], a, b[0], b[1]);
+      Elem<E>::mma(acc[2 * dp + 1], a, b[2], b[3]);
     }
   }
 }
 
 // A-fragments of a warp's 16 rows (row0..row0+15) of smem X [rows][W] (pitch P).
-template <int W, int P>
-__device__ __forceinline__ void load_afrag(uint32_t (*af)[4], const bf16* X, int row0, int lane) {
+template <int W, int P, typename E>
+__device__ __forceinline__ void load_afrag(uint32_t (*af)[4], const E* X, int row0, int lane) {
 #pragma unroll
   for (int ks = 0; ks < W / 16; ++ks) ldmatrix_x4(af[ks], X + (row0 + (lane & 15)) * P + ks * 16 + (lane >> 4) * 8);
 }
@@ -106,29 +139,31 @@ __device__ __forceinline__ void zero(float (*a)[4]) {
   for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.f;
 }
 
-__device__ __forceinline__ void store_bf16x4(bf16* dst, float4 v) {
+template <typename E>
+__device__ __forceinline__ void store4(E* dst, float4 v) {
   uint2 u;
-  u.x = pack_bf16(v.x, v.y);
-  u.y = pack_bf16(v.z, v.w);
+  u.x = Elem<E>::pack(v.x, v.y);
+  u.y = Elem<E>::pack(v.z, v.w);
   *reinterpret_cast<uint2*>(dst) = u;
 }
 
-// Qb/Kb/Vb from q, kv, kpe (4 columns per thread; all head dims are multiples of 8 here).
-__global__ void flash_convert_kernel(bf16* Qb, bf16* Kb, bf16* Vb, const float* q, const float* kv, const float* kpe,
+// Qb/Kb/Vb (16-bit copies) from q, kv, kpe (4 columns per thread; all head dims are multiples of 8 here).
+template <typename E>
+__global__ void flash_convert_kernel(E* Qb, E* Kb, E* Vb, const float* q, const float* kv, const float* kpe,
                                      int64_t rows, int nh, int dn, int dr, int dv) {
   const int dqk = dn + dr, per = (2 * dqk + dv) / 4;
   DSV3_GRID_STRIDE(idx, rows * per) {
     const int64_t row = idx / per, t = row / nh;  // row = t nh + h
     const int c = int(idx % per) * 4;
     if (c < dqk) {
-      store_bf16x4(Qb + row * dqk + c, *reinterpret_cast<const float4*>(q + row * dqk + c));
+      store4(Qb + row * dqk + c, *reinterpret_cast<const float4*>(q + row * dqk + c));
     } else if (c < 2 * dqk) {
       const int d = c - dqk;
       const float* src = d < dn ? kv + row * (dn + dv) + d : kpe + t * dr + (d - dn);
-      store_bf16x4(Kb + row * dqk + d, *reinterpret_cast<const float4*>(src));
+      store4(Kb + row * dqk + d, *reinterpret_cast<const float4*>(src));
     } else {
       const int d = c - 2 * dqk;
-      store_bf16x4(Vb + row * dv + d, *reinterpret_cast<const float4*>(kv + row * (dn + dv) + dn + d));
+      store4(Vb + row * dv + d, *reinterpret_cast<const float4*>(kv + row * (dn + dv) + dn + d));
     }
   }
 }
@@ -146,7 +181,7 @@ __global__ void flash_bwd_prep_kernel(float* D, bf16* dOb, const float* dout, co
     const float4 a = *reinterpret_cast<const float4*>(dout + row * dv + c);
     const float4 o = *reinterpret_cast<const float4*>(out + row * dv + c);
     acc += a.x * o.x + a.y * o.y + a.z * o.z + a.w * o.w;
-    store_bf16x4(dOb + row * dv + c, a);
+    store4(dOb + row * dv + c, a);
   }
   acc = warp_sum(acc);
   if (lane == 0) D[(b * nh + h) * T + i] = acc;
@@ -167,22 +202,22 @@ __global__ void flash_sum_heads_kernel(float* dkpe, const float* dkpe_h, int64_t
 // grid (ceil(T / 64), nh, B). Late query tiles see the most keys: they start first.
 template <int DN, int DR, int DV>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(float* __restrict__ out, float* __restrict__ lse,
-                                                             const bf16* __restrict__ Qb, const bf16* __restrict__ Kb,
-                                                             const bf16* __restrict__ Vb, int T, int nh,
+                                                             const __half* __restrict__ Qb, const __half* __restrict__ Kb,
+                                                             const __half* __restrict__ Vb, int T, int nh,
                                                              float scale_log2) {
   using C = FlashCfg<DN, DR, DV>;
   constexpr int DQK = C::DQK, QP = C::QP, VP = C::VP;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);  // [64][QP]
-  bf16* Ks = Qs + kTile * QP;                     // [2][64][QP]
-  bf16* Vs = Ks + 2 * kTile * QP;                 // [2][64][VP]
+  __half* Qs = reinterpret_cast<__half*>(smem_raw);  // [64][QP]
+  __half* Ks = Qs + kTile * QP;                     // [2][64][QP]
+  __half* Vs = Ks + 2 * kTile * QP;                 // [2][64][VP]
 
   const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, i0 = tile * kTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t qs = int64_t(nh) * DQK, vs = int64_t(nh) * DV, tok0 = int64_t(b) * T;
-  const bf16* qg = Qb + tok0 * qs + h * DQK;
-  const bf16* kg = Kb + tok0 * qs + h * DQK;
-  const bf16* vg = Vb + tok0 * vs + h * DV;
+  const __half* qg = Qb + tok0 * qs + h * DQK;
+  const __half* kg = Kb + tok0 * qs + h * DQK;
+  const __half* vg = Vb + tok0 * vs + h * DV;
   const int kend = min(T, i0 + kTile), ntiles = tile + 1;
 
   load_tile<DQK, QP>(Qs, qg, qs, i0, T);
@@ -206,8 +241,8 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(float* __restrict__
     cp_async_wait<1>();
     __syncthreads();
     if (kt == 0) load_afrag<DQK, QP>(qf, Qs, qrow0, lane);
-    const bf16* Kt = Ks + (kt & 1) * kTile * QP;
-    const bf16* Vt = Vs + (kt & 1) * kTile * VP;
+    const __half* Kt = Ks + (kt & 1) * kTile * QP;
+    const __half* Vt = Vs + (kt & 1) * kTile * VP;
 
     float sc[kTile / 8][4];
     zero<kTile / 8>(sc);
@@ -492,10 +527,11 @@ T* at(void* work, size_t off) {
   return reinterpret_cast<T*>(static_cast<unsigned char*>(work) + off);
 }
 
+template <typename E>
 void convert(const WorkLayout& w, void* work, const float* q, const float* kv, const float* kpe, int64_t rows, int nh,
              int dn, int dr, int dv, cudaStream_t s) {
-  flash_convert_kernel<<<grid_for(rows * (2 * (dn + dr) + dv) / 4), 256, 0, s>>>(
-      at<bf16>(work, w.qb), at<bf16>(work, w.kb), at<bf16>(work, w.vb), q, kv, kpe, rows, nh, dn, dr, dv);
+  flash_convert_kernel<E><<<grid_for(rows * (2 * (dn + dr) + dv) / 4), 256, 0, s>>>(
+      at<E>(work, w.qb), at<E>(work, w.kb), at<E>(work, w.vb), q, kv, kpe, rows, nh, dn, dr, dv);
   DSV3_CUDA_KERNEL_CHECK();
 }
 
@@ -511,10 +547,11 @@ void forward_impl(float* out, float* lse, const float* q, const float* kv, const
   static bool configured = false;  // raise the dynamic shared-memory limit once per instantiation
   if (!configured) allow_smem(flash_fwd_kernel<DN, DR, DV>, C::smem_fwd), configured = true;
   const WorkLayout w(B, T, nh, DN, DR, DV);
-  convert(w, work, q, kv, kpe, B * T * nh, int(nh), DN, DR, DV, s);
+  convert<__half>(w, work, q, kv, kpe, B * T * nh, int(nh), DN, DR, DV, s);
   const dim3 grid(unsigned((T + kTile - 1) / kTile), unsigned(nh), unsigned(B));
   flash_fwd_kernel<DN, DR, DV><<<grid, kThreads, C::smem_fwd, s>>>(
-      out, lse, at<bf16>(work, w.qb), at<bf16>(work, w.kb), at<bf16>(work, w.vb), int(T), int(nh), scale * kLog2e);
+      out, lse, at<__half>(work, w.qb), at<__half>(work, w.kb), at<__half>(work, w.vb), int(T), int(nh),
+      scale * kLog2e);
   DSV3_CUDA_KERNEL_CHECK();
 }
 
@@ -531,7 +568,7 @@ void backward_impl(float* dq, float* dkv, float* dkpe, const float* dout, const 
   }
   const WorkLayout w(B, T, nh, DN, DR, DV);
   const int64_t rows = B * T * nh;
-  convert(w, work, q, kv, kpe, rows, int(nh), DN, DR, DV, s);
+  convert<bf16>(w, work, q, kv, kpe, rows, int(nh), DN, DR, DV, s);
   bf16 *Qb = at<bf16>(work, w.qb), *Kb = at<bf16>(work, w.kb), *Vb = at<bf16>(work, w.vb), *dOb = at<bf16>(work, w.ob);
   float *D = at<float>(work, w.d), *dkpe_h = at<float>(work, w.kpe);
   flash_bwd_prep_kernel<<<unsigned((rows * 32 + 255) / 256), 256, 0, s>>>(D, dOb, dout, out, rows, int(T), int(nh),

@@ -201,10 +201,9 @@ __global__ void flash_sum_heads_kernel(float* dkpe, const float* dkpe_h, int64_t
 
 // grid (ceil(T / 64), nh, B). Late query tiles see the most keys: they start first.
 template <int DN, int DR, int DV>
-__global__ void __launch_bounds__(kThreads) flash_fwd_kernel(float* __restrict__ out, float* __restrict__ lse,
-                                                             const __half* __restrict__ Qb, const __half* __restrict__ Kb,
-                                                             const __half* __restrict__ Vb, int T, int nh,
-                                                             float scale_log2) {
+__global__ void __launch_bounds__(kThreads)
+    flash_fwd_kernel(float* __restrict__ out, float* __restrict__ lse, const __half* __restrict__ Qb,
+                     const __half* __restrict__ Kb, const __half* __restrict__ Vb, int T, int nh, float scale_log2) {
   using C = FlashCfg<DN, DR, DV>;
   constexpr int DQK = C::DQK, QP = C::QP, VP = C::VP;
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -256,8 +256,33 @@ TEST(CudaTrain, CrossEntropyAliasedAndMasked) {
   }
 }
 
-void attention_case(bool f32, int64_t B, int64_t T, int64_t nh, int64_t dn, int64_t dr, int64_t dv, uint64_t seed) {
+// Sets DSV3_CUDA_TRAIN_ATTN (read by the CUDA backend on every attention call) for one scope; null unsets it.
+struct AttnMode {
+  std::string keep;
+  bool had;
+  explicit AttnMode(const char* v) {
+    const char* old = std::getenv("DSV3_CUDA_TRAIN_ATTN");
+    had = old != nullptr;
+    if (had) keep = old;
+    if (v)
+      setenv("DSV3_CUDA_TRAIN_ATTN", v, 1);
+    else
+      unsetenv("DSV3_CUDA_TRAIN_ATTN");
+  }
+  ~AttnMode() {
+    if (had)
+      setenv("DSV3_CUDA_TRAIN_ATTN", keep.c_str(), 1);
+    else
+      unsetenv("DSV3_CUDA_TRAIN_ATTN");
+  }
+};
+
+// naive = true: the materialized path (DSV3_CUDA_TRAIN_ATTN=naive); else the default, which is the fused flash
+// kernels for their head dims (64/32/64, 32/16/32) in bf16 mode, and the materialized path otherwise.
+void attention_case(bool f32, int64_t B, int64_t T, int64_t nh, int64_t dn, int64_t dr, int64_t dv, uint64_t seed,
+                    bool naive = false) {
   TrainBackend& be = gpu(f32);
+  AttnMode mode(naive ? "naive" : nullptr);
   const double scale = 1.0 / std::sqrt(double(dn + dr));
   V q = randn(B * T * nh * (dn + dr), seed), kv = randn(B * T * nh * (dn + dv), seed + 1),
     kpe = randn(B * T * dr, seed + 2), dout = randn(B * T * nh * dv, seed + 3);
@@ -272,21 +297,39 @@ void attention_case(bool f32, int64_t B, int64_t T, int64_t nh, int64_t dn, int6
   be.attention_forward(go.data(), gl.data(), gq.data(), gkv.data(), gkpe.data(), B, T, nh, dn, dr, dv, scale);
   be.attention_backward(gdq.data(), gdkv.data(), gdkpe.data(), gdo.data(), go.data(), gl.data(), gq.data(),
                         gkv.data(), gkpe.data(), B, T, nh, dn, dr, dv, scale);
-  const std::string tag = " B" + std::to_string(B) + " T" + std::to_string(T) + (f32 ? " f32" : " bf16");
+  const std::string tag = " B" + std::to_string(B) + " T" + std::to_string(T) + " h" + std::to_string(nh) + " " +
+                          std::to_string(dn) + "/" + std::to_string(dr) + "/" + std::to_string(dv) +
+                          (f32 ? " f32" : " bf16") + (naive ? " naive" : "");
   const double tf = f32 ? 1e-4 : 2e-2, tb = f32 ? 1e-4 : 5e-2;
-  check(("attention out" + tag).c_str(), down(be, go), out, tf);
-  check(("attention lse" + tag).c_str(), down(be, gl), lse, tf);
-  check(("attention dq" + tag).c_str(), down(be, gdq), dq, tb);
-  check(("attention dkv" + tag).c_str(), down(be, gdkv), dkv, tb);
-  check(("attention dkpe" + tag).c_str(), down(be, gdkpe), dkpe, tb);
+  check(("attn out" + tag).c_str(), down(be, go), out, tf);
+  check(("attn lse" + tag).c_str(), down(be, gl), lse, tf);
+  const V gdq1 = down(be, gdq), gdkv1 = down(be, gdkv), gdkpe1 = down(be, gdkpe);
+  check(("attn dq" + tag).c_str(), gdq1, dq, tb);
+  check(("attn dkv" + tag).c_str(), gdkv1, dkv, tb);
+  check(("attn dkpe" + tag).c_str(), gdkpe1, dkpe, tb);
+  // Deterministic: a second backward gives the same bits.
+  be.attention_backward(gdq.data(), gdkv.data(), gdkpe.data(), gdo.data(), go.data(), gl.data(), gq.data(),
+                        gkv.data(), gkpe.data(), B, T, nh, dn, dr, dv, scale);
+  EXPECT_TRUE(down(be, gdq) == gdq1 && down(be, gdkv) == gdkv1 && down(be, gdkpe) == gdkpe1)
+      << "attention backward is not deterministic" << tag;
 }
 
 TEST(CudaTrain, AttentionForwardBackward) {
   REQUIRE_CUDA();
   for (bool f32 : {true, false}) {
-    attention_case(f32, 2, 37, 3, 16, 8, 12, 90);
-    attention_case(f32, 1, 130, 4, 32, 16, 32, 95);  // the tiny fixtures' head dims
+    attention_case(f32, 2, 37, 3, 16, 8, 12, 90);     // odd head dims: always the materialized path
+    attention_case(f32, 1, 130, 4, 32, 16, 32, 95);   // the tiny fixtures' head dims (fused in bf16 mode)
+    attention_case(f32, 2, 200, 3, 64, 32, 64, 100);  // train-s head dims, T > 3 tiles, not a tile multiple
   }
+  // The fused kernels at train-s head dims: one exact tile, a partial single tile, three tokens, 4+ tiles with
+  // a 1-row tail; and the materialized path at the same dims through the switch. (Not T = 1: there dS = 0, so
+  // the reference dq/dkpe are rounding noise and a relative error means nothing.)
+  attention_case(false, 1, 64, 2, 64, 32, 64, 110);
+  attention_case(false, 3, 17, 2, 64, 32, 64, 115);
+  attention_case(false, 2, 3, 2, 64, 32, 64, 120);
+  attention_case(false, 1, 257, 2, 64, 32, 64, 125);
+  attention_case(false, 1, 40, 5, 32, 16, 32, 130);
+  attention_case(false, 2, 200, 3, 64, 32, 64, 100, /*naive=*/true);
 }
 
 // Routing rules of the fixtures (tests/data/tiny-*/config.json) and the V2 softmax variants.
@@ -484,14 +527,20 @@ TEST(CudaTrainBench, TrainSShapes) {
     auto q = buf(N * nh * (dn + dr), 10), kv = buf(N * nh * (dn + dv), 11), kpe = buf(N * dr, 12),
          o = buf(N * nh * dv, 13), l = buf(B * nh * T, 14), dout = buf(N * nh * dv, 15), dq = buf(N * nh * (dn + dr), 16),
          dkv = buf(N * nh * (dn + dv), 17), dkpe = buf(N * dr, 18);
-    const double causal = double(B) * nh * T * T;  // full products are computed (cuBLAS), count them all
-    time_ms("attention fwd", 2.0 * causal * (dn + dr + dv), [&] {
-      be.attention_forward(o.data(), l.data(), q.data(), kv.data(), kpe.data(), B, T, nh, dn, dr, dv, 0.1);
-    });
-    time_ms("attention bwd", 2.0 * causal * (2 * (dn + dr) + 3 * dv + dn + dr), [&] {
-      be.attention_backward(dq.data(), dkv.data(), dkpe.data(), dout.data(), o.data(), l.data(), q.data(), kv.data(),
-                            kpe.data(), B, T, nh, dn, dr, dv, 0.1);
-    });
+    // FLOP of the useful (causal) half of each product: forward S and PV; backward S, dP, dV, dK and dQ (the
+    // fused backward recomputes S and dP once more for dQ, the materialized one computes full squares).
+    const double causal = double(B) * nh * T * T / 2;
+    for (const char* mode : {"fused", "naive"}) {
+      AttnMode m(std::string(mode) == "naive" ? "naive" : nullptr);
+      time_ms((std::string("attention fwd ") + mode).c_str(), 2.0 * causal * (dn + dr + dv), [&] {
+        be.attention_forward(o.data(), l.data(), q.data(), kv.data(), kpe.data(), B, T, nh, dn, dr, dv, 0.1);
+      });
+      time_ms((std::string("attention bwd ") + mode).c_str(), 2.0 * causal * (2 * (dn + dr) + 2 * dv + dn + dr),
+              [&] {
+                be.attention_backward(dq.data(), dkv.data(), dkpe.data(), dout.data(), o.data(), l.data(), q.data(),
+                                      kv.data(), kpe.data(), B, T, nh, dn, dr, dv, 0.1);
+              });
+    }
   }
   {  // router + experts
     RouteParams p;

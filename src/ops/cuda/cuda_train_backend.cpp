@@ -173,10 +173,25 @@ class CudaTrainBackend final : public TrainBackend {
     return total;
   }
 
-  // ---- attention: per sequence, cuBLAS products batched over the heads, scores [nh, Tq, Tq] in scratch; the
-  // keys concatenated per head, Kc [B*Tq, nh, dn + dr] = [k_nope | k_pe], so each product is one call.
+  // ---- attention. Default: the fused flash kernels of train_flash_attention.cu (bf16 tensor cores, no T x T
+  // buffer; their bf16 operand copies live in the kScores slot). The materialized path below runs with fp32
+  // products (DSV3_CUDA_TRAIN_F32=1, exact comparisons), with DSV3_CUDA_TRAIN_ATTN=naive (read per call), and
+  // for head dims the fused kernels do not instantiate.
+  bool use_flash_attention(int64_t dn, int64_t dr, int64_t dv) const {
+    if (f32_ || !k::flash_attention_supported(dn, dr, dv)) return false;
+    const char* e = std::getenv("DSV3_CUDA_TRAIN_ATTN");
+    return !(e && std::string(e) == "naive");
+  }
+
+  // Materialized path: per sequence, cuBLAS products batched over the heads, scores [nh, Tq, Tq] in scratch;
+  // the keys concatenated per head, Kc [B*Tq, nh, dn + dr] = [k_nope | k_pe], so each product is one call.
   void attention_forward(float* out, float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
                          int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale) override {
+    if (use_flash_attention(dn, dr, dv)) {
+      void* work = scratch<unsigned char>(kScores, k::flash_attention_work_bytes(B, Tq, nh, dn, dr, dv, false));
+      if (k::flash_attention_forward(out, lse, q, kv, kpe, B, Tq, nh, dn, dr, dv, float(scale), work, ctx_.stream))
+        return;
+    }
     const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv), os = nh * dv, TT = Tq * Tq;
     float* S = scratch<float>(kScores, size_t(nh * TT));
     float* Kc = scratch<float>(kKeys, size_t(B * Tq * qs));
@@ -195,6 +210,12 @@ class CudaTrainBackend final : public TrainBackend {
   void attention_backward(float* dq, float* dkv, float* dkpe, const float* dout, const float* out, const float* lse,
                           const float* q, const float* kv, const float* kpe, int64_t B, int64_t Tq, int64_t nh,
                           int64_t dn, int64_t dr, int64_t dv, double scale) override {
+    if (use_flash_attention(dn, dr, dv)) {
+      void* work = scratch<unsigned char>(kScores, k::flash_attention_work_bytes(B, Tq, nh, dn, dr, dv, true));
+      if (k::flash_attention_backward(dq, dkv, dkpe, dout, out, lse, q, kv, kpe, B, Tq, nh, dn, dr, dv,
+                                      float(scale), work, ctx_.stream))
+        return;
+    }
     const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv), os = nh * dv, TT = Tq * Tq;
     const float sc = float(scale);
     float* P = scratch<float>(kScores, size_t(nh * TT));

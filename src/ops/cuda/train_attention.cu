@@ -1,6 +1,8 @@
-// The non-GEMM parts of the causal MLA attention core for training (the products are cuBLAS calls in
-// cuda_train_backend.cpp; the math is ops/cpu/backward_attention.cpp). The softmax kernels work on one sequence
-// of T tokens with all nh heads at once: scores S/P [nh, T, T] (row (h, i) at (h T + i) T), lse and D [nh, T].
+// The materialized attention path for training (fp32 mode, DSV3_CUDA_TRAIN_ATTN=naive, and head dims the fused
+// kernels of train_flash_attention.cu do not instantiate). The non-GEMM parts of the causal MLA attention core
+// (the products are cuBLAS calls in cuda_train_backend.cpp; the math is ops/cpu/backward_attention.cpp). The
+// softmax kernels work on one sequence of T tokens with all nh heads at once: scores S/P [nh, T, T] (row (h, i)
+// at (h T + i) T), lse and D [nh, T].
 // The keys are concatenated per head, Kc [n, nh, dn + dr] = [k_nope | k_pe], so that S = Q Kc^T, dQ = dS Kc and
 // dKc = dS^T Q are one product each (every product reads the T x T matrix once, and those passes dominate).
 #include "ops/cuda/train_common.cuh"

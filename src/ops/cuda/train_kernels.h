@@ -4,6 +4,7 @@
 // each op is that of the CPU reference kernel of the same name in ops/cpu/train_ops.h.
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "ops/cuda/cuda_ops.h"  // DSV3_CUDA_CHECK
@@ -64,6 +65,23 @@ void concat_keys(float* Kc, const float* kv, const float* kpe, int64_t n, int64_
 // dKc [T, nh, dn + dr] -> dkv[:, :, :dn] (v columns untouched) and dkpe [T, dr] = sum over heads in head order.
 void split_key_grads(float* dkv, float* dkpe, const float* dKc, int64_t T, int64_t nh, int64_t dn, int64_t dr,
                      int64_t dv, cudaStream_t s);
+
+// ---- train_flash_attention.cu: the fused causal attention core (all sequences and heads in one launch per
+// kernel; bf16 tensor cores, fp32 accumulation; no T x T buffer). Same arguments and semantics as
+// TrainBackend::attention_forward/backward; `work` is device scratch of flash_attention_work_bytes(...,
+// backward) bytes, 16-byte aligned. Each returns false (and launches nothing) when the head dims are not
+// instantiated (dn/dr/dv = 64/32/64 or 32/16/32) or a pointer is not 16-byte aligned: the caller then takes the
+// materialized path.
+bool flash_attention_supported(int64_t dn, int64_t dr, int64_t dv);
+size_t flash_attention_work_bytes(int64_t B, int64_t T, int64_t nh, int64_t dn, int64_t dr, int64_t dv,
+                                  bool backward);
+bool flash_attention_forward(float* out, float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
+                             int64_t T, int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale, void* work,
+                             cudaStream_t s);
+bool flash_attention_backward(float* dq, float* dkv, float* dkpe, const float* dout, const float* out,
+                              const float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
+                              int64_t T, int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale, void* work,
+                              cudaStream_t s);
 
 // ---- train_moe.cu: router, balance loss, expert dispatch helpers.
 void route_forward(int32_t* idx, float* w, float* scores, const float* logits, const float* bias, int64_t N,

@@ -289,18 +289,17 @@ class CudaTrainBackend final : public TrainBackend {
     float* Xs = scratch<float>(kMoeX, size_t(NK * H));
     float* A = scratch<float>(kMoeA, size_t(NK * I));
     k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
+    std::vector<Product> gu, dn;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
       if (n == 0) continue;
-      gemm(false, true, n, I, H, 1.f, Xs + o * H, H, Wg + e * I * H, H, 0.f, G + o * I, I);
-      gemm(false, true, n, I, H, 1.f, Xs + o * H, H, Wu + e * I * H, H, 0.f, U + o * I, I);
+      gu.push_back({false, true, n, I, H, Xs + o * H, H, Wg + e * I * H, H, 0.f, G + o * I, I});
+      gu.push_back({false, true, n, I, H, Xs + o * H, H, Wu + e * I * H, H, 0.f, U + o * I, I});
+      dn.push_back({false, true, n, H, I, A + o * I, I, Wd + e * H * I, I, 0.f, Y + o * H, H});
     }
+    gemm_group(gu);
     k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
-      if (n == 0) continue;
-      gemm(false, true, n, H, I, 1.f, A + o * I, I, Wd + e * H * I, I, 0.f, Y + o * H, H);
-    }
+    gemm_group(dn);
     k::moe_combine(out, Y, w, s.rows.data() + 2 * NK, N, K, H, ctx_.stream);
   }
 
@@ -325,22 +324,25 @@ class CudaTrainBackend final : public TrainBackend {
     float* A = scratch<float>(kMoeA, size_t(NK * I));
     k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
     k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
-    for (int64_t e = 0; e < E; ++e) {  // dWd += dY^T A;  dA = dY Wd (into A once dWd has used it)
-      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
-      if (n == 0) continue;
-      gemm(true, false, H, I, n, 1.f, dY + o * H, H, A + o * I, I, 1.f, dWd + e * H * I, I);
-      gemm(false, false, n, I, H, 1.f, dY + o * H, H, Wd + e * H * I, I, 0.f, A + o * I, I);
-    }
-    k::swiglu_backward(G, U, A, G, U, NK * I, ctx_.stream);  // in place: G, U become dG, dU
+    // dWd += dY^T A, then dA = dY Wd into A (once dWd has used it); dX = dG Wg, then += dU Wu; dWg, dWu.
+    std::vector<Product> dwd, da, dxg, dxu, dwgu;
     float* DX = Y;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
       if (n == 0) continue;
-      gemm(false, false, n, H, I, 1.f, G + o * I, I, Wg + e * I * H, H, 0.f, DX + o * H, H);
-      gemm(false, false, n, H, I, 1.f, U + o * I, I, Wu + e * I * H, H, 1.f, DX + o * H, H);
-      gemm(true, false, I, H, n, 1.f, G + o * I, I, Xs + o * H, H, 1.f, dWg + e * I * H, H);
-      gemm(true, false, I, H, n, 1.f, U + o * I, I, Xs + o * H, H, 1.f, dWu + e * I * H, H);
+      dwd.push_back({true, false, H, I, n, dY + o * H, H, A + o * I, I, 1.f, dWd + e * H * I, I});
+      da.push_back({false, false, n, I, H, dY + o * H, H, Wd + e * H * I, I, 0.f, A + o * I, I});
+      dxg.push_back({false, false, n, H, I, G + o * I, I, Wg + e * I * H, H, 0.f, DX + o * H, H});
+      dxu.push_back({false, false, n, H, I, U + o * I, I, Wu + e * I * H, H, 1.f, DX + o * H, H});
+      dwgu.push_back({true, false, I, H, n, G + o * I, I, Xs + o * H, H, 1.f, dWg + e * I * H, H});
+      dwgu.push_back({true, false, I, H, n, U + o * I, I, Xs + o * H, H, 1.f, dWu + e * I * H, H});
     }
+    gemm_group(dwd);
+    gemm_group(da);
+    k::swiglu_backward(G, U, A, G, U, NK * I, ctx_.stream);  // in place: G, U become dG, dU
+    gemm_group(dwgu);  // reads dG, dU before the dX products (which only write DX)
+    gemm_group(dxg);
+    gemm_group(dxu);
     k::moe_sum_pairs(dx, DX, where, N, K, H, ctx_.stream);
   }
 
@@ -367,7 +369,7 @@ class CudaTrainBackend final : public TrainBackend {
   enum Slot {
     kNormPart, kEmbPlan, kRowLoss, kRowHit, kScores, kScores2, kRowDot, kKeys, kKeyGrads, kSeqLoss, kTokSum, kMoeX,
     kMoeA,
-    kMoeW, kSumSq, kNumSlots
+    kMoeW, kSumSq, kGemmPtrs, kNumSlots
   };
   struct Scratch {
     void* p = nullptr;
@@ -417,6 +419,54 @@ class CudaTrainBackend final : public TrainBackend {
     synchronize();  // plan_ is pageable host memory reused by the next call
   }
 
+  // One row-major product C = op(A) op(B) + beta C of a group (alpha 1).
+  struct Product {
+    bool ta, tb;
+    int64_t M, N, K;
+    const float* A;
+    int64_t lda;
+    const float* B;
+    int64_t ldb;
+    float beta;
+    float* C;
+    int64_t ldc;
+  };
+  // Independent products (one per active expert) in one cuBLAS call (cublasGemmGroupedBatchedEx, each product
+  // its own group of one): a per-expert loop is ~300 launches per MoE layer, each too small to fill the GPU.
+  // Falls back to the loop where cuBLAS refuses the grouped form for these types, and with
+  // DSV3_CUDA_TRAIN_GROUPED=0 (read per call).
+  void gemm_group(const std::vector<Product>& ps) {
+    if (ps.empty()) return;
+    const char* env = std::getenv("DSV3_CUDA_TRAIN_GROUPED");
+    if (grouped_ok_ && !(env && std::string(env) == "0") && ps.size() > 1) {
+      const size_t n = ps.size();
+      std::vector<cublasOperation_t> ta(n), tb(n);
+      std::vector<int> m(n), nn(n), kk(n), lda(n), ldb(n), ldc(n), size(n, 1);
+      std::vector<float> alpha(n, 1.f), beta(n);
+      std::vector<const void*> ptrs(3 * n);
+      for (size_t i = 0; i < n; ++i) {  // column-major view, as in gemm_batched: the operands swap places
+        const Product& p = ps[i];
+        ta[i] = p.tb ? CUBLAS_OP_T : CUBLAS_OP_N, tb[i] = p.ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+        m[i] = as_int(p.N, "N"), nn[i] = as_int(p.M, "M"), kk[i] = as_int(p.K, "K");
+        lda[i] = as_int(std::max<int64_t>(p.ldb, 1), "ldb"), ldb[i] = as_int(std::max<int64_t>(p.lda, 1), "lda");
+        ldc[i] = as_int(std::max<int64_t>(p.ldc, 1), "ldc"), beta[i] = p.beta;
+        ptrs[i] = p.B, ptrs[n + i] = p.A, ptrs[2 * n + i] = p.C;
+      }
+      auto* dptr = scratch<const void*>(kGemmPtrs, 3 * n);
+      upload(dptr, ptrs.data(), ptrs.size() * sizeof(void*));  // stream-ordered after the previous group's use
+      const cublasComputeType_t ct = f32_ ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
+      DSV3_CUDA_CHECK(cudaSetDevice(dev_));
+      const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+          ctx_.blas, ta.data(), tb.data(), m.data(), nn.data(), kk.data(), alpha.data(), dptr, CUDA_R_32F, lda.data(),
+          dptr + n, CUDA_R_32F, ldb.data(), beta.data(), const_cast<void* const*>(dptr + 2 * n), CUDA_R_32F,
+          ldc.data(), as_int(int64_t(n), "groups"), size.data(), ct);
+      if (st == CUBLAS_STATUS_SUCCESS) return;
+      if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) DSV3_CUBLAS_CHECK(st);
+      grouped_ok_ = false;  // this cuBLAS has no grouped form for fp32 operands: the loop from now on
+    }
+    for (const Product& p : ps) gemm(p.ta, p.tb, p.M, p.N, p.K, 1.f, p.A, p.lda, p.B, p.ldb, p.beta, p.C, p.ldc);
+  }
+
   // Row-major C[M, N] = alpha op(A) op(B) + beta C for `batch` matrices (strides in elements). cuBLAS is
   // column-major: a row-major X is its transpose there, so it computes C^T = op(B)^T op(A)^T, i.e. the operands
   // swap places and keep their transpose flags.
@@ -444,6 +494,7 @@ class CudaTrainBackend final : public TrainBackend {
   int dev_;
   DeviceContext& ctx_;
   bool f32_ = false;
+  bool grouped_ok_ = true;  // cuBLAS accepted the grouped form (gemm_group)
   std::unordered_map<void*, size_t> sizes_;  // live raw_alloc blocks -> their allocator size class
   Scratch scratch_[kNumSlots];
   std::vector<int32_t> host_i32_, plan_;

@@ -20,6 +20,7 @@
 
 #include "core/error.h"
 #include "ops/cuda/device.h"
+#include "ops/cuda/grouped_gemm.h"
 #include "ops/cuda/train_kernels.h"
 #include "ops/train_backend.h"
 
@@ -50,6 +51,8 @@ class CudaTrainBackend final : public TrainBackend {
     // DSV3_CUDA_TRAIN_F32=1: fp32 products without TF32 (exact comparisons with the CPU); else bf16 tensor cores.
     const char* e = std::getenv("DSV3_CUDA_TRAIN_F32");
     f32_ = e && std::string(e) == "1";
+    const char* x = std::getenv("DSV3_CUDA_TRAIN_EXPERTS");
+    experts_kernel_ = !(x && std::string(x) == "cublas");
   }
   ~CudaTrainBackend() override {
     cudaStreamSynchronize(ctx_.stream);
@@ -289,6 +292,11 @@ class CudaTrainBackend final : public TrainBackend {
     float* Xs = scratch<float>(kMoeX, size_t(NK * H));
     float* A = scratch<float>(kMoeA, size_t(NK * I));
     k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
+    if (use_grouped_kernel(H, I)) {
+      experts_forward_grouped(s, Xs, A, Wg, Wu, Wd, NK, H, I, E);
+      k::moe_combine(out, Y, w, s.rows.data() + 2 * NK, N, K, H, ctx_.stream);
+      return;
+    }
     std::vector<Product> gu, dn;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
@@ -324,6 +332,11 @@ class CudaTrainBackend final : public TrainBackend {
     float* A = scratch<float>(kMoeA, size_t(NK * I));
     k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
     k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
+    if (use_grouped_kernel(H, I)) {
+      experts_backward_grouped(s, Xs, A, dY, dWg, dWu, dWd, Wg, Wu, Wd, NK, H, I, E);
+      k::moe_sum_pairs(dx, Y, where, N, K, H, ctx_.stream);
+      return;
+    }
     // dWd += dY^T A, then dA = dY Wd into A (once dWd has used it); dX = dG Wg, then += dU Wu; dWg, dWu.
     std::vector<Product> dwd, da, dxg, dxu, dwgu;
     float* DX = Y;
@@ -344,6 +357,127 @@ class CudaTrainBackend final : public TrainBackend {
     gemm_group(dxg);
     gemm_group(dxu);
     k::moe_sum_pairs(dx, DX, where, N, K, H, ctx_.stream);
+  }
+
+  // ---- routed experts on the grouped GEMM kernel (grouped_gemm.h): bf16 operands, fp32 results. Products that
+  // are not in its NT form read transposed bf16 copies: weights [E, I, H] <-> [E, H, I], and the expert blocks of
+  // sorted rows as columns, each block padded with zero columns to a multiple of 8 (the kernel's K granularity).
+  bool use_grouped_kernel(int64_t H, int64_t I) const { return experts_kernel_ && !f32_ && H % 8 == 0 && I % 8 == 0; }
+
+  // bf16 scratch carved from one slot: n elements, 16-byte aligned.
+  struct Arena {
+    cuda::bf16* base;
+    size_t used = 0;
+    cuda::bf16* take(size_t n) {
+      cuda::bf16* p = base + used;
+      used += (n + 7) / 8 * 8;
+      return p;
+    }
+  };
+
+  void experts_forward_grouped(CudaMoeState& s, const float* Xs, float* A, const float* Wg, const float* Wu,
+                               const float* Wd, int64_t NK, int64_t H, int64_t I, int64_t E) {
+    const size_t need = size_t((NK * H + 7) / 8 * 8 + (NK * I + 7) / 8 * 8 + 3 * ((E * I * H + 7) / 8 * 8));
+    Arena ar{scratch<cuda::bf16>(kMoeBf16, need)};
+    cuda::bf16 *Xb = ar.take(NK * H), *Ab = ar.take(NK * I), *Wgb = ar.take(E * I * H), *Wub = ar.take(E * I * H),
+               *Wdb = ar.take(E * H * I);
+    cuda::convert_to_bf16(Xb, Xs, NK * H, ctx_.stream);
+    cuda::convert_to_bf16(Wgb, Wg, E * I * H, ctx_.stream);
+    cuda::convert_to_bf16(Wub, Wu, E * I * H, ctx_.stream);
+    cuda::convert_to_bf16(Wdb, Wd, E * H * I, ctx_.stream);
+    float *G = s.G.data(), *U = s.U.data(), *Y = s.Y.data();
+    std::vector<cuda::GroupedProblem> gu, dn;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
+      if (n == 0) continue;
+      gu.push_back(nt(Xb + o * H, H, Wgb + e * I * H, H, G + o * I, I, n, I, H, 0.f));
+      gu.push_back(nt(Xb + o * H, H, Wub + e * I * H, H, U + o * I, I, n, I, H, 0.f));
+      dn.push_back(nt(Ab + o * I, I, Wdb + e * H * I, I, Y + o * H, H, n, H, I, 0.f));
+    }
+    grouped(gu);
+    k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
+    cuda::convert_to_bf16(Ab, A, NK * I, ctx_.stream);
+    grouped(dn);
+  }
+
+  // In: Xs (sorted x rows), A = silu(G) U, dY (in s.Y's buffer, sorted order). Out: dWg/dWu/dWd +=, and the
+  // per-pair input gradients in s.Y's buffer; s.G/s.U become dG/dU, A becomes dA.
+  void experts_backward_grouped(CudaMoeState& s, const float* Xs, float* A, float* dY, float* dWg, float* dWu,
+                                float* dWd, const float* Wg, const float* Wu, const float* Wd, int64_t NK, int64_t H,
+                                int64_t I, int64_t E) {
+    // Padded column layout of the transposed expert blocks: expert e's rows -> columns [po[e], po[e] + pad[e]).
+    std::vector<int64_t> po(size_t(E) + 1, 0);
+    for (int64_t e = 0; e < E; ++e) po[e + 1] = po[e] + (s.offsets[e + 1] - s.offsets[e] + 7) / 8 * 8;
+    const int64_t P = po[E];
+    col_src_.assign(size_t(P), -1);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) col_src_[po[e] + i - s.offsets[e]] = int32_t(i);
+    int32_t* dcol = scratch<int32_t>(kMoeCols, size_t(std::max<int64_t>(P, 1)));
+    upload(dcol, col_src_.data(), size_t(P) * 4);
+    synchronize();  // col_src_ is reused by the next call
+    auto r8 = [](int64_t n) { return size_t((n + 7) / 8 * 8); };
+    const size_t need = r8(H * P) * 2 + r8(I * P) * 3 + r8(NK * H) + r8(NK * I) * 2 + r8(E * I * H) * 3;
+    Arena ar{scratch<cuda::bf16>(kMoeBf16, need)};
+    cuda::bf16 *dYT = ar.take(H * P), *XT = ar.take(H * P), *AT = ar.take(I * P), *dGT = ar.take(I * P),
+               *dUT = ar.take(I * P), *dYb = ar.take(NK * H), *dGb = ar.take(NK * I), *dUb = ar.take(NK * I),
+               *WdT = ar.take(E * I * H), *WgT = ar.take(E * H * I), *WuT = ar.take(E * H * I);
+    const cudaStream_t st = ctx_.stream;
+    cuda::transpose_to_bf16(dYT, dY, H, dcol, P, H, st);
+    cuda::transpose_to_bf16(AT, A, I, dcol, P, I, st);
+    cuda::transpose_to_bf16(XT, Xs, H, dcol, P, H, st);
+    cuda::convert_to_bf16(dYb, dY, NK * H, st);
+    cuda::transpose_to_bf16(WdT, Wd, I, nullptr, H, I, st, E, H * I, I * H);  // [E, H, I] -> [E, I, H]
+    cuda::transpose_to_bf16(WgT, Wg, H, nullptr, I, H, st, E, I * H, H * I);  // [E, I, H] -> [E, H, I]
+    cuda::transpose_to_bf16(WuT, Wu, H, nullptr, I, H, st, E, I * H, H * I);
+    float *G = s.G.data(), *U = s.U.data(), *DX = dY;
+    // dWd += dY^T A and dA = dY Wd (into A, whose transposed copy dWd reads) in one launch.
+    std::vector<cuda::GroupedProblem> p1, p2, p3;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
+      if (n == 0) continue;
+      const int64_t kp = po[e + 1] - po[e];
+      p1.push_back(nt(dYT + po[e], P, AT + po[e], P, dWd + e * H * I, I, H, I, kp, 1.f));
+      p1.push_back(nt(dYb + o * H, H, WdT + e * I * H, H, A + o * I, I, n, I, H, 0.f));
+    }
+    grouped(p1);
+    k::swiglu_backward(G, U, A, G, U, NK * I, st);  // in place: G, U become dG, dU
+    cuda::convert_to_bf16(dGb, G, NK * I, st);
+    cuda::convert_to_bf16(dUb, U, NK * I, st);
+    cuda::transpose_to_bf16(dGT, G, I, dcol, P, I, st);
+    cuda::transpose_to_bf16(dUT, U, I, dcol, P, I, st);
+    // dX = dG Wg with dWg += dG^T X, dWu += dU^T X in one launch; then dX += dU Wu (same rows: a second launch).
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t o = s.offsets[e], n = s.offsets[e + 1] - o;
+      if (n == 0) continue;
+      const int64_t kp = po[e + 1] - po[e];
+      p2.push_back(nt(dGb + o * I, I, WgT + e * H * I, I, DX + o * H, H, n, H, I, 0.f));
+      p2.push_back(nt(dGT + po[e], P, XT + po[e], P, dWg + e * I * H, H, I, H, kp, 1.f));
+      p2.push_back(nt(dUT + po[e], P, XT + po[e], P, dWu + e * I * H, H, I, H, kp, 1.f));
+      p3.push_back(nt(dUb + o * I, I, WuT + e * H * I, I, DX + o * H, H, n, H, I, 1.f));
+    }
+    grouped(p2);
+    grouped(p3);
+  }
+
+  // C[M, N] (+)= A[M, K] B[N, K]^T with leading dimensions lda, ldb, ldc (elements).
+  static cuda::GroupedProblem nt(const cuda::bf16* A, int64_t lda, const cuda::bf16* B, int64_t ldb, float* C,
+                                 int64_t ldc, int64_t M, int64_t N, int64_t K, float beta) {
+    return {A,
+            B,
+            C,
+            as_int(M, "M"),
+            as_int(N, "N"),
+            as_int(K, "K"),
+            as_int(lda, "lda"),
+            as_int(ldb, "ldb"),
+            as_int(ldc, "ldc"),
+            beta,
+            0};
+  }
+  void grouped(std::vector<cuda::GroupedProblem>& ps) {
+    if (ps.empty()) return;
+    auto* dev = scratch<cuda::GroupedProblem>(kGemmPtrs, ps.size());
+    cuda::grouped_gemm(ps, dev, ctx_.stream);
   }
 
   // ---- optimizer
@@ -369,7 +503,7 @@ class CudaTrainBackend final : public TrainBackend {
   enum Slot {
     kNormPart, kEmbPlan, kRowLoss, kRowHit, kScores, kScores2, kRowDot, kKeys, kKeyGrads, kSeqLoss, kTokSum, kMoeX,
     kMoeA,
-    kMoeW, kSumSq, kGemmPtrs, kNumSlots
+    kMoeW, kSumSq, kGemmPtrs, kMoeBf16, kMoeCols, kNumSlots
   };
   struct Scratch {
     void* p = nullptr;
@@ -495,6 +629,8 @@ class CudaTrainBackend final : public TrainBackend {
   DeviceContext& ctx_;
   bool f32_ = false;
   bool grouped_ok_ = true;  // cuBLAS accepted the grouped form (gemm_group)
+  bool experts_kernel_ = true;  // routed experts on the grouped GEMM kernel (DSV3_CUDA_TRAIN_EXPERTS=cublas: off)
+  std::vector<int32_t> col_src_;
   std::unordered_map<void*, size_t> sizes_;  // live raw_alloc blocks -> their allocator size class
   Scratch scratch_[kNumSlots];
   std::vector<int32_t> host_i32_, plan_;

@@ -14,7 +14,6 @@
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
-#include "ops/cuda/grouped_gemm.h"
 #include "ops/cuda/step_graph.h"
 
 namespace dsv3 {
@@ -70,9 +69,6 @@ class CudaBackend final : public Backend {
     const char* a = std::getenv("DSV3_CUDA_ACT");
     act_ = a && std::string(a) == "f32" ? DType::F32 : DType::BF16;
     // DSV3_CUDA_GRAPHS=0: every decode step eager (no whole-step graphs).
-    // DSV3_CUDA_MOE_KERNEL=1: prefill experts on the grouped GEMM kernel instead of cuBLAS' grouped call.
-    const char* mk = std::getenv("DSV3_CUDA_MOE_KERNEL");
-    moe_kernel_ = mk && std::string(mk) == "1";
     const char* g = std::getenv("DSV3_CUDA_GRAPHS");
     graphs_on_ = !(g && std::string(g) == "0");
   }
@@ -945,7 +941,6 @@ class CudaBackend final : public Backend {
   int dev_;
   DeviceContext& ctx_;
   bool skinny_ = true, profiling_ = false;
-  bool moe_kernel_ = false;  // prefill experts on the grouped GEMM kernel (DSV3_CUDA_MOE_KERNEL)
   UploadSlot slots_[kSlotCount];
   std::unordered_map<const void*, WeightCopy> wcache_, wcache32_;
   DType act_ = DType::BF16;
@@ -1149,43 +1144,6 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
   }
   std::vector<int64_t> off(size_t(E) + 1, 0);
   for (int64_t e = 0; e < E; ++e) off[size_t(e) + 1] = off[size_t(e)] + cnt[size_t(e)];
-  if (!f32 && moe_kernel_ && H % 8 == 0 && I % 8 == 0) {
-    // The grouped GEMM kernel (grouped_gemm.h): bf16 operands as stored, fp32 results; SwiGLU in fp32, its
-    // output rounded to bf16 for the down product, fp32 expert outputs into the weighted combine.
-    Tensor g32 = alloc(DType::F32, {P, I}, "moe_g32"), u32 = alloc(DType::F32, {P, I}, "moe_u32");
-    Tensor y32 = alloc(DType::F32, {P, H}, "moe_y32");
-    std::vector<cuda::GroupedProblem> gu, dn;
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t c = cnt[size_t(e)], o = off[size_t(e)];
-      if (!c) continue;
-      auto nt = [](const void* a, int64_t lda, const void* b, int64_t ldb, float* cp, int64_t ldc, int64_t m,
-                   int64_t n, int64_t k) {
-        return cuda::GroupedProblem{static_cast<const bf16*>(a), static_cast<const bf16*>(b), cp, int(m), int(n),
-                                    int(k), int(lda), int(ldb), int(ldc), 0.f, 0};
-      };
-      gu.push_back(nt(xs.ptr<bf16>() + o * H, H, gate.ptr<bf16>() + e * I * H, H, g32.f32() + o * I, I, c, I, H));
-      gu.push_back(nt(xs.ptr<bf16>() + o * H, H, up.ptr<bf16>() + e * I * H, H, u32.f32() + o * I, I, c, I, H));
-      dn.push_back(nt(gbuf.ptr<bf16>() + o * I, I, down.ptr<bf16>() + e * H * I, I, y32.f32() + o * H, H, c, H, I));
-    }
-    Tensor probs = alloc(DType::U8, {int64_t(sizeof(cuda::GroupedProblem) * std::max(gu.size(), size_t(1)))}, "moe_probs");
-    Tensor probs2 = alloc(DType::U8, {int64_t(sizeof(cuda::GroupedProblem) * std::max(dn.size(), size_t(1)))}, "moe_probs");
-    {
-      ProfScope ps(*this, "moe.gate_up", 2 * eb);
-      cuda::grouped_gemm(gu, static_cast<cuda::GroupedProblem*>(probs.data), ctx_.stream);
-    }
-    {
-      ProfScope ps(*this, "moe.silu_mul");
-      cuda::silu_mul(g32.data, g32.data, u32.data, P * I, DType::F32, ctx_.stream);
-      cuda::convert_to_bf16(gbuf.ptr<bf16>(), g32.f32(), P * I, ctx_.stream);
-    }
-    {
-      ProfScope ps(*this, "moe.down", eb);
-      cuda::grouped_gemm(dn, static_cast<cuda::GroupedProblem*>(probs2.data), ctx_.stream);
-    }
-    ProfScope ps(*this, "moe.combine");
-    cuda::moe_combine(out.ptr<bf16>(), y32.data, true, topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
-    return;
-  }
   // Column-major view of y = x W^T: C (n_out x tokens) = W^T (n_out x k) * X (k x tokens), W row-major [n_out, k].
   struct Group {
     std::vector<int> m, n, k, lda, ldb, ldc, size;
@@ -1268,13 +1226,7 @@ bool cuda_available() {
 }
 
 std::unique_ptr<Backend> make_cuda_backend(int device_index) {
-  int n = 0;
-  cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess || n == 0) {
-    (void)cudaGetLastError();
-    fail("no CUDA device is available ({}); use --device cpu", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
-  }
-  if (device_index < 0 || device_index >= n) fail("CUDA device {} does not exist ({} present)", device_index, n);
+  cuda::require_device(device_index);
   return std::make_unique<CudaBackend>(device_index);
 }
 

@@ -639,13 +639,7 @@ class CudaTrainBackend final : public TrainBackend {
 }  // namespace
 
 std::unique_ptr<TrainBackend> make_cuda_train_backend(int device_index) {
-  int n = 0;
-  cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess || n == 0) {
-    (void)cudaGetLastError();
-    fail("no CUDA device is available ({}); use --device cpu", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
-  }
-  if (device_index < 0 || device_index >= n) fail("CUDA device {} does not exist ({} present)", device_index, n);
+  cuda::require_device(device_index);
   return std::make_unique<CudaTrainBackend>(device_index);
 }
 

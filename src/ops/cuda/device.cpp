@@ -102,6 +102,16 @@ void PinnedPool::put(void* p, size_t cap) {
   free_.emplace(cap, p);
 }
 
+void require_device(int dev) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    (void)cudaGetLastError();
+    fail("no CUDA device is available ({}); use --device cpu", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+  }
+  if (dev < 0 || dev >= n) fail("CUDA device {} does not exist ({} present)", dev, n);
+}
+
 DeviceContext& DeviceContext::get(int dev) {
   static std::mutex mu;
   static std::map<int, DeviceContext*> ctxs;  // never freed, see device.h

@@ -60,6 +60,9 @@ struct DeviceContext {
   static DeviceContext& get(int dev);
 };
 
+// Fails with a one-line message unless device `dev` exists (no GPU, no driver, or an index out of range).
+void require_device(int dev);
+
 // An uninitialized device tensor from the context's allocator.
 Tensor device_tensor(DeviceContext& ctx, DType t, Shape s, std::string name);
 // A host tensor whose storage is pinned (returned to the pool when the last reference goes).

@@ -106,44 +106,7 @@ __global__ void __launch_bounds__(kThreads) mla_prefill_kernel(bf16* __restrict_
       }
 
     // Causal mask and online softmax (base 2). Rows: r = 0 -> query row g (c0, c1), r = 1 -> row g + 8 (c2, c3).
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = kt * kBN + nt * 8 + 2 * t + (e & 1);
-        const int p = e < 2 ? pa : pb;
-        float v = sc[nt][e] * scale_log2;
-        if (j > p || j >= kend) v = -INFINITY;
-        sc[nt][e] = v;
-        mx[e >> 1] = fmaxf(mx[e >> 1], v);
-      }
-    float alpha[2], mu[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mn = fmaxf(m[r], mx[r]);
-      mu[r] = mn == -INFINITY ? 0.f : mn;  // a row with no visible key yet keeps p = 0
-      alpha[r] = exp2f(m[r] - mu[r]);
-      m[r] = mn;
-      l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(sc[nt][e] - mu[e >> 1]);
-        sc[nt][e] = p;
-        l[e >> 1] += p;
-      }
-#pragma unroll
-    for (int i = 0; i < DV / 8; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
-    }
+    online_softmax_tile(sc, o, m, l, kt * kBN, pa, pb, kend, scale_log2, t);
 
     // O += P V; P's C-fragments of two key n-tiles form one A-fragment.
 #pragma unroll

@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "ops/cuda/cuda_ops.h"
@@ -129,5 +130,52 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// One key tile of the causal online softmax (base 2) for a warp's 16 query rows, shared by the inference prefill
+// and the training flash-attention kernels. sc [NT][4] holds the raw scores Q K^T in m16n8 C-fragment order for
+// keys key0 .. key0 + 8 NT (row g: query position pa, row g + 8: pb; t = lane % 4); keys after the query or at
+// or past kend are masked. Updates the running max m and sum l of both rows, rescales the output accumulators
+// o [OV][4], and leaves the unnormalized probabilities in sc.
+template <int NT, int OV>
+__device__ __forceinline__ void online_softmax_tile(float (&sc)[NT][4], float (&o)[OV][4], float (&m)[2], float (&l)[2],
+                                                    int key0, int pa, int pb, int kend, float scale_log2, int t) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = key0 + nt * 8 + 2 * t + (e & 1);
+      float v = sc[nt][e] * scale_log2;
+      if (j > (e < 2 ? pa : pb) || j >= kend) v = -INFINITY;
+      sc[nt][e] = v;
+      mx[e >> 1] = fmaxf(mx[e >> 1], v);
+    }
+  float alpha[2], mu[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mn = fmaxf(m[r], mx[r]);
+    mu[r] = mn == -INFINITY ? 0.f : mn;  // a row with no visible key yet keeps p = 0
+    alpha[r] = exp2f(m[r] - mu[r]);
+    m[r] = mn;
+    l[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = exp2f(sc[nt][e] - mu[e >> 1]);
+      sc[nt][e] = p;
+      l[e >> 1] += p;
+    }
+#pragma unroll
+  for (int i = 0; i < OV; ++i) {
+    o[i][0] *= alpha[0];
+    o[i][1] *= alpha[0];
+    o[i][2] *= alpha[1];
+    o[i][3] *= alpha[1];
+  }
+}
 
 }  // namespace dsv3::cuda

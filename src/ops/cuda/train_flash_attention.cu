@@ -248,43 +248,7 @@ __global__ void __launch_bounds__(kThreads)
     mma_abt<DQK / 16, kTile / 16, QP>(sc, qf, Kt, lane);
 
     // Causal mask, online softmax in base 2. Row r = 0: query pa (c0, c1); r = 1: query pb (c2, c3).
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = kt * kTile + nt * 8 + 2 * t + (e & 1);
-        float v = sc[nt][e] * scale_log2;
-        if (j > (e < 2 ? pa : pb) || j >= kend) v = -INFINITY;
-        sc[nt][e] = v;
-        mx[e >> 1] = fmaxf(mx[e >> 1], v);
-      }
-    float alpha[2], mu[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mn = fmaxf(m[r], mx[r]);
-      mu[r] = mn == -INFINITY ? 0.f : mn;  // a row with no visible key yet keeps p = 0
-      alpha[r] = exp2f(m[r] - mu[r]);
-      m[r] = mn;
-      l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(sc[nt][e] - mu[e >> 1]);
-        sc[nt][e] = p;
-        l[e >> 1] += p;
-      }
-#pragma unroll
-    for (int i = 0; i < DV / 8; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
-    }
+    online_softmax_tile(sc, o, m, l, kt * kTile, pa, pb, kend, scale_log2, t);
     mma_cz<DV, VP>(o, sc, Vt, lane);
     __syncthreads();  // the next iteration's loads overwrite the buffer read here
   }

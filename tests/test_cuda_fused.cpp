@@ -11,43 +11,13 @@
 #include "core/rng.h"
 #include "model/config.h"
 #include "ops/backend.h"
-#include "test_helpers.h"
+#include "cuda_test_helpers.h"
 
 using namespace dsv3;
+using namespace dsv3::test;
 
 namespace {
 
-#define REQUIRE_CUDA() \
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device"
-
-Backend& cpu() {
-  static auto b = make_cpu_backend();
-  return *b;
-}
-Backend& gpu() {
-  static auto b = make_cuda_backend(0);
-  return *b;
-}
-
-Tensor rnd(Shape s, double scale, uint64_t seed, const char* name = "x") {
-  Tensor t = Tensor::empty(DType::F32, std::move(s), name);
-  Rng rng(seed);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = bf16_to_f32(f32_to_bf16(float(rng.normal() * scale)));
-  return t;
-}
-Tensor dev(const Tensor& h, DType dt = DType::BF16) {
-  if (dt == DType::F32) return gpu().upload(h);
-  Tensor b = Tensor::empty(DType::BF16, h.shape, h.name);
-  for (int64_t i = 0; i < h.numel(); ++i) b.ptr<uint16_t>()[i] = f32_to_bf16(h.f32()[i]);
-  return gpu().upload(b);
-}
-double err(const Tensor& got, const Tensor& ref) {
-  Tensor g = gpu().to_host(got);
-  EXPECT_EQ(g.numel(), ref.numel());
-  for (int64_t i = 0; i < g.numel(); ++i)
-    if (!std::isfinite(g.f32()[i])) return INFINITY;
-  return test::rel_err(g.f32(), ref.f32(), ref.numel());
-}
 
 TEST(CudaFused, LinearSwiglu) {
   REQUIRE_CUDA();
@@ -63,7 +33,7 @@ TEST(CudaFused, LinearSwiglu) {
         Tensor yd = gpu().alloc(DType::BF16, {M, I}, "y");
         Tensor xd = dev(x), gd = dev(g, wt), ud = dev(u, wt);
         gpu().linear_swiglu(yd, xd, gd, ud);
-        EXPECT_LE(err(yd, y), 1e-2) << "M " << M << " I " << I << " w " << dtype_name(wt);
+        EXPECT_LE(err(gpu(), yd, y), 1e-2) << "M " << M << " I " << I << " w " << dtype_name(wt);
       }
 }
 
@@ -97,7 +67,7 @@ TEST(CudaFused, KvNormRopeWrite) {
       cpu().kv_norm_rope_write(pc, spec, 1, seqs, kva, w, 1e-6f, pos, cs, sn, inter);
       Tensor kd = dev(kva), wd = dev(w, wt);
       gpu().kv_norm_rope_write(pg, spec, 1, seqs, kd, wd, 1e-6f, pos, csd, snd, inter);
-      EXPECT_LE(err(pg, pc), 5e-3) << "interleave " << inter << " w " << dtype_name(wt);
+      EXPECT_LE(err(gpu(), pg, pc), 5e-3) << "interleave " << inter << " w " << dtype_name(wt);
     }
 }
 
@@ -123,9 +93,9 @@ TEST(CudaFused, MlaDecodeQ) {
       Tensor qd = dev(q), kvbd = dev(kvb);
       Tensor qld = gpu().alloc(DType::BF16, {B, nh, r}, "q_lat"), qpd = gpu().alloc(DType::BF16, {B, nh, dr}, "q_pe");
       gpu().mla_decode_q(qld, qpd, qd, kvbd, nh, dn, dr, dv, pos, csd, snd, inter);
-      EXPECT_LE(err(qld, ql), 6e-3) << "q_lat B " << B;
-      EXPECT_LE(err(qpd, qp), 5e-3) << "q_pe B " << B << " interleave " << inter;
-      EXPECT_EQ(err(qd, q), 0.0) << "q modified, B " << B;
+      EXPECT_LE(err(gpu(), qld, ql), 6e-3) << "q_lat B " << B;
+      EXPECT_LE(err(gpu(), qpd, qp), 5e-3) << "q_pe B " << B << " interleave " << inter;
+      EXPECT_EQ(err(gpu(), qd, q), 0.0) << "q modified, B " << B;
     }
 }
 
@@ -167,10 +137,10 @@ TEST(CudaFused, MoeRoutePlanCombineAddNorm) {
       int mismatches = 0;
       for (int64_t i = 0; i < T * K; ++i) mismatches += ih.ptr<int32_t>()[i] != idx.ptr<int32_t>()[i];
       EXPECT_EQ(mismatches, 0) << "T " << T;
-      EXPECT_LE(err(wdd, w), 1e-5) << "T " << T;
-      EXPECT_LE(err(fd, fc), 1e-2) << "moe out, T " << T << " fused norm " << fuse_norm;
-      EXPECT_LE(err(xd, xc), 1e-2) << "x, T " << T << " fused norm " << fuse_norm;
-      if (fuse_norm) EXPECT_LE(err(hnd, hn), 1e-2) << "normed, T " << T;
+      EXPECT_LE(err(gpu(), wdd, w), 1e-5) << "T " << T;
+      EXPECT_LE(err(gpu(), fd, fc), 1e-2) << "moe out, T " << T << " fused norm " << fuse_norm;
+      EXPECT_LE(err(gpu(), xd, xc), 1e-2) << "x, T " << T << " fused norm " << fuse_norm;
+      if (fuse_norm) EXPECT_LE(err(gpu(), hnd, hn), 1e-2) << "normed, T " << T;
     }
 }
 

@@ -12,46 +12,14 @@
 #include "core/rng.h"
 #include "model/config.h"
 #include "ops/backend.h"
-#include "test_helpers.h"
+#include "cuda_test_helpers.h"
 
 using namespace dsv3;
+using namespace dsv3::test;
 
 namespace {
 
-#define REQUIRE_CUDA() \
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device"
-
-Backend& cpu() {
-  static auto b = make_cpu_backend();
-  return *b;
-}
-Backend& gpu() {
-  static auto b = make_cuda_backend(0);
-  return *b;
-}
-
-// fp32 host tensor of bf16-representable normal values.
-Tensor rnd(Shape s, double scale, uint64_t seed, const char* name = "x") {
-  Tensor t = Tensor::empty(DType::F32, std::move(s), name);
-  Rng rng(seed);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = bf16_to_f32(f32_to_bf16(float(rng.normal() * scale)));
-  return t;
-}
-Tensor as_dtype(const Tensor& h, DType dt) {
-  if (dt == DType::F32) return h.clone();
-  Tensor b = Tensor::empty(DType::BF16, h.shape, h.name);
-  for (int64_t i = 0; i < h.numel(); ++i) b.ptr<uint16_t>()[i] = f32_to_bf16(h.f32()[i]);
-  return b;
-}
-Tensor dev(const Tensor& h, DType dt = DType::BF16) { return gpu().upload(as_dtype(h, dt)); }
 Tensor dev_alloc(DType dt, Shape s, const char* name = "y") { return gpu().alloc(dt, std::move(s), name); }
-double err(Backend& be, const Tensor& got, const Tensor& ref) {
-  Tensor g = be.to_host(got);
-  EXPECT_EQ(g.numel(), ref.numel());
-  for (int64_t i = 0; i < g.numel(); ++i)
-    if (!std::isfinite(g.f32()[i])) return INFINITY;
-  return test::rel_err(g.f32(), ref.f32(), ref.numel());
-}
 
 TEST(CudaOps, Linear) {
   REQUIRE_CUDA();

@@ -20,6 +20,7 @@
 #include "model/weights.h"
 #include "ops/backend.h"
 #include "ops/train_backend.h"
+#include "cuda_test_helpers.h"
 #include "train/optimizer.h"
 #include "train/param_memory.h"
 #include "train/train_model.h"
@@ -27,9 +28,6 @@
 using namespace dsv3;
 
 namespace {
-
-#define REQUIRE_CUDA() \
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device"
 
 std::unique_ptr<TrainBackend> make_gpu(bool f32) {
   setenv("DSV3_CUDA_TRAIN_F32", f32 ? "1" : "0", 1);
@@ -101,17 +99,22 @@ std::vector<int32_t> random_ids(int64_t n, int64_t V, uint64_t seed) {
   return ids;
 }
 
+// fp32 master weights of a fixture, as the trainer holds them.
+ModelWeights load_f32(const std::string& dir, const ModelConfig& cfg) {
+  LoadOptions lo;
+  lo.dtype = "f32";
+  return load_weights(cfg, dir, lo);
+}
+
 class CudaTrainModel : public ::testing::TestWithParam<bool> {};
 
 // tiny-fp32: the transformers fixture with its autograd gradients (main loss only).
 TEST_P(CudaTrainModel, TinyFp32GradientsMatchCpuAndAutograd) {
   REQUIRE_CUDA();
   const bool f32 = GetParam();
-  const std::string dir = std::string(DSV3_TEST_DATA) + "/tiny-fp32";
+  const std::string dir = test::data_dir("tiny-fp32");
   ModelConfig cfg = ModelConfig::load(dir);
-  LoadOptions lo;
-  lo.dtype = "f32";
-  ModelWeights w = load_weights(cfg, dir, lo);
+  ModelWeights w = load_f32(dir, cfg);
   SafetensorsFile ref(dir + "/reference.safetensors");
   Tensor idt = ref.get("input_ids");
   std::vector<int32_t> ids(idt.ptr<int32_t>(), idt.ptr<int32_t>() + idt.numel());
@@ -135,11 +138,9 @@ TEST_P(CudaTrainModel, TinyFp32GradientsMatchCpuAndAutograd) {
 TEST_P(CudaTrainModel, MtpAndBalanceLossMatchCpu) {
   REQUIRE_CUDA();
   const bool f32 = GetParam();
-  const std::string dir = std::string(DSV3_TEST_DATA) + "/tiny-mtp";
+  const std::string dir = test::data_dir("tiny-mtp");
   ModelConfig cfg = ModelConfig::load(dir);
-  LoadOptions lo;
-  lo.dtype = "f32";
-  ModelWeights w = load_weights(cfg, dir, lo);
+  ModelWeights w = load_f32(dir, cfg);
   const int64_t B = 3, T = 45;
   std::vector<int32_t> ids = random_ids(B * T, cfg.vocab_size, 7);
   LossOptions opt;
@@ -158,13 +159,11 @@ TEST_P(CudaTrainModel, MtpAndBalanceLossMatchCpu) {
 TEST_P(CudaTrainModel, AdamWStepsFollowCpu) {
   REQUIRE_CUDA();
   const bool f32 = GetParam();
-  const std::string dir = std::string(DSV3_TEST_DATA) + "/tiny-fp32";
+  const std::string dir = test::data_dir("tiny-fp32");
   ModelConfig cfg = ModelConfig::load(dir);
-  LoadOptions lo;
-  lo.dtype = "f32";
   std::vector<double> losses[2];
   for (int dev = 0; dev < 2; ++dev) {
-    ModelWeights w = load_weights(cfg, dir, lo);
+    ModelWeights w = load_f32(dir, cfg);
     ModelWeights g = alloc_weights(cfg, DType::F32);
     auto be = dev == 0 ? make_cpu_train_backend() : make_gpu(f32);
     ParamMemory mem(*be, w, g);

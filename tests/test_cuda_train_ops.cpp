@@ -19,6 +19,7 @@
 #include "ops/cpu/blas.h"
 #include "ops/cpu/train_ops.h"
 #include "ops/train_backend.h"
+#include "cuda_test_helpers.h"
 #include "test_helpers.h"
 #include "train/optimizer.h"
 
@@ -27,9 +28,6 @@ using V = std::vector<float>;
 using I32 = std::vector<int32_t>;
 
 namespace {
-
-#define REQUIRE_CUDA() \
-  if (!cuda_available()) GTEST_SKIP() << "no CUDA device"
 
 // f32 = true: DSV3_CUDA_TRAIN_F32=1 while the backend is made (the switch is read then).
 TrainBackend& gpu(bool f32) {

@@ -61,9 +61,11 @@ void rmsnorm_backward(T* dx, int64_t dxs, T* dw, const T* dout, const T* x, int6
     for (int64_t i = 0; i < D; ++i) dw[i] += part[c * D + i];
 }
 
+// Rotates each pair (a, b) by its angle: a' = a c - b s, b' = b c + a s. The backward applies the transpose,
+// the rotation by minus the angle (s -> -s): da = da' c + db' s, db = db' c - da' s.
 template <typename T>
-void rope_forward(T* x, int64_t N, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
-                  const float* cos, const float* sin, bool interleave) {
+static void rope_rotate(T* x, int64_t N, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
+                        const float* cos, const float* sin, bool interleave, bool inverse) {
   const int64_t half = dr / 2;
 #pragma omp parallel for schedule(static) if (N * n > 256)
   for (int64_t t = 0; t < N; ++t) {
@@ -73,34 +75,24 @@ void rope_forward(T* x, int64_t N, int64_t n, int64_t stride, int64_t off, int64
       T* v = x + (t * n + h) * stride + off;
       for (int64_t j = 0; j < half; ++j) {
         const int64_t i0 = interleave ? 2 * j : j, i1 = interleave ? 2 * j + 1 : j + half;
-        const T a = v[i0], b = v[i1];
-        v[i0] = a * T(c[j]) - b * T(s[j]);
-        v[i1] = b * T(c[j]) + a * T(s[j]);
+        const T a = v[i0], b = v[i1], sn = inverse ? -T(s[j]) : T(s[j]);
+        v[i0] = a * T(c[j]) - b * sn;
+        v[i1] = b * T(c[j]) + a * sn;
       }
     }
   }
 }
 
-// Forward: a' = a c - b s, b' = b c + a s (a rotation). Backward: the transpose,
-// da = da' c + db' s, db = db' c - da' s.
+template <typename T>
+void rope_forward(T* x, int64_t N, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
+                  const float* cos, const float* sin, bool interleave) {
+  rope_rotate(x, N, n, stride, off, dr, pos, cos, sin, interleave, false);
+}
+
 template <typename T>
 void rope_backward(T* dx, int64_t N, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
                    const float* cos, const float* sin, bool interleave) {
-  const int64_t half = dr / 2;
-#pragma omp parallel for schedule(static) if (N * n > 256)
-  for (int64_t t = 0; t < N; ++t) {
-    const float* c = cos + int64_t(pos[t]) * half;
-    const float* s = sin + int64_t(pos[t]) * half;
-    for (int64_t h = 0; h < n; ++h) {
-      T* v = dx + (t * n + h) * stride + off;
-      for (int64_t j = 0; j < half; ++j) {
-        const int64_t i0 = interleave ? 2 * j : j, i1 = interleave ? 2 * j + 1 : j + half;
-        const T da = v[i0], db = v[i1];
-        v[i0] = da * T(c[j]) + db * T(s[j]);
-        v[i1] = db * T(c[j]) - da * T(s[j]);
-      }
-    }
-  }
+  rope_rotate(dx, N, n, stride, off, dr, pos, cos, sin, interleave, true);
 }
 
 template <typename T>

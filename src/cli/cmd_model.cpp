@@ -107,11 +107,9 @@ void add_logits(CLI::App& app) {
   auto out = std::make_shared<std::string>();
   auto device = std::make_shared<std::string>("cpu");
   auto dtype = std::make_shared<std::string>("auto");
-  c->add_option("--model", *dir, "Model directory")->required();
+  add_model_options(c, *dir, *device, *dtype);
   c->add_option("--input", *in, "safetensors with int32 input_ids [B,T]")->required();
   c->add_option("--output", *out, "safetensors to write: logits [B,T,V] (+ mtp_logits.<k> [B,T-k,V])")->required();
-  c->add_option("--device", *device, "cpu | cuda");
-  c->add_option("--dtype", *dtype, "weights in memory: auto | f32 | bf16");
   c->callback([=] {
     SafetensorsFile f(*in);
     Tensor ids = f.get("input_ids");
@@ -177,17 +175,12 @@ void add_generate(CLI::App& app) {
     bool json = false, no_absorb = false, ignore_eos = false;
   };
   auto a = std::make_shared<Args>();
-  c->add_option("--model", a->dir, "Model directory")->required();
+  add_model_options(c, a->dir, a->device, a->dtype);
   c->add_option("--prompt-ids", a->prompt_ids, "Comma-separated token ids, e.g. 5,6,7");
   c->add_option("--prompt", a->prompt, "Prompt text (needs a tokenizer)");
   c->add_option("--tokenizer", a->tokenizer, "Tokenizer file or directory (default: the model directory's)");
   c->add_option("--max-new-tokens,-n", a->max_new, "Tokens to generate");
-  c->add_option("--temperature", a->sp.temperature, "0 = greedy");
-  c->add_option("--top-k", a->sp.top_k, "Sample among the k most likely (0 = off)");
-  c->add_option("--top-p", a->sp.top_p, "Nucleus sampling threshold (1 = off)");
-  c->add_option("--seed", a->sp.seed, "Sampling seed");
-  c->add_option("--device", a->device, "cpu | cuda");
-  c->add_option("--dtype", a->dtype, "weights in memory: auto | f32 | bf16");
+  add_sampling_options(c, a->sp);
   c->add_flag("--json", a->json, "Print one JSON object with output_ids and timings");
   c->add_flag("--no-absorb", a->no_absorb, "Decode by decompressing the cache instead of the absorbed path (debug)");
   c->add_flag("--ignore-eos", a->ignore_eos, "Do not stop at the end-of-sequence token");

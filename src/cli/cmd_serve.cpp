@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "model/generate.h"
 #include "model/loader.h"
 #include "serve/http_server.h"
@@ -40,11 +41,9 @@ void add_serve_commands(CLI::App& app) {
       ServerOptions so;
     };
     auto a = std::make_shared<Args>();
-    c->add_option("--model", a->dir, "Model directory")->required();
+    add_model_options(c, a->dir, a->device, a->dtype);
     c->add_option("--host", a->host, "Address to listen on");
     c->add_option("--port", a->port, "Port")->check(CLI::Range(1, 65535));
-    c->add_option("--device", a->device, "cpu | cuda");
-    c->add_option("--dtype", a->dtype, "weights in memory: auto | f32 | bf16");
     c->add_option("--tokenizer", a->tokenizer, "Tokenizer file or directory (default: the model's, else the bundled one)");
     c->add_option("--served-model-name", a->name, "Model name clients send (default: the directory's name)");
     c->add_option("--max-batch", a->ec.max_batch, "Sequences decoded together");
@@ -84,16 +83,11 @@ void add_serve_commands(CLI::App& app) {
     auto a = std::make_shared<Args>();
     a->sp.temperature = 0.7;
     a->sp.top_p = 0.95;
-    c->add_option("--model", a->dir, "Model directory")->required();
-    c->add_option("--device", a->device, "cpu | cuda");
-    c->add_option("--dtype", a->dtype, "weights in memory: auto | f32 | bf16");
+    add_model_options(c, a->dir, a->device, a->dtype);
     c->add_option("--tokenizer", a->tokenizer, "Tokenizer file or directory");
     c->add_option("--system", a->system, "System prompt");
     c->add_option("--max-new-tokens,-n", a->max_new, "Longest answer");
-    c->add_option("--temperature", a->sp.temperature, "0 = greedy");
-    c->add_option("--top-k", a->sp.top_k, "Top-k sampling (0 = off)");
-    c->add_option("--top-p", a->sp.top_p, "Nucleus sampling");
-    c->add_option("--seed", a->sp.seed, "Sampling seed");
+    add_sampling_options(c, a->sp);
     c->callback([=] {
       validate_sampling(a->sp);
       LoadedModel lm = open_model(a->dir, a->device, a->dtype);

@@ -1,9 +1,11 @@
 #include "cli/common.h"
 
+#include <CLI/CLI.hpp>
 #include <filesystem>
 #include <fmt/format.h>
 
 #include "core/error.h"
+#include "model/sampler.h"
 
 namespace dsv3::cli {
 
@@ -48,6 +50,19 @@ void copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir
     }
   }
   if (!any) fail("no tokenizer.json in {}", from_dir);
+}
+
+void add_model_options(CLI::App* c, std::string& dir, std::string& device, std::string& dtype) {
+  c->add_option("--model", dir, "Model directory")->required();
+  c->add_option("--device", device, "cpu | cuda | cuda:N");
+  c->add_option("--dtype", dtype, "weights in memory: auto | f32 | bf16");
+}
+
+void add_sampling_options(CLI::App* c, SamplingParams& sp) {
+  c->add_option("--temperature", sp.temperature, "0 = greedy");
+  c->add_option("--top-k", sp.top_k, "Sample among the k most likely (0 = off)");
+  c->add_option("--top-p", sp.top_p, "Nucleus sampling threshold (1 = off)");
+  c->add_option("--seed", sp.seed, "Sampling seed");
 }
 
 }  // namespace dsv3::cli

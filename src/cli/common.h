@@ -4,7 +4,20 @@
 #include <string>
 #include <vector>
 
+namespace CLI {
+class App;
+}
+
+namespace dsv3 {
+struct SamplingParams;
+}
+
 namespace dsv3::cli {
+
+// --model (required), --device and --dtype: the options of every command that runs a model directory.
+void add_model_options(CLI::App* c, std::string& dir, std::string& device, std::string& dtype);
+// --temperature, --top-k, --top-p and --seed of the sampler.
+void add_sampling_options(CLI::App* c, SamplingParams& sp);
 
 // Re-executes the binary with OPENBLAS_CORETYPE set when OpenBLAS fell back to generic kernels (blas_env.cpp).
 void select_blas_kernels(char** argv);

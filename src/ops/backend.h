@@ -170,6 +170,8 @@ class Backend {
   virtual void cancel_graph_step() {}
 };
 
+// Fails unless flat is F32 or BF16 and [offset, offset + n) lies inside it (every write_weights implementation).
+void check_weight_dest(const Tensor& flat, int64_t offset, int64_t n);
 // The host forms of Backend::write_weights / write_weights_fp8 (flat in CPU memory; the loader's host path).
 void write_weights_host(Tensor& flat, int64_t offset, const void* src, DType src_dt, int64_t n);
 void write_weights_fp8_host(Tensor& flat, int64_t offset, const uint8_t* w8, const float* scale, int64_t N,

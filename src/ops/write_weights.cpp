@@ -8,14 +8,18 @@
 
 namespace dsv3 {
 
-namespace {
-
-void check_dest(const Tensor& flat, int64_t offset, int64_t n) {
-  if (flat.device != Device::CPU) fail("write_weights: {} is not in host memory", flat.name);
+void check_weight_dest(const Tensor& flat, int64_t offset, int64_t n) {
   if (flat.dtype != DType::F32 && flat.dtype != DType::BF16)
     fail("write_weights: {} must be F32 or BF16, got {}", flat.name, dtype_name(flat.dtype));
   if (offset < 0 || n < 0 || offset + n > flat.numel())
     fail("write_weights: [{}, {}) is outside {} of {} elements", offset, offset + n, flat.name, flat.numel());
+}
+
+namespace {
+
+void check_host_dest(const Tensor& flat, int64_t offset, int64_t n) {
+  if (flat.device != Device::CPU) fail("write_weights: {} is not in host memory", flat.name);
+  check_weight_dest(flat, offset, n);
 }
 
 void store_f32(Tensor& flat, int64_t offset, const float* v, int64_t n) {
@@ -30,7 +34,7 @@ void store_f32(Tensor& flat, int64_t offset, const float* v, int64_t n) {
 }  // namespace
 
 void write_weights_host(Tensor& flat, int64_t offset, const void* src, DType src_dt, int64_t n) {
-  check_dest(flat, offset, n);
+  check_host_dest(flat, offset, n);
   std::vector<float> v(static_cast<size_t>(n));
   convert_to_f32(src_dt, src, v.data(), v.size());
   store_f32(flat, offset, v.data(), n);
@@ -38,7 +42,7 @@ void write_weights_host(Tensor& flat, int64_t offset, const void* src, DType src
 
 void write_weights_fp8_host(Tensor& flat, int64_t offset, const uint8_t* w8, const float* scale, int64_t N,
                             int64_t K, int64_t bn, int64_t bk) {
-  check_dest(flat, offset, N * K);
+  check_host_dest(flat, offset, N * K);
   const int64_t sk = (K + bk - 1) / bk;
   std::vector<float> v(static_cast<size_t>(N * K));
   convert_to_f32(DType::F8E4M3, w8, v.data(), v.size());

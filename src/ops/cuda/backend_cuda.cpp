@@ -147,12 +147,7 @@ class CudaBackend final : public Backend {
     char* dst = static_cast<char*>(flat.data) + size_t(offset) * dtype_size(flat.dtype);
     cuda::dequant_fp8(dst, flat.dtype, d8.ptr<uint8_t>(), ds.f32(), N, K, bn, bk, ctx_.stream);
   }
-  void check_weight_dest(const Tensor& flat, int64_t offset, int64_t n) const {
-    if (flat.dtype != DType::F32 && flat.dtype != DType::BF16)
-      fail("write_weights: {} must be F32 or BF16, got {}", flat.name, dtype_name(flat.dtype));
-    if (offset < 0 || n < 0 || offset + n > flat.numel())
-      fail("write_weights: [{}, {}) is outside {} of {} elements", offset, offset + n, flat.name, flat.numel());
-  }
+
 
   Tensor to_host(const Tensor& t) override {
     flush();

@@ -567,12 +567,10 @@ class CudaTrainBackend final : public TrainBackend {
   };
   // Independent products (one per active expert) in one cuBLAS call (cublasGemmGroupedBatchedEx, each product
   // its own group of one): a per-expert loop is ~300 launches per MoE layer, each too small to fill the GPU.
-  // Falls back to the loop where cuBLAS refuses the grouped form for these types, and with
-  // DSV3_CUDA_TRAIN_GROUPED=0 (read per call).
+  // Falls back to the loop where cuBLAS refuses the grouped form for these types.
   void gemm_group(const std::vector<Product>& ps) {
     if (ps.empty()) return;
-    const char* env = std::getenv("DSV3_CUDA_TRAIN_GROUPED");
-    if (grouped_ok_ && !(env && std::string(env) == "0") && ps.size() > 1) {
+    if (grouped_ok_ && ps.size() > 1) {
       const size_t n = ps.size();
       std::vector<cublasOperation_t> ta(n), tb(n);
       std::vector<int> m(n), nn(n), kk(n), lda(n), ldb(n), ldc(n), size(n, 1);

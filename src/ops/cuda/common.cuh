@@ -131,6 +131,40 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Warp argmax over (value, index): larger value wins, ties go to the lower index (the CPU reference's order).
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+    const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+    if (v2 > v || (v2 == v && i2 < i)) {
+      v = v2;
+      i = i2;
+    }
+  }
+}
+
+// Score of one expert group in group-limited routing, over its `per` selection scores v: the sum of the two
+// best (DeepSeek-V3, noaux_tc) or the best (DeepSeek-V2 group_limited_greedy). Shared by both routers.
+__device__ __forceinline__ float router_group_score(const float* v, int per, bool noaux) {
+  if (!noaux) {
+    float gs = -INFINITY;
+    for (int i = 0; i < per; ++i) gs = fmaxf(gs, v[i]);
+    return gs;
+  }
+  float b1 = -INFINITY, b2 = -INFINITY;
+  for (int i = 0; i < per; ++i) {
+    const float x = v[i];
+    if (x > b1) {
+      b2 = b1;
+      b1 = x;
+    } else if (x > b2) {
+      b2 = x;
+    }
+  }
+  return per >= 2 ? b1 + b2 : b1;
+}
+
 // One key tile of the causal online softmax (base 2) for a warp's 16 query rows, shared by the inference prefill
 // and the training flash-attention kernels. sc [NT][4] holds the raw scores Q K^T in m16n8 C-fragment order for
 // keys key0 .. key0 + 8 NT (row g: query position pa, row g + 8: pb; t = lane % 4); keys after the query or at

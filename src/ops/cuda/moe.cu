@@ -12,19 +12,6 @@ namespace dsv3::cuda {
 
 namespace {
 
-// Warp argmax over (value, index): larger value wins, ties go to the lower index (the CPU reference's order).
-__device__ __forceinline__ void warp_argmax(float& v, int& i) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-    const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
-    if (v2 > v || (v2 == v && i2 < i)) {
-      v = v2;
-      i = i2;
-    }
-  }
-}
-
 struct RouteArgs {
   int T, E, K, G, TG;
   bool sigmoid, norm, group_limited, noaux;
@@ -55,24 +42,7 @@ __device__ void route_token(int tok, float* s, int* __restrict__ idx, float* __r
   if (a.group_limited && a.G > 1) {
     const int per = E / a.G;
     float gs = -INFINITY;
-    if (lane < a.G) {
-      const float* v = sel + lane * per;
-      if (a.noaux) {  // V3: sum of the group's two best selection scores
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int i = 0; i < per; ++i) {
-          const float x = v[i];
-          if (x > b1) {
-            b2 = b1;
-            b1 = x;
-          } else if (x > b2) {
-            b2 = x;
-          }
-        }
-        gs = per >= 2 ? b1 + b2 : b1;
-      } else {  // V2 group_limited_greedy: the group's best score
-        for (int i = 0; i < per; ++i) gs = fmaxf(gs, v[i]);
-      }
-    }
+    if (lane < a.G) gs = router_group_score(sel + lane * per, per, a.noaux);
     unsigned allowed = 0;
     for (int k = 0; k < a.TG; ++k) {
       float v = lane < a.G && !((allowed >> lane) & 1u) ? gs : -INFINITY;

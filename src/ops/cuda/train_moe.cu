@@ -13,16 +13,6 @@ namespace dsv3::cuda::train {
 
 namespace {
 
-// Larger value wins, ties to the lower index (the CPU's topk order).
-__device__ __forceinline__ void warp_argmax_i(float& v, int& i) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-    const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
-    if (v2 > v || (v2 == v && i2 < i)) v = v2, i = i2;
-  }
-}
-
 struct RouteArgs {
   int E, K, G, TG;
   bool sigmoid, group_limited, noaux;
@@ -73,27 +63,12 @@ __global__ void route_fwd_kernel(int32_t* idx, float* w, float* scores, const fl
   if (a.group_limited && a.G > 1) {
     const int per = E / a.G;
     float gs = -INFINITY;
-    if (lane < a.G) {
-      const float* v = sel + lane * per;
-      if (a.noaux) {  // V3: the sum of the group's two best selection scores
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int i = 0; i < per; ++i) {
-          const float x = v[i];
-          if (x > b1)
-            b2 = b1, b1 = x;
-          else if (x > b2)
-            b2 = x;
-        }
-        gs = per >= 2 ? b1 + b2 : b1;
-      } else {  // V2: the group's best score
-        for (int i = 0; i < per; ++i) gs = fmaxf(gs, v[i]);
-      }
-    }
+    if (lane < a.G) gs = router_group_score(sel + lane * per, per, a.noaux);
     unsigned allowed = 0;
     for (int k = 0; k < a.TG; ++k) {
       float v = lane < a.G && !((allowed >> lane) & 1u) ? gs : -INFINITY;
       int i = lane < a.G && !((allowed >> lane) & 1u) ? lane : INT_MAX;
-      warp_argmax_i(v, i);
+      warp_argmax(v, i);
       if (i != INT_MAX) allowed |= 1u << i;
     }
     for (int e = lane; e < E; e += 32)
@@ -107,7 +82,7 @@ __global__ void route_fwd_kernel(int32_t* idx, float* w, float* scores, const fl
     int bi = INT_MAX;
     for (int e = lane; e < E; e += 32)
       if (bi == INT_MAX || sel[e] > v) v = sel[e], bi = e;
-    warp_argmax_i(v, bi);
+    warp_argmax(v, bi);
     if (bi == INT_MAX) bi = 0;
     const float sk = s[bi];
     wsum += double(sk);

@@ -16,6 +16,7 @@
 #include "io/safetensors.h"
 #include "model/generate.h"
 #include "model/loader.h"
+#include "model/sequence_logits.h"
 #include "test_helpers.h"
 
 using namespace dsv3;
@@ -30,34 +31,8 @@ struct Logits {
 
 // Full-sequence logits of every row (and MTP module 1's when the model has one), as `dsv3 logits` computes them.
 Logits run_logits(LoadedModel& lm, const std::vector<int32_t>& all, int64_t B, int64_t T) {
-  Model& m = *lm.model;
-  const int64_t D = m.config().num_nextn_predict_layers;
-  KvCache cache(*lm.backend, m.config(), B * 64 * ((T + 63) / 64) * (1 + D));
-  std::vector<SeqCache> sc(B);
-  std::vector<BatchSeq> batch(B);
-  for (int64_t b = 0; b < B; ++b) {
-    batch[b].cache = &sc[b];
-    batch[b].tokens.assign(all.begin() + b * T, all.begin() + (b + 1) * T);
-  }
-  ForwardOptions fo;
-  fo.all_logits = true;
-  fo.keep_hidden = D > 0;
-  ForwardResult r = m.forward(batch, cache, fo);
-  Logits out{r.logits, {}};
-  if (D > 0) {
-    std::vector<int64_t> rows;
-    std::vector<SeqCache> mc(B);
-    std::vector<BatchSeq> mb(B);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < T - 1; ++i) rows.push_back(b * T + i);
-      mb[b].cache = &mc[b];
-      mb[b].tokens.assign(all.begin() + b * T + 1, all.begin() + (b + 1) * T);
-    }
-    Tensor hs = lm.backend->alloc(lm.backend->act_dtype(), {B * (T - 1), m.config().hidden_size}, "mtp_in");
-    lm.backend->gather_rows(hs, r.hidden, rows);
-    m.mtp_forward(1, hs, mb, cache, &out.mtp);
-  }
-  return out;
+  SequenceLogits r = sequence_logits(*lm.model, *lm.backend, all, B, T);
+  return {r.logits, r.mtp.empty() ? Tensor() : r.mtp[0]};
 }
 
 // A CUDA model in fp32-activation mode or the default bf16 mode.

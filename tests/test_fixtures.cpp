@@ -5,6 +5,7 @@
 #include "io/safetensors.h"
 #include "model/generate.h"
 #include "model/loader.h"
+#include "model/sequence_logits.h"
 #include "test_helpers.h"
 
 using namespace dsv3;
@@ -23,40 +24,17 @@ TEST_P(Fixture, LogitsMatchReference) {
   Tensor ids = ref.get("input_ids"), want = ref.get("logits");
   const int64_t B = ids.dim(0), T = ids.dim(1);
   LoadedModel lm = open_model(dir);
-  Model& m = *lm.model;
-  const int64_t V = m.config().vocab_size, D = m.config().num_nextn_predict_layers;
-  KvCache cache(*lm.backend, m.config(), B * 64 * ((T + 63) / 64) * (1 + D));
-  std::vector<SeqCache> sc(B);
-  std::vector<BatchSeq> batch(B);
-  auto all = ids_of(ids);
-  for (int64_t b = 0; b < B; ++b) {
-    batch[b].cache = &sc[b];
-    batch[b].tokens.assign(all.begin() + b * T, all.begin() + (b + 1) * T);
-  }
-  ForwardOptions fo;
-  fo.all_logits = true;
-  fo.keep_hidden = D > 0;
-  ForwardResult r = m.forward(batch, cache, fo);
+  const int64_t V = lm.model->config().vocab_size;
+  SequenceLogits r = sequence_logits(*lm.model, *lm.backend, ids_of(ids), B, T);
   ASSERT_EQ(r.logits.numel(), B * T * V);
   double e = test::rel_err(r.logits.f32(), want.ptr<float>(), B * T * V);
   EXPECT_LE(e, 1e-4) << GetParam();
-  if (D > 0) {
+  if (lm.model->config().num_nextn_predict_layers > 0) {
     // MTP module 1: row i of each sequence consumes token i+1 with the main hidden state at i.
-    std::vector<int64_t> rows;
-    std::vector<SeqCache> mc(B);
-    std::vector<BatchSeq> mb(B);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < T - 1; ++i) rows.push_back(b * T + i);
-      mb[b].cache = &mc[b];
-      mb[b].tokens.assign(all.begin() + b * T + 1, all.begin() + (b + 1) * T);
-    }
-    Tensor hs = Tensor::empty(DType::F32, {B * (T - 1), m.config().hidden_size});
-    lm.backend->gather_rows(hs, r.hidden, rows);
-    Tensor ml;
-    m.mtp_forward(1, hs, mb, cache, &ml);
+    ASSERT_FALSE(r.mtp.empty());
     Tensor mw = ref.get("mtp_logits.1");
-    ASSERT_EQ(ml.numel(), mw.numel());
-    EXPECT_LE(test::rel_err(ml.f32(), mw.ptr<float>(), mw.numel()), 1e-4);
+    ASSERT_EQ(r.mtp[0].numel(), mw.numel());
+    EXPECT_LE(test::rel_err(r.mtp[0].f32(), mw.ptr<float>(), mw.numel()), 1e-4);
   }
 }
 

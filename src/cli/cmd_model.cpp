@@ -9,6 +9,7 @@
 #include "io/safetensors.h"
 #include "model/generate.h"
 #include "model/loader.h"
+#include "model/sequence_logits.h"
 
 namespace dsv3::cli {
 
@@ -122,45 +123,12 @@ void add_logits(CLI::App& app) {
     for (int64_t i = 0; i < B * T; ++i)
       flat[i] = ids.dtype == DType::I32 ? ids.ptr<int32_t>()[i] : int32_t(ids.ptr<int64_t>()[i]);
     LoadedModel lm = open_model(*dir, *device, *dtype);
-    Model& m = *lm.model;
-    const ModelConfig& cfg = m.config();
-    const int64_t V = cfg.vocab_size, D = cfg.num_nextn_predict_layers;
-    KvCache cache(*lm.backend, cfg, B * (((T + 63) / 64) * 64) * (1 + D));
-    std::vector<SeqCache> seqs(B);
-    std::vector<BatchSeq> batch(B);
-    for (int64_t b = 0; b < B; ++b) {
-      batch[b].cache = &seqs[b];
-      batch[b].tokens.assign(flat.begin() + b * T, flat.begin() + (b + 1) * T);
-    }
-    ForwardOptions fo;
-    fo.all_logits = true;
-    fo.keep_hidden = D > 0;
-    ForwardResult r = m.forward(batch, cache, fo);
-    std::vector<Tensor> outs;
-    Tensor logits = r.logits.reshape({B, T, V});
-    logits.name = "logits";
-    outs.push_back(logits);
-    // MTP module k at row i consumes token i+k with the previous stage's state at row i; rows i < T-k.
-    Tensor h = r.hidden;  // [B*T_prev, H], T_prev = T for k = 1
-    int64_t t_prev = T;
-    std::vector<std::vector<SeqCache>> mtp_seqs(D, std::vector<SeqCache>(B));
-    for (int64_t k = 1; k <= D && T - k >= 1; ++k) {
-      const int64_t tk = T - k;
-      std::vector<int64_t> rows;
-      std::vector<BatchSeq> mb(B);
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t i = 0; i < tk; ++i) rows.push_back(b * t_prev + i);
-        mb[b].cache = &mtp_seqs[k - 1][b];
-        mb[b].tokens.assign(flat.begin() + b * T + k, flat.begin() + (b + 1) * T);
-      }
-      Tensor hs = lm.backend->alloc(lm.backend->act_dtype(), {B * tk, cfg.hidden_size}, "mtp_in");
-      lm.backend->gather_rows(hs, h, rows);
-      Tensor ml;
-      h = m.mtp_forward(k, hs, mb, cache, &ml);
-      t_prev = tk;
-      Tensor o = ml.reshape({B, tk, V});
-      o.name = "mtp_logits." + std::to_string(k);
-      outs.push_back(o);
+    SequenceLogits r = sequence_logits(*lm.model, *lm.backend, flat, B, T);
+    std::vector<Tensor> outs = {r.logits};
+    outs[0].name = "logits";
+    for (size_t k = 0; k < r.mtp.size(); ++k) {
+      outs.push_back(r.mtp[k]);
+      outs.back().name = "mtp_logits." + std::to_string(k + 1);
     }
     write_safetensors(*out, outs);
   });

@@ -1,5 +1,7 @@
 #include "core/dtype.h"
 
+#include "core/fp8.h"
+
 #include <cmath>
 
 namespace dsv3 {
@@ -83,20 +85,7 @@ float f8e4m3_to_f32(uint8_t v) {
   return sign ? -r : r;
 }
 
-uint8_t f32_to_f8e4m3(float f) {
-  if (std::isnan(f)) return 0x7f;
-  uint8_t sign = std::signbit(f) ? 0x80 : 0;
-  float a = std::fabs(f);
-  if (a >= 448.f) return sign | 0x7e;
-  // Brute force over the 127 non-negative finite codes: exact nearest-even, and only used off hot paths.
-  uint8_t best = 0;
-  float bd = INFINITY;
-  for (uint8_t c = 0; c < 0x7f; ++c) {
-    float d = std::fabs(f8e4m3_to_f32(c) - a);
-    if (d < bd || (d == bd && (c & 1) == 0)) { bd = d; best = c; }
-  }
-  return sign | best;
-}
+uint8_t f32_to_f8e4m3(float f) { return fp8::e4m3_from_f32(f); }
 
 void convert_to_f32(DType t, const void* src, float* dst, size_t n) {
   switch (t) {

@@ -1,5 +1,7 @@
 #include "core/tensor.h"
 
+#include "core/fp8.h"
+
 #include <cstdlib>
 #include <cstring>
 
@@ -59,6 +61,15 @@ Tensor Tensor::rows(int64_t begin, int64_t end) const {
   int64_t inner = shape[0] ? numel() / shape[0] : 0;
   r.shape[0] = end - begin;
   r.data = static_cast<char*>(data) + size_t(begin * inner) * dtype_size(dtype);
+  if (scale) {  // block-scaled fp8: experts of a grouped tensor, or whole 128-row blocks of a matrix
+    if (shape.size() == 3) {
+      r.scale = scale + begin * fp8::tiles(shape[1]) * fp8::tiles(shape[2]);
+    } else {
+      DSV3_CHECK(shape.size() == 2 && begin % fp8::kTile == 0, "rows {}..{} of fp8 {} split a scale block", begin,
+                 end, name);
+      r.scale = scale + (begin / fp8::kTile) * fp8::tiles(shape[1]);
+    }
+  }
   return r;
 }
 

@@ -26,6 +26,10 @@ struct Tensor {
   void* data = nullptr;
   Device device = Device::CPU;
   std::shared_ptr<void> storage;
+  // F8E4M3 weights only: their fp32 block scales in the same memory as data (kept alive by the owner of the
+  // scale buffer, e.g. ModelWeights::scale_flat): [tiles(N), tiles(K)] for a matrix [N, K] and, for grouped
+  // experts [E, N, K], E such grids back to back (see core/fp8.h; value = code * scale).
+  const float* scale = nullptr;
 
   int64_t numel() const { return shape_numel(shape); }
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }

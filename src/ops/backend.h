@@ -4,7 +4,12 @@
 // device-specific branches. Conventions:
 //  - PyTorch dimension order, a Linear is y = x W^T with W [out, in].
 //  - Activations are allocated by the backend (alloc) in its activation dtype (fp32 on the CPU).
-//  - Weights may be F32 or BF16 (fp8 checkpoints are dequantized at load); every op accepts both.
+//  - Weights may be F32 or BF16, or, for the FP8 inference mode (--dtype fp8), F8E4M3 with 128x128 block
+//    scales in Tensor::scale (core/fp8.h). An op given an F8E4M3 weight (linear, linear_swiglu,
+//    moe_experts_acc) computes the DeepSeek-V3 FP8 product: the activation is quantized in 1x128 tiles
+//    (fp8::quantize_1x128), each 128-wide K block's partial sum of code products is taken in fp32 and scaled by
+//    both tiles' scales (promotion every 128 elements of K), so the CPU emulation (dequantize + fp32 GEMM) and
+//    the GPU kernels compute the same function up to fp32 summation order.
 //  - Outputs are overwritten unless the name says accumulate (`_acc`: out += ...).
 #include <cmath>
 #include <cstdint>
@@ -74,6 +79,10 @@ class Backend {
   // as in fp32 (one product per element), into flat[offset, offset + N*K).
   virtual void write_weights_fp8(Tensor& flat, int64_t offset, const uint8_t* w8, const float* scale, int64_t N,
                                  int64_t K, int64_t bn, int64_t bk);
+
+  // Raw bytes into a buffer of this backend: dst's memory at [byte_offset, byte_offset + bytes) = src (host).
+  // Used for fp8 codes and scales, which are stored as they are. The default works on CPU tensors.
+  virtual void write_raw(Tensor& dst, size_t byte_offset, const void* src, size_t bytes);
 
   // ---- elementwise / norms
   virtual void zero(Tensor& t) = 0;

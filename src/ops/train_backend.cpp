@@ -20,4 +20,12 @@ std::unique_ptr<TrainBackend> make_train_backend(const std::string& device) {
   fail("unknown device '{}': use cpu, cuda or cuda:N (N = GPU index)", device);
 }
 
+void TrainBackend::fp8_linear_forward(float*, const float*, const float*, int64_t, int64_t, int64_t) {
+  fail("FP8 training products are not available on the {} training backend", name());
+}
+void TrainBackend::fp8_linear_backward(float*, bool, float*, const float*, const float*, const float*, int64_t,
+                                       int64_t, int64_t) {
+  fail("FP8 training products are not available on the {} training backend", name());
+}
+
 }  // namespace dsv3

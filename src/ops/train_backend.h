@@ -61,6 +61,31 @@ class TrainBackend {
     if (dW) gemm(true, false, N, K, M, 1.f, dy, N, x, K, 1.f, dW, K);
   }
 
+  // ---- FP8 products (dsv3 train --precision fp8), the DeepSeek-V3 recipe with the tiles of core/fp8.h:
+  //   Fprop  y = x W^T      x in 1x128 tiles along K, W in 128x128 blocks
+  //   Dgrad  dx = dy W      dy in 1x128 tiles along N, W in the same 128x128 blocks
+  //   Wgrad  dW += dy^T x   dy and x in 128x1 tiles along M (the token dimension is the contraction)
+  // Products and accumulation in fp32 (a device may sum each 128-wide K block on its FP8 tensor cores and
+  // promote to fp32 per block). The training model runs the linear layers the recipe runs in FP8 through
+  // qlinear_* (attention projections, dense and shared-expert MLPs, MTP projection) and keeps the rest
+  // (embedding, lm_head, router, norms, attention core) on the plain products. Routed experts follow
+  // precision() inside experts_forward / experts_backward.
+  enum class Precision { Default, FP8 };
+  void set_precision(Precision p) { precision_ = p; }
+  Precision precision() const { return precision_; }
+  virtual void fp8_linear_forward(float* y, const float* x, const float* W, int64_t M, int64_t N, int64_t K);
+  virtual void fp8_linear_backward(float* dx, bool dx_accumulate, float* dW, const float* dy, const float* x,
+                                   const float* W, int64_t M, int64_t N, int64_t K);
+  void qlinear_forward(float* y, const float* x, const float* W, int64_t M, int64_t N, int64_t K) {
+    if (precision_ == Precision::FP8) fp8_linear_forward(y, x, W, M, N, K);
+    else linear_forward(y, x, W, M, N, K);
+  }
+  void qlinear_backward(float* dx, bool dx_accumulate, float* dW, const float* dy, const float* x, const float* W,
+                        int64_t M, int64_t N, int64_t K) {
+    if (precision_ == Precision::FP8) fp8_linear_backward(dx, dx_accumulate, dW, dy, x, W, M, N, K);
+    else linear_backward(dx, dx_accumulate, dW, dy, x, W, M, N, K);
+  }
+
   // ---- the kernels of ops/cpu/train_ops.h, float only (same arguments, same semantics)
   virtual void rmsnorm_forward(float* out, float* rstd, const float* x, int64_t xs, const float* w, int64_t N,
                                int64_t D, double eps) = 0;
@@ -111,6 +136,9 @@ class TrainBackend {
   virtual void adamw_update(float* params, const float* grads, float* m, float* v, int64_t offset, int64_t n,
                             float b1, float b2, float eps, float grad_scale, float decay, float step_size,
                             float inv_sqrt_bc2) = 0;
+
+ protected:
+  Precision precision_ = Precision::Default;
 };
 
 // make_train_backend("cpu") or ("cuda", "cuda:N"); throws InputError with a one-line reason when the device

@@ -1,5 +1,6 @@
 // Conversions of checkpoint tensors into a flat parameter buffer in CPU memory: the loader's host path and the
 // defaults of Backend::write_weights / write_weights_fp8 (see backend.h). Device backends override both.
+#include <cstring>
 #include <vector>
 
 #include "core/dtype.h"
@@ -58,6 +59,13 @@ void Backend::write_weights(Tensor& flat, int64_t offset, const void* src, DType
 void Backend::write_weights_fp8(Tensor& flat, int64_t offset, const uint8_t* w8, const float* scale, int64_t N,
                                 int64_t K, int64_t bn, int64_t bk) {
   write_weights_fp8_host(flat, offset, w8, scale, N, K, bn, bk);
+}
+
+void Backend::write_raw(Tensor& dst, size_t byte_offset, const void* src, size_t bytes) {
+  if (dst.device != Device::CPU) fail("write_raw: {} is not in host memory", dst.name);
+  if (byte_offset + bytes > dst.nbytes())
+    fail("write_raw: [{}, {}) is outside the {} bytes of {}", byte_offset, byte_offset + bytes, dst.nbytes(), dst.name);
+  std::memcpy(static_cast<char*>(dst.data) + byte_offset, src, bytes);
 }
 
 }  // namespace dsv3

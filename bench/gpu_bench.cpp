@@ -5,7 +5,10 @@
 //   per op     GPU time of every backend op in one profiled pass of each workload, against its byte floor;
 //   kernels    attention prefill and MLA decode alone, skinny linear against cuBLAS.
 // Each number is printed with its floor: the larger of FLOPs / GEMM ceiling and bytes / copy bandwidth.
-// Usage: gpu_bench --config bench/configs/infer-m.json [--json out.json] [--steps 64]
+// --dtype fp8: the same random model with every matrix the FP8 recipe quantizes (attention projections except
+// kv_b_proj, dense and expert MLPs) replaced by an fp8 copy in 128x128 blocks (the model part only; floors and
+// roofline fractions stay those of bf16 weights, so compare tok/s with a bf16 run).
+// Usage: gpu_bench --config bench/configs/infer-m.json [--json out.json] [--steps 64] [--dtype bf16|fp8]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -53,6 +56,31 @@ ModelWeights random_weights(Backend& be, const ModelConfig& cfg, uint64_t seed) 
   w.bind();
   be.synchronize();
   return w;
+}
+
+// Replaces the matrices the FP8 recipe quantizes with fp8 copies (quantized on the GPU); returns the scale tensors,
+// which must stay alive with the model.
+std::vector<Tensor> to_fp8(Backend& be, ModelWeights& w) {
+  std::vector<Tensor> keep;
+  auto q = [&](Tensor& t) {
+    if (!t) return;
+    auto [codes, scales] = cuda::quantize_weight_fp8(be, t);
+    keep.push_back(scales);
+    t = codes;
+  };
+  for (auto& L : w.layers) {
+    auto& a = L.attn;
+    for (Tensor* t : {&a.q_proj, &a.q_a_proj, &a.q_b_proj, &a.kv_a_proj, &a.o_proj}) q(*t);
+    if (L.is_moe) {
+      for (Tensor* t : {&L.moe.gate, &L.moe.up, &L.moe.down}) q(*t);
+      if (L.moe.has_shared)
+        for (Tensor* t : {&L.moe.shared.gate, &L.moe.shared.up, &L.moe.shared.down}) q(*t);
+    } else {
+      for (Tensor* t : {&L.mlp.gate, &L.mlp.up, &L.mlp.down}) q(*t);
+    }
+  }
+  be.synchronize();
+  return keep;
 }
 
 // Bytes and FLOPs of the work, from the config (bf16 weights: 2 bytes a parameter).
@@ -133,15 +161,16 @@ int main(int argc, char** argv) {
   std::printf("gpu_bench: dsv3 was built without CUDA; nothing to measure\n");
   return 0;
 #else
-  std::string cfg_path = "bench/configs/infer-m.json", out_path;
+  std::string cfg_path = "bench/configs/infer-m.json", out_path, wdtype = "bf16";
   int steps = 64;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--config" && i + 1 < argc) cfg_path = argv[++i];
     else if (a == "--json" && i + 1 < argc) out_path = argv[++i];
     else if (a == "--steps" && i + 1 < argc) steps = std::atoi(argv[++i]);
+    else if (a == "--dtype" && i + 1 < argc) wdtype = argv[++i];
     else {
-      std::fprintf(stderr, "usage: gpu_bench [--config PATH] [--json OUT] [--steps N]\n");
+      std::fprintf(stderr, "usage: gpu_bench [--config PATH] [--json OUT] [--steps N] [--dtype bf16|fp8]\n");
       return 2;
     }
   }
@@ -168,7 +197,15 @@ int main(int argc, char** argv) {
     // ---- model
     ModelConfig cfg = ModelConfig::load(cfg_path);
     auto t0 = clk::now();
-    Model m(cfg, random_weights(be, cfg, 1234), be);
+    if (wdtype != "bf16" && wdtype != "fp8") {
+      std::fprintf(stderr, "gpu_bench: --dtype must be bf16 or fp8\n");
+      return 2;
+    }
+    ModelWeights weights = random_weights(be, cfg, 1234);
+    std::vector<Tensor> fp8_scales;
+    if (wdtype == "fp8") fp8_scales = to_fp8(be, weights);
+    res["weights"] = wdtype;
+    Model m(cfg, std::move(weights), be);
     const Work wk = count(cfg);
     std::printf("model %s: %.2f B parameters (%.1f GB bf16), made on the GPU in %.1f s\n", cfg_path.c_str(),
                 m.total_params() / 1e9, m.total_params() * 2 / 1e9, secs(t0, clk::now()));

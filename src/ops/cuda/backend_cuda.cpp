@@ -12,8 +12,10 @@
 #include <cstring>
 #include <memory>
 
+#include "core/fp8.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
+#include "ops/cuda/fp8.h"
 #include "ops/cuda/step_graph.h"
 
 namespace dsv3 {
@@ -71,6 +73,9 @@ class CudaBackend final : public Backend {
     // DSV3_CUDA_GRAPHS=0: every decode step eager (no whole-step graphs).
     const char* g = std::getenv("DSV3_CUDA_GRAPHS");
     graphs_on_ = !(g && std::string(g) == "0");
+    // DSV3_CUDA_FP8_GEMM=mma: dense fp8 products above decode sizes on the grouped mma.sync kernel, not cuBLASLt.
+    const char* f8 = std::getenv("DSV3_CUDA_FP8_GEMM");
+    fp8_lt_ = !(f8 && std::string(f8) == "mma");
   }
   ~CudaBackend() override {
     try {
@@ -148,6 +153,16 @@ class CudaBackend final : public Backend {
     cuda::dequant_fp8(dst, flat.dtype, d8.ptr<uint8_t>(), ds.f32(), N, K, bn, bk, ctx_.stream);
   }
 
+
+  void write_raw(Tensor& dst, size_t byte_offset, const void* src, size_t bytes) override {
+    if (dst.device == Device::CPU) return Backend::write_raw(dst, byte_offset, src, bytes);
+    outside_graph_step("write_raw");
+    if (byte_offset + bytes > dst.nbytes())
+      fail("write_raw: [{}, {}) is outside the {} bytes of {}", byte_offset, byte_offset + bytes, dst.nbytes(), dst.name);
+    // Pageable source: the copy returns once the bytes are staged, so the caller may release them right after.
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst.data) + byte_offset, src, bytes, cudaMemcpyHostToDevice,
+                                    ctx_.stream));
+  }
 
   Tensor to_host(const Tensor& t) override {
     flush();
@@ -342,6 +357,7 @@ class CudaBackend final : public Backend {
     flush();
     check_dev(y, "linear");
     check_dev(x, "linear");
+    if (w_in.dtype == DType::F8E4M3) return linear_fp8(y, x, w_in);
     if (x.dtype == DType::F32 || (w_in.dtype == DType::F32 && y.dtype == DType::F32)) {
       // fp32 activations, or an fp32 weight with an fp32 output (the router of an fp32 checkpoint): fp32 product.
       const Tensor& w = f32_weight(w_in);
@@ -393,7 +409,7 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(up_in.shape == gate_in.shape && x.numel() == M * K && out.numel() == M * I && out.dtype == x.dtype,
                "linear_swiglu {}: x {} out {} gate {} up {}", gate_in.name, shape_str(x.shape), shape_str(out.shape),
                shape_str(gate_in.shape), shape_str(up_in.shape));
-    if (x.dtype == DType::BF16 && skinny_ && M <= cuda::kSkinnyMaxRows) {
+    if (x.dtype == DType::BF16 && skinny_ && M <= cuda::kSkinnyMaxRows && gate_in.dtype != DType::F8E4M3) {
       const Tensor& g = bf16_weight(gate_in);
       const Tensor& u = bf16_weight(up_in);
       cuda::SkinnyArgs a;
@@ -717,6 +733,41 @@ class CudaBackend final : public Backend {
   void moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, const Tensor& gate_in,
                        const Tensor& up_in, const Tensor& down_in) override;
 
+  // The expert dispatch plan of moe_experts_acc for routing idx [T, K] over E experts (moe_plan's arrays:
+  // counts [E], offsets [E+1], active [E], n_active [1], sorted_xrow [T K], pair_pos [T K]): the one moe_route
+  // made at decode sizes when it is for this idx, else made now.
+  Tensor dispatch_plan(const Tensor& topk_idx, int64_t T, int64_t K, int64_t E) {
+    const int64_t P = T * K;
+    Tensor plan;
+    const bool planned = route_plan_.plan && route_plan_.idx.data == topk_idx.data && route_plan_.T == T &&
+                         route_plan_.K == K && route_plan_.E == E;
+    if (planned) plan = std::move(route_plan_.plan);
+    else plan = alloc(DType::I32, {3 * E + 2 + 2 * P}, "moe_plan");
+    route_plan_ = RoutePlan{};
+    int* counts = plan.ptr<int>();
+    if (!planned && !skip()) {
+      ProfScope ps(*this, "moe.plan");
+      cuda::moe_plan(topk_idx.ptr<int>(), int(T), int(K), int(E), counts, counts + E, counts + 2 * E + 1,
+                     counts + 3 * E + 1, counts + 3 * E + 2, counts + 3 * E + 2 + P, ctx_.stream);
+    }
+    return plan;
+  }
+  // counts [E] (device) on the host; waits for the stream.
+  std::vector<int> counts_to_host(const int* counts, int64_t E) {
+    if (!moe_counts_host_ || moe_counts_host_.numel() < E)
+      moe_counts_host_ = cuda::pinned_tensor(ctx_, DType::I32, {std::max<int64_t>(E, 1024)}, "counts");
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(moe_counts_host_.data, counts, E * 4, cudaMemcpyDeviceToHost, ctx_.stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
+    return std::vector<int>(moe_counts_host_.ptr<int>(), moe_counts_host_.ptr<int>() + E);
+  }
+
+  // ---- FP8 weights (fp8.h): activations quantized in 1x128 tiles on the fly, products on fp8 tensor cores
+  void linear_fp8(Tensor& y, const Tensor& x, const Tensor& w);
+  // Quantizes x [M, K] (act dtype): codes [M, K] and scales [M, tiles(K)] (scales_ld 0) or [tiles(K), scales_ld].
+  std::pair<Tensor, Tensor> quantize_act(const Tensor& x, int64_t M, int64_t K, int64_t scales_ld = 0);
+  void moe_experts_fp8(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w, const Tensor& gate,
+                       const Tensor& up, const Tensor& down);
+
   // ---- whole-step graphs (step_graph.h)
   bool begin_graph_step(const GraphStepKey& key) override {
     if (!graphs_on_ || profiling_ || act_ != DType::BF16 || key.batch <= 0) return false;
@@ -960,6 +1011,7 @@ class CudaBackend final : public Backend {
     Tensor idx, plan;
     int64_t T = 0, K = 0, E = 0;
   } route_plan_;
+  bool fp8_lt_ = true;  // dense fp8 products on cuBLASLt (else the mma.sync kernel)
   double moe_stats_[3] = {0, 0, 0};  // profiled MoE calls, summed active experts, summed max tokens per expert
   bool in_step_ = false;             // see note_op()
   bool graphs_on_ = true;
@@ -1028,6 +1080,7 @@ std::vector<cuda::OpStat> CudaBackend::take_profile() {
 void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                                   const Tensor& gate_in, const Tensor& up_in, const Tensor& down_in) {
   flush();
+  if (gate_in.dtype == DType::F8E4M3) return moe_experts_fp8(out, x, topk_idx, topk_w, gate_in, up_in, down_in);
   const bool f32 = x.dtype == DType::F32;
   const Tensor& gate = f32 ? f32_weight(gate_in) : bf16_weight(gate_in);
   const Tensor& up = f32 ? f32_weight(up_in) : bf16_weight(up_in);
@@ -1046,31 +1099,15 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
     graphs_.unsupported("the grouped expert GEMM (host-sized)");  // the capture fails; the step runs eagerly
     return;
   }
-  Tensor plan;
-  const bool planned = route_plan_.plan && route_plan_.idx.data == topk_idx.data && route_plan_.T == T &&
-                       route_plan_.K == K && route_plan_.E == E;
-  if (planned) plan = std::move(route_plan_.plan);
-  else plan = alloc(DType::I32, {3 * E + 2 + 2 * P}, "moe_plan");
-  route_plan_ = RoutePlan{};
+  Tensor plan = dispatch_plan(topk_idx, T, K, E);
   int* counts = plan.ptr<int>();
   int* offsets = counts + E;
   int* active = offsets + E + 1;
   int* n_active = active + E;
   int* sorted_xrow = n_active + 1;
   int* pair_pos = sorted_xrow + P;
-  if (!planned && !skip()) {
-    ProfScope ps(*this, "moe.plan");
-    cuda::moe_plan(topk_idx.ptr<int>(), int(T), int(K), int(E), counts, offsets, active, n_active, sorted_xrow, pair_pos,
-                   ctx_.stream);
-  }
   std::vector<int> cnt;
-  if (!small || profiling_) {  // counts on the host: to plan the grouped GEMM, or for the profile's byte counts
-    if (!moe_counts_host_ || moe_counts_host_.numel() < E)
-      moe_counts_host_ = cuda::pinned_tensor(ctx_, DType::I32, {std::max<int64_t>(E, 1024)}, "counts");
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(moe_counts_host_.data, counts, E * 4, cudaMemcpyDeviceToHost, ctx_.stream));
-    DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream));
-    cnt.assign(moe_counts_host_.ptr<int>(), moe_counts_host_.ptr<int>() + E);
-  }
+  if (!small || profiling_) cnt = counts_to_host(counts, E);  // to plan the grouped GEMM, or for the profile
   double eb = 0;  // bytes of the active experts' weights (profiling only)
   if (profiling_) {
     int na = 0, mx = 0;
@@ -1203,6 +1240,189 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
   else cuda::moe_combine(out.ptr<bf16>(), y.data, false, topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
 }
 
+// ---- FP8 weights. Activations are quantized in 1x128 tiles by a kernel right before each product (core/fp8.h's
+// codes and scales, bit for bit); weights stay e4m3 with their 128x128 block scales. Decode-sized products (at most
+// kFp8SkinnyRows rows) read the weights straight from memory in the skinny kernel; larger ones go to cuBLASLt's
+// block-scaled FP8 GEMM (DSV3_CUDA_FP8_GEMM=mma: the grouped mma.sync kernel instead), routed experts to the
+// grouped FP8 kernel (all active experts in one launch per projection).
+constexpr int64_t kFp8SkinnyRows = 32;
+
+std::pair<Tensor, Tensor> CudaBackend::quantize_act(const Tensor& x, int64_t M, int64_t K, int64_t scales_ld) {
+  const int64_t kt = fp8::tiles(K);
+  Tensor q = alloc(DType::U8, {M, K}, "x_fp8");
+  Tensor sc = alloc(DType::F32, {scales_ld ? kt * scales_ld : M * kt}, "x_fp8_scale");
+  if (!skip() && M > 0)
+    cuda::quantize_1x128(q.ptr<uint8_t>(), sc.f32(), scales_ld, x.data, x.dtype, K, M, K, ctx_.stream);
+  return {q, sc};
+}
+
+void CudaBackend::linear_fp8(Tensor& y, const Tensor& x, const Tensor& w) {
+  check_dev(w, "linear");
+  const int64_t K = w.dim(-1), N = w.dim(0), M = x.numel() / std::max<int64_t>(K, 1);
+  DSV3_CHECK(w.ndim() == 2 && w.scale && x.numel() == M * K && y.numel() == M * N, "linear {}: x {} y {} fp8 w {}",
+             w.name, shape_str(x.shape), shape_str(y.shape), shape_str(w.shape));
+  DSV3_CHECK(x.dtype == act_ && (y.dtype == DType::BF16 || y.dtype == DType::F32), "linear {}: x {} y {}", w.name,
+             dtype_name(x.dtype), dtype_name(y.dtype));
+  if (K % 16 != 0) fail("linear {}: fp8 weights need an input width that is a multiple of 16, got {}", w.name, K);
+  ProfScope ps(*this, profiling_ ? "linear_fp8:" + weight_kind(w.name) : std::string(), double(N * K + M * K * 2));
+  if (M == 0 || N == 0) return;
+  const int64_t kt = fp8::tiles(K);
+  if (M > kFp8SkinnyRows && fp8_lt_) {
+    auto [xq, sx] = quantize_act(x, M, K, cuda::round_up4(M));
+    const float* sw = w.scale;
+    Tensor swp;
+    if (kt % 4) {
+      swp = alloc(DType::F32, {fp8::tiles(N) * cuda::round_up4(kt)}, "w_scale_padded");
+      if (!skip()) cuda::pad_scale_rows(swp.f32(), w.scale, fp8::tiles(N), kt, ctx_.stream);
+      sw = swp.f32();
+    }
+    if (skip()) return;
+    cuda::LtFp8 lt{ctx_.lt, ctx_.blas_ws, size_t(32) << 20};
+    if (cuda::fp8_lt_gemm(lt, y.data, y.dtype, xq.ptr<uint8_t>(), sx.f32(), w.ptr<uint8_t>(), sw, M, N, K, ctx_.stream))
+      return;
+  }
+  auto [xq, sx] = quantize_act(x, M, K);
+  if (M <= kFp8SkinnyRows) {
+    if (skip()) return;
+    cuda::Fp8SkinnyArgs a;
+    a.w = w.ptr<uint8_t>();
+    a.sw = w.scale;
+    a.x = xq.ptr<uint8_t>();
+    a.sx = sx.f32();
+    a.y = y.data;
+    a.ldy = N;
+    a.M = int(M);
+    a.N = int(N);
+    a.K = int(K);
+    a.out_t = y.dtype;
+    cuda::fp8_skinny_gemm(a, ctx_.stream);
+    return;
+  }
+  if (graphs_.mode() != cuda::StepGraphs::Mode::Off) {
+    graphs_.unsupported("the fp8 mma GEMM (host-described problems)");
+    return;
+  }
+  std::vector<cuda::Fp8Problem> probs{{xq.ptr<uint8_t>(), sx.f32(), w.ptr<uint8_t>(), w.scale, y.data, int(M), int(N),
+                                       int(K), int(K), int(K), int(N), int(kt), int(kt), y.dtype == DType::F32, 0, 0}};
+  Tensor dp = alloc(DType::U8, {int64_t(sizeof(cuda::Fp8Problem))}, "fp8_problems");
+  cuda::fp8_grouped_gemm(probs, static_cast<cuda::Fp8Problem*>(dp.data), ctx_.stream);
+}
+
+void CudaBackend::moe_experts_fp8(Tensor& out, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
+                                  const Tensor& gate, const Tensor& up, const Tensor& down) {
+  for (const Tensor* t : {&gate, &up, &down}) {
+    check_dev(*t, "moe_experts_acc");
+    DSV3_CHECK(t->dtype == DType::F8E4M3 && t->scale && t->ndim() == 3, "moe_experts_acc: expert weight {} is {} {}",
+               t->name, dtype_name(t->dtype), shape_str(t->shape));
+  }
+  const int64_t T = x.dim(0), H = x.dim(1), K = topk_idx.dim(1), E = gate.dim(0), I = gate.dim(1), P = T * K;
+  DSV3_CHECK(x.dtype == act_ && out.dtype == act_ && out.numel() == T * H, "moe_experts_acc: x {} out {}",
+             shape_str(x.shape), shape_str(out.shape));
+  DSV3_CHECK(up.shape == gate.shape && down.dim(0) == E && down.dim(1) == H && down.dim(2) == I && gate.dim(2) == H,
+             "moe_experts_acc: gate {} up {} down {} for H {}", shape_str(gate.shape), shape_str(up.shape),
+             shape_str(down.shape), H);
+  DSV3_CHECK(topk_idx.dtype == DType::I32 && topk_w.dtype == DType::F32 && topk_idx.dim(0) == T,
+             "moe_experts_acc: idx {} w {}", shape_str(topk_idx.shape), shape_str(topk_w.shape));
+  if (H % 16 || I % 16) fail("moe_experts_acc: fp8 experts need H and I multiples of 16, got {} and {}", H, I);
+  if (T == 0) return;
+  const bool small = act_ == DType::BF16 && T <= 64;
+  if (!small && graphs_.mode() != cuda::StepGraphs::Mode::Off) {
+    graphs_.unsupported("the grouped fp8 expert GEMM (host-sized)");
+    return;
+  }
+  const int64_t kh = fp8::tiles(H), ki = fp8::tiles(I);
+  Tensor plan = dispatch_plan(topk_idx, T, K, E);
+  int* counts = plan.ptr<int>();
+  int* offsets = counts + E;
+  int* active = offsets + E + 1;
+  int* n_active = active + E;
+  int* sorted_xrow = n_active + 1;
+  int* pair_pos = sorted_xrow + P;
+  auto [xq, sx] = quantize_act(x, T, H);
+  Tensor g = alloc(act_, {P, I}, "moe_g"), u = alloc(act_, {P, I}, "moe_u");
+  if (small) {
+    cuda::Fp8SkinnyArgs a;
+    a.stride_w = I * H;
+    a.stride_sw = ki * kh;
+    a.x = xq.ptr<uint8_t>();
+    a.sx = sx.f32();
+    a.ldy = I;
+    a.N = int(I);
+    a.K = int(H);
+    a.batch = int(std::min(E, P));
+    a.active = active;
+    a.n_active = n_active;
+    a.counts = counts;
+    a.offsets = offsets;
+    a.xrow = sorted_xrow;
+    a.out_t = act_;
+    Tensor y = alloc(DType::F32, {P, H}, "moe_y");
+    if (!skip()) {
+      ProfScope ps(*this, "moe.fp8.gate_up");
+      a.w = gate.ptr<uint8_t>(), a.sw = gate.scale, a.y = g.data;
+      cuda::fp8_skinny_gemm(a, ctx_.stream);
+      a.w = up.ptr<uint8_t>(), a.sw = up.scale, a.y = u.data;
+      cuda::fp8_skinny_gemm(a, ctx_.stream);
+      cuda::silu_mul(g.data, g.data, u.data, P * I, act_, ctx_.stream);
+    }
+    auto [aq, sa] = quantize_act(g, P, I);
+    comb_ = PendingCombine{out, y, topk_w, plan, pair_pos, T, K, true};
+    if (skip()) return;
+    ProfScope ps(*this, "moe.fp8.down");
+    a.w = down.ptr<uint8_t>(), a.sw = down.scale, a.stride_w = H * I, a.stride_sw = kh * ki;
+    a.x = aq.ptr<uint8_t>(), a.sx = sa.f32(), a.xrow = nullptr;
+    a.y = y.data, a.ldy = H, a.N = int(H), a.K = int(I), a.out_t = DType::F32;
+    cuda::fp8_skinny_gemm(a, ctx_.stream);
+    return;
+  }
+  // Prefill: the quantized rows in sorted-pair order, then one grouped launch per projection over the active experts.
+  const std::vector<int> cnt = counts_to_host(counts, E);
+  Tensor xs = alloc(DType::U8, {P, H}, "moe_x_fp8"), sxs = alloc(DType::F32, {P, kh}, "moe_x_scale");
+  Tensor y = alloc(act_, {P, H}, "moe_y");
+  cuda::copy_rows(xs.data, nullptr, H, xq.data, sorted_xrow, H, P, H, ctx_.stream);
+  cuda::copy_rows(sxs.data, nullptr, kh * 4, sx.data, sorted_xrow, kh * 4, P, kh * 4, ctx_.stream);
+  const int64_t es = int64_t(dtype_size(act_));
+  std::vector<cuda::Fp8Problem> gu, dn;
+  int64_t o = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int c = cnt[size_t(e)];
+    if (!c) continue;
+    const int cf = act_ == DType::F32;
+    for (const Tensor* w : {&gate, &up})
+      gu.push_back({xs.ptr<uint8_t>() + o * H, sxs.f32() + o * kh, w->ptr<uint8_t>() + e * I * H, w->scale + e * ki * kh,
+                    static_cast<char*>((w == &gate ? g : u).data) + o * I * es, c, int(I), int(H), int(H), int(H), int(I),
+                    int(kh), int(kh), cf, 0, 0});
+    dn.push_back({nullptr, nullptr, down.ptr<uint8_t>() + e * H * I, down.scale + e * kh * ki,
+                  static_cast<char*>(y.data) + o * H * es, c, int(H), int(I), int(I), int(I), int(H), int(ki), int(ki), cf,
+                  0, 0});
+    dn.back().tile0 = int(o);  // row offset, resolved below once the activation codes exist
+    o += c;
+  }
+  Tensor dp = alloc(DType::U8, {int64_t((gu.size() + dn.size() + 1) * sizeof(cuda::Fp8Problem))}, "fp8_problems");
+  auto* dprobs = static_cast<cuda::Fp8Problem*>(dp.data);
+  {
+    ProfScope ps(*this, "moe.fp8.gate_up");
+    cuda::fp8_grouped_gemm(gu, dprobs, ctx_.stream);
+    cuda::silu_mul(g.data, g.data, u.data, P * I, act_, ctx_.stream);
+  }
+  auto [aq, sa] = quantize_act(g, P, I);
+  for (auto& p : dn) {
+    const int64_t row = p.tile0;
+    p.A = aq.ptr<uint8_t>() + row * I;
+    p.sa = sa.f32() + row * ki;
+    p.tile0 = 0;
+  }
+  {
+    ProfScope ps(*this, "moe.fp8.down");
+    cuda::fp8_grouped_gemm(dn, dprobs + gu.size(), ctx_.stream);
+  }
+  ProfScope ps(*this, "moe.combine");
+  if (act_ == DType::F32)
+    cuda::moe_combine_f32(out.f32(), y.ptr<float>(), topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
+  else
+    cuda::moe_combine(out.ptr<bf16>(), y.data, false, topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
+}
+
 CudaBackend& as_cuda(Backend& be) {
   auto* c = dynamic_cast<CudaBackend*>(&be);
   if (!c) fail("backend {} is not a CUDA backend", be.name());
@@ -1210,6 +1430,25 @@ CudaBackend& as_cuda(Backend& be) {
 }
 
 }  // namespace
+
+namespace cuda {
+
+std::pair<Tensor, Tensor> quantize_weight_fp8(Backend& be_in, const Tensor& w) {
+  CudaBackend& be = as_cuda(be_in);
+  DSV3_CHECK(w.device == Device::CUDA && (w.dtype == DType::BF16 || w.dtype == DType::F32) &&
+                 (w.ndim() == 2 || w.ndim() == 3),
+             "quantize_weight_fp8: {} is {} {}", w.name, dtype_name(w.dtype), shape_str(w.shape));
+  const int64_t B = w.ndim() == 3 ? w.dim(0) : 1, N = w.dim(-2), K = w.dim(-1);
+  Tensor q = be.alloc(DType::F8E4M3, w.shape, w.name.c_str());
+  Tensor s = be.alloc(DType::F32, {B * fp8::tiles(N) * fp8::tiles(K)}, (w.name + "_scale_inv").c_str());
+  quantize_128x128(q.ptr<uint8_t>(), s.f32(), w.data, w.dtype, N, K, B, be.stream());
+  q.scale = s.f32();
+  return {q, s};
+}
+
+void* stream_of(Backend& be) { return as_cuda(be).stream(); }
+
+}  // namespace cuda
 
 bool cuda_available() {
   int n = 0;

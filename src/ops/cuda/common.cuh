@@ -102,6 +102,19 @@ __device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, u
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// D = A B + D with e4m3 inputs (m16n8k32), fp32 accumulators. In 32-bit registers the fragments have the same
+// layout as the bf16 m16n8k16 form above, each register holding 4 consecutive k of e4m3 instead of 2 of bf16
+// (a0 = A[g][4t..4t+3], a2 = A[g][16+4t..], b0 = B[4t..4t+3][g], b1 = B[16+4t..][g]), so the same byte
+// offsets and ldmatrix calls load them.
+__device__ __forceinline__ void mma_fp8(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops/backend.h"
@@ -49,6 +50,13 @@ DeviceInfo device_info(Backend& be);
 // large bf16 GEMM through cuBLAS (FLOP/s); each the median of `reps` timed runs after warm-up.
 double measure_copy_bandwidth(Backend& be, size_t bytes, int reps);
 double measure_gemm_flops(Backend& be, int m, int n, int k, int reps);
+
+// An fp8 copy of a bf16 or fp32 device weight ([N, K], or grouped experts [E, N, K]) in 128x128 blocks: the
+// F8E4M3 codes (first) with `scale` pointing into the fp32 block scales (second); keep both alive. Benchmarks use
+// it to run a random bf16 model with fp8 weights.
+std::pair<Tensor, Tensor> quantize_weight_fp8(Backend& be, const Tensor& w);
+// The stream every op of the backend is enqueued on (a cudaStream_t), for timing and benchmark kernels.
+void* stream_of(Backend& be);
 
 // Median GPU time (ms) of fn() over reps runs after warm runs, with events on the backend's stream.
 double time_ms(Backend& be, int warm, int reps, const std::function<void()>& fn);

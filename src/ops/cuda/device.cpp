@@ -128,6 +128,7 @@ DeviceContext& DeviceContext::get(int dev) {
   const size_t ws = size_t(32) << 20;
   DSV3_CUDA_CHECK(cudaMalloc(&c->blas_ws, ws));
   DSV3_CUBLAS_CHECK(cublasSetWorkspace(c->blas, c->blas_ws, ws));
+  DSV3_CUBLAS_CHECK(cublasLtCreate(&c->lt));
   ctxs[dev] = c;
   return *c;
 }

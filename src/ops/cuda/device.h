@@ -2,6 +2,7 @@
 // Per-device state of the CUDA backend: one stream (every op and copy is ordered on it), the cuBLAS handle, a
 // caching allocator and a pool of pinned host buffers. A context is created on first use and never destroyed:
 // tensors hold deleters that return memory to it, and they may outlive the backend object that made them.
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -54,6 +55,7 @@ struct DeviceContext {
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   void* blas_ws = nullptr;  // cuBLAS workspace (Hopper kernels want 32 MiB)
+  cublasLtHandle_t lt = nullptr;  // cuBLASLt (block-scaled FP8 products), sharing blas_ws: one stream orders both
   cudaDeviceProp prop{};
   DeviceAllocator alloc;
   PinnedPool pinned;

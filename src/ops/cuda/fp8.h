@@ -1,0 +1,90 @@
+#pragma once
+// FP8 (e4m3, block-scaled) kernels of the CUDA backend, following core/fp8.h bit for bit where it defines a
+// result (quantization codes and scales) and up to fp32 summation order where it defines a product.
+//   quantize_1x128      activations: one scale per row and 128 columns (scale = amax / 448, code = e4m3(x / s))
+//   quantize_128x128    weights: one scale per 128 x 128 block (quantizing a bf16 checkpoint, training)
+//   fp8_grouped_gemm    C = (A codes x sa) (B codes x sb)^T for many problems in one launch (routed experts,
+//                       and dense products), mma.sync m16n8k32 e4m3 with fp32 promotion every 128 of K
+//   fp8_skinny_gemm     decode: few rows of quantized x against fp8 weights read straight from memory
+//   fp8_lt_gemm         the cuBLASLt block-scaled baseline (VEC128 activations x BLK128x128 weights)
+// All pointers are device pointers; every launch is on the given stream and checked.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "ops/cuda/cuda_ops.h"
+
+namespace dsv3::cuda {
+
+// ---- fp8_quant.cu
+// x [M, K] (bf16 or fp32 per xt, leading dimension ldx elements) -> codes [M, K] (leading dimension K) and scales.
+// Scale layout: scales_ld == 0: [M, tiles(K)] row-major (core/fp8.h's layout, what the fp8 kernels here read);
+// scales_ld >= M: [tiles(K), scales_ld] (the token-contiguous layout cuBLASLt's VEC128 mode reads; the padding
+// entries are set to 1).
+void quantize_1x128(uint8_t* codes, float* scales, int64_t scales_ld, const void* x, DType xt, int64_t ldx, int64_t M,
+                    int64_t K, cudaStream_t s);
+// w [N, K] (bf16 or fp32) -> codes [N, K], scales [tiles(N), tiles(K)]; batch matrices back to back.
+void quantize_128x128(uint8_t* codes, float* scales, const void* w, DType wt, int64_t N, int64_t K, int64_t batch,
+                      cudaStream_t s);
+// out [N, K] (bf16 or fp32) = codes x block scales (the inverse; tests and fallbacks).
+void dequantize_128x128(void* out, DType ot, const uint8_t* codes, const float* scales, int64_t N, int64_t K,
+                        cudaStream_t s);
+
+// ---- fp8_grouped_gemm.cu
+// One problem: C[M, N] (=, or += when accumulate) sum over 128-blocks kb of
+//   (sum_{k in kb} A[m, k] B[n, k]) * sa[m * lds_a + kb] * sb[(n / 128) * lds_b + kb]
+// A [M, K] and B [N, K] e4m3 codes, row-major with leading dimensions in bytes; C bf16 or fp32 (ldc elements).
+struct Fp8Problem {
+  const uint8_t* A;
+  const float* sa;
+  const uint8_t* B;
+  const float* sb;
+  void* C;
+  int M, N, K, lda, ldb, ldc, lds_a, lds_b;
+  int c_f32;       // C is fp32 (else bf16)
+  int accumulate;  // C += product (else C = product)
+  int tile0;       // first tile of this problem in the launch (filled by fp8_grouped_gemm)
+};
+// K, lda, ldb multiples of 16 and A, B 16-byte aligned (rows are read in 16-byte chunks).
+bool fp8_problem_ok(const Fp8Problem& p);
+// Runs every problem (host array, uploaded to dev_probs, device memory for probs.size() problems).
+void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cudaStream_t s);
+
+// ---- fp8_skinny.cu: y[b, n] = sum_kb (sum_k x[b, k] W[n, k]) * sx[b * tiles(K) + kb] * sw[(n/128) * tiles(K) + kb]
+// for b < M (any M: rows are processed 8 at a time), x codes [M, K] with scales [M, tiles(K)], W codes [N, K].
+// The MoE form (active != null) runs matrix e = active[z] for z < *n_active: W + e * stride_w, sw + e * stride_sw,
+// rows j < counts[e] of x at row xrow[offsets[e] + j] (or offsets[e] + j), writing y row offsets[e] + j.
+// Output bf16 or fp32; accumulate adds into y.
+struct Fp8SkinnyArgs {
+  const uint8_t* w = nullptr;
+  const float* sw = nullptr;
+  int64_t stride_w = 0, stride_sw = 0;
+  const uint8_t* x = nullptr;
+  const float* sx = nullptr;
+  void* y = nullptr;
+  int64_t ldy = 0;
+  int M = 0, N = 0, K = 0, batch = 1;
+  DType out_t = DType::BF16;
+  bool accumulate = false;
+  const int *active = nullptr, *n_active = nullptr, *counts = nullptr, *offsets = nullptr, *xrow = nullptr;
+};
+bool fp8_skinny_ok(const Fp8SkinnyArgs& a);  // K % 16 == 0 and 16-byte aligned rows
+void fp8_skinny_gemm(const Fp8SkinnyArgs& a, cudaStream_t s);
+
+// ---- fp8_lt.cpp: y [M, N] (bf16 or fp32) = x W^T on cuBLASLt's block-scaled FP8 path.
+// xq [M, K] codes with scales sx [tiles(K), ld_sx] (ld_sx = round_up(M, 4)); wq [N, K] codes with scales sw
+// [tiles(N), ld_sw] (ld_sw = round_up(tiles(K), 4)). Returns false when cuBLASLt has no algorithm for the shape.
+struct LtFp8 {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+};
+bool fp8_lt_gemm(LtFp8& lt, void* y, DType yt, const uint8_t* xq, const float* sx, const uint8_t* wq, const float* sw,
+                 int64_t M, int64_t N, int64_t K, cudaStream_t s);
+inline int64_t round_up4(int64_t v) { return (v + 3) / 4 * 4; }
+// Copies block scales [rows, cols] into [rows, round_up4(cols)] (the padding set to 1), as cuBLASLt reads them.
+void pad_scale_rows(float* out, const float* in, int64_t rows, int64_t cols, cudaStream_t s);
+
+}  // namespace dsv3::cuda

@@ -1,0 +1,160 @@
+// FP8 quantization kernels (see fp8.h). The results are bit-identical to core/fp8.cpp: the amax is exact, the scale
+// is an IEEE division (amax / 448, __fdiv_rn), the code is cvt.rn.satfinite.e4m3 of an IEEE division (x / scale).
+#include <cuda_fp8.h>
+
+#include "ops/cuda/common.cuh"
+#include "ops/cuda/fp8.h"
+
+namespace dsv3::cuda {
+
+namespace {
+
+__device__ __forceinline__ float scale_of(float amax) { return amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f; }
+__device__ __forceinline__ uint8_t e4m3(float v) {
+  return uint8_t(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+template <typename T> __device__ __forceinline__ float load_f(const T* p, int64_t i) { return to_f<T>(p[i]); }
+
+// One warp per (row, 128-column tile): 4 elements per lane.
+template <typename T>
+__global__ void quantize_1x128_kernel(uint8_t* codes, float* scales, int64_t scales_ld, const T* x, int64_t ldx,
+                                      int64_t M, int64_t K) {
+  const int64_t kt = (K + 127) / 128;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= M * kt) return;
+  const int64_t m = warp / kt, t = warp % kt, k0 = t * 128;
+  float v[4];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t k = k0 + lane * 4 + j;
+    v[j] = k < K ? load_f(x, m * ldx + k) : 0.f;
+    amax = fmaxf(amax, fabsf(v[j]));
+  }
+  amax = warp_max(amax);
+  const float s = scale_of(amax);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t k = k0 + lane * 4 + j;
+    if (k < K) codes[m * K + k] = e4m3(__fdiv_rn(v[j], s));
+  }
+  if (lane == 0) {
+    if (scales_ld == 0) scales[m * kt + t] = s;
+    else scales[t * scales_ld + m] = s;
+  }
+}
+
+__global__ void fill_pad_kernel(float* scales, int64_t scales_ld, int64_t M, int64_t kt) {
+  const int64_t pad = scales_ld - M;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < kt * pad; i += int64_t(gridDim.x) * blockDim.x)
+    scales[(i / pad) * scales_ld + M + i % pad] = 1.f;
+}
+
+// One block of 256 threads per 128 x 128 block (z = matrix of the batch).
+template <typename T>
+__global__ void quantize_128x128_kernel(uint8_t* codes, float* scales, const T* w, int64_t N, int64_t K) {
+  const int64_t nt = (N + 127) / 128, kt = (K + 127) / 128;
+  const int64_t bn = blockIdx.y, bk = blockIdx.x, z = blockIdx.z;
+  w += z * N * K;
+  codes += z * N * K;
+  scales += z * nt * kt;
+  const int64_t n0 = bn * 128, k0 = bk * 128;
+  const int tid = threadIdx.x;
+  // Each thread: column k0 + (tid % 128), rows n0 + (tid / 128) + 2 i.
+  const int64_t k = k0 + (tid & 127);
+  float amax = 0.f;
+  for (int i = tid >> 7; i < 128; i += 2) {
+    const int64_t n = n0 + i;
+    if (n < N && k < K) amax = fmaxf(amax, fabsf(load_f(w, n * K + k)));
+  }
+  __shared__ float red[8];
+  amax = warp_max(amax);
+  if ((tid & 31) == 0) red[tid >> 5] = amax;
+  __syncthreads();
+  amax = red[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i) amax = fmaxf(amax, red[i]);
+  const float s = scale_of(amax);
+  if (tid == 0) scales[bn * kt + bk] = s;
+  for (int i = tid >> 7; i < 128; i += 2) {
+    const int64_t n = n0 + i;
+    if (n < N && k < K) codes[n * K + k] = e4m3(__fdiv_rn(load_f(w, n * K + k), s));
+  }
+}
+
+template <typename T>
+__global__ void dequantize_128x128_kernel(T* out, const uint8_t* codes, const float* scales, int64_t N, int64_t K) {
+  const int64_t kt = (K + 127) / 128;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N * K; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / K, k = i % K;
+    __nv_fp8_e4m3 c;
+    c.__x = codes[i];
+    out[i] = from_f<T>(float(c) * scales[(n / 128) * kt + k / 128]);
+  }
+}
+
+__global__ void pad_scale_rows_kernel(float* out, const float* in, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * ld; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / ld, c = i % ld;
+    out[i] = c < cols ? in[r * cols + c] : 1.f;
+  }
+}
+
+int blocks_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 65535)); }
+
+}  // namespace
+
+void quantize_1x128(uint8_t* codes, float* scales, int64_t scales_ld, const void* x, DType xt, int64_t ldx, int64_t M,
+                    int64_t K, cudaStream_t s) {
+  if (M <= 0 || K <= 0) return;
+  DSV3_CHECK(scales_ld == 0 || scales_ld >= M, "quantize_1x128: scale stride {} for {} rows", scales_ld, M);
+  const int64_t kt = (K + 127) / 128, warps = M * kt;
+  const int blocks = int((warps + 7) / 8);
+  if (xt == DType::BF16)
+    quantize_1x128_kernel<bf16><<<blocks, 256, 0, s>>>(codes, scales, scales_ld, static_cast<const bf16*>(x), ldx, M, K);
+  else if (xt == DType::F32)
+    quantize_1x128_kernel<float><<<blocks, 256, 0, s>>>(codes, scales, scales_ld, static_cast<const float*>(x), ldx, M, K);
+  else
+    fail("quantize_1x128: unsupported input dtype {}", dtype_name(xt));
+  DSV3_CUDA_KERNEL_CHECK();
+  if (scales_ld > M) {
+    fill_pad_kernel<<<blocks_for(kt * (scales_ld - M), 256), 256, 0, s>>>(scales, scales_ld, M, kt);
+    DSV3_CUDA_KERNEL_CHECK();
+  }
+}
+
+void quantize_128x128(uint8_t* codes, float* scales, const void* w, DType wt, int64_t N, int64_t K, int64_t batch,
+                      cudaStream_t s) {
+  if (N <= 0 || K <= 0 || batch <= 0) return;
+  dim3 grid(unsigned((K + 127) / 128), unsigned((N + 127) / 128), unsigned(batch));
+  if (wt == DType::BF16)
+    quantize_128x128_kernel<bf16><<<grid, 256, 0, s>>>(codes, scales, static_cast<const bf16*>(w), N, K);
+  else if (wt == DType::F32)
+    quantize_128x128_kernel<float><<<grid, 256, 0, s>>>(codes, scales, static_cast<const float*>(w), N, K);
+  else
+    fail("quantize_128x128: unsupported input dtype {}", dtype_name(wt));
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+void dequantize_128x128(void* out, DType ot, const uint8_t* codes, const float* scales, int64_t N, int64_t K,
+                        cudaStream_t s) {
+  if (N <= 0 || K <= 0) return;
+  const int blocks = blocks_for(N * K, 256);
+  if (ot == DType::BF16)
+    dequantize_128x128_kernel<bf16><<<blocks, 256, 0, s>>>(static_cast<bf16*>(out), codes, scales, N, K);
+  else if (ot == DType::F32)
+    dequantize_128x128_kernel<float><<<blocks, 256, 0, s>>>(static_cast<float*>(out), codes, scales, N, K);
+  else
+    fail("dequantize_128x128: unsupported output dtype {}", dtype_name(ot));
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+void pad_scale_rows(float* out, const float* in, int64_t rows, int64_t cols, cudaStream_t s) {
+  const int64_t ld = round_up4(cols);
+  if (rows <= 0 || cols <= 0) return;
+  pad_scale_rows_kernel<<<blocks_for(rows * ld, 256), 256, 0, s>>>(out, in, rows, cols, ld);
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+}  // namespace dsv3::cuda

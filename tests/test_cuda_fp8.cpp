@@ -221,9 +221,31 @@ TEST(CudaFp8, SkinnyGemmMatchesReference) {
       s.y = dy, s.ldy = N, s.M = M, s.N = N, s.K = K, s.out_t = DType::F32;
       cuda::fp8_skinny_gemm(s, stream());
       ASSERT_EQ(cudaStreamSynchronize(stream()), cudaSuccess);
-      const double e = rel(host_copy(dy, size_t(M) * N), ref);
+      const std::vector<float> got = host_copy(dy, size_t(M) * N);
+      const double e = rel(got, ref);
       std::printf("[ cuda fp8 skinny ] M %d N %d K %d: rel err %.2e\n", M, N, K, e);
       EXPECT_LE(e, 1e-3);
+      // The same product with x quantized inside the kernel (bf16 activations): the same codes, scales and order.
+      const std::vector<float> xf = randn(size_t(M) * K, 1.0, 40 + M + K);
+      uint16_t* dxa = dev_copy(to_bf16(xf));
+      float* dy2 = dev_copy(std::vector<float>(size_t(M) * N, NAN));
+      cuda::Fp8SkinnyArgs s2 = s;
+      s2.x = nullptr, s2.sx = nullptr, s2.xa = dxa, s2.xa_t = DType::BF16, s2.y = dy2;
+      cuda::fp8_skinny_gemm(s2, stream());
+      ASSERT_EQ(cudaStreamSynchronize(stream()), cudaSuccess);
+      EXPECT_EQ(std::memcmp(host_copy(dy2, size_t(M) * N).data(), got.data(), got.size() * 4), 0) << "in-block quantization";
+      // Dual form: silu(x W^T) * (x W2^T) with W2 another matrix.
+      const Quantized b2 = q_w(randn(size_t(N) * K, 0.05, 55 + K), N, K);
+      const std::vector<double> ref2 = ref_product(a.codes, a.scales, b2.codes, b2.scales, M, N, K);
+      std::vector<double> refd(ref.size());
+      for (size_t i = 0; i < ref.size(); ++i) refd[i] = ref[i] / (1.0 + std::exp(-ref[i])) * ref2[i];
+      cuda::Fp8SkinnyArgs s3 = s2;
+      s3.w2 = dev_copy(b2.codes), s3.sw2 = dev_copy(b2.scales);
+      cuda::fp8_skinny_gemm(s3, stream());
+      ASSERT_EQ(cudaStreamSynchronize(stream()), cudaSuccess);
+      const double ed = rel(host_copy(dy2, size_t(M) * N), refd);
+      std::printf("[ cuda fp8 skinny dual ] M %d N %d K %d: rel err %.2e\n", M, N, K, ed);
+      EXPECT_LE(ed, 1e-3);
     }
   // MoE form: 5 experts with uneven rows (one empty), x rows through a gather map.
   const int E = 5, K = 256, T = 13;
@@ -409,3 +431,67 @@ TEST(CudaFp8, BackendExpertsWithFp8Weights) {
 }
 
 #endif  // DSV3_HAVE_CUDA
+
+#if DSV3_HAVE_CUDA
+// Which block-scaled configurations this cuBLASLt offers (printed; a diagnostic for fp8_lt.cpp's choice).
+TEST(CudaFp8, CublasLtProbe) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  auto& ctx = cuda::DeviceContext::get(0);
+  const int M = 256, N = 512, K = 1024;
+  uint8_t *a = nullptr, *b = nullptr;
+  float *sa = nullptr, *sb = nullptr;
+  void* d = nullptr;
+  cudaMalloc(&a, size_t(N) * K), cudaMalloc(&b, size_t(M) * K), cudaMalloc(&sa, 1 << 20), cudaMalloc(&sb, 1 << 20);
+  cudaMalloc(&d, size_t(M) * N * 4);
+  for (int mode_a : {CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F})
+    for (int mode_b : {CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F})
+      for (cudaDataType_t dt : {CUDA_R_16BF, CUDA_R_32F})
+        for (int set_ptr : {0, 1}) {
+          cublasLtMatmulDesc_t desc;
+          cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+          const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+          cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
+          cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
+          const int32_t ma = mode_a, mb = mode_b;
+          const cublasStatus_t s1 = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof(ma));
+          const cublasStatus_t s2 = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof(mb));
+          if (set_ptr) {
+            cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa, sizeof(sa));
+            cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb, sizeof(sb));
+          }
+          cublasLtMatrixLayout_t la, lb, ld;
+          cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, N, K);
+          cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, M, K);
+          cublasLtMatrixLayoutCreate(&ld, dt, N, M, N);
+          cublasLtMatmulPreference_t pref;
+          cublasLtMatmulPreferenceCreate(&pref);
+          size_t ws = size_t(32) << 20;
+          cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+          cublasLtMatmulHeuristicResult_t res{};
+          int found = 0;
+          const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt, desc, la, lb, ld, ld, pref, 1, &res, &found);
+          cublasStatus_t run = CUBLAS_STATUS_NOT_SUPPORTED;
+          if (st == CUBLAS_STATUS_SUCCESS && found) {
+            const float one = 1.f, zero = 0.f;
+            if (!set_ptr) {
+              cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa, sizeof(sa));
+              cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb, sizeof(sb));
+            }
+            run = cublasLtMatmul(ctx.lt, desc, &one, a, la, b, lb, &zero, d, ld, d, ld, &res.algo, ctx.blas_ws, ws,
+                                 ctx.stream);
+            cudaStreamSynchronize(ctx.stream);
+          }
+          std::printf("[ cuda fp8 lt probe ] A %s B %s D %s ptrs-before %d: set %d/%d heuristic %d found %d run %d\n",
+                      mode_a == CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F ? "blk" : "vec",
+                      mode_b == CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F ? "blk" : "vec",
+                      dt == CUDA_R_32F ? "f32" : "bf16", set_ptr, int(s1), int(s2), int(st), found, int(run));
+          cublasLtMatmulPreferenceDestroy(pref);
+          cublasLtMatrixLayoutDestroy(la), cublasLtMatrixLayoutDestroy(lb), cublasLtMatrixLayoutDestroy(ld);
+          cublasLtMatmulDescDestroy(desc);
+        }
+  int ver = 0;
+  cublasLtGetProperty(MAJOR_VERSION, &ver);
+  std::printf("[ cuda fp8 lt probe ] cuBLASLt version %zu\n", cublasLtGetVersion());
+  cudaFree(a), cudaFree(b), cudaFree(sa), cudaFree(sb), cudaFree(d);
+}
+#endif

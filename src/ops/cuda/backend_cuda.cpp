@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <tuple>
 
 #include "core/fp8.h"
 #include "ops/cuda/cuda_backend.h"
@@ -45,6 +46,10 @@ std::string weight_kind(const std::string& name) {
 }
 
 class CudaBackend;
+
+// FP8 products of at most kFp8SkinnyRows rows run on the skinny kernel; of at most kFp8QuantInBlockRows rows it also
+// quantizes the activation itself (see linear_fp8).
+constexpr int64_t kFp8SkinnyRows = 32, kFp8QuantInBlockRows = 8;
 
 // Events around one op when profiling is on (they do not synchronize; read back in take_profile()).
 class ProfScope {
@@ -432,6 +437,19 @@ class CudaBackend final : public Backend {
         cuda::skinny_gemm(a, int(M), ctx_.stream);
         return;
       }
+    }
+    if (gate_in.dtype == DType::F8E4M3 && up_in.dtype == DType::F8E4M3 && M <= kFp8QuantInBlockRows && K % 16 == 0 &&
+        gate_in.scale && up_in.scale) {
+      // Both fp8 matrices in one pass with x quantized in the block and SwiGLU in the epilogue: one kernel.
+      ProfScope ps(*this, profiling_ ? "linear_swiglu_fp8:" + weight_kind(gate_in.name) : std::string(),
+                   double(2 * I * K + M * K * 2 + M * I * 2));
+      if (M == 0 || skip()) return;
+      cuda::Fp8SkinnyArgs a;
+      a.w = gate_in.ptr<uint8_t>(), a.sw = gate_in.scale, a.w2 = up_in.ptr<uint8_t>(), a.sw2 = up_in.scale;
+      a.xa = x.data, a.xa_t = x.dtype, a.y = out.data, a.ldy = I, a.M = int(M), a.N = int(I), a.K = int(K);
+      a.out_t = out.dtype;
+      cuda::fp8_skinny_gemm(a, ctx_.stream);
+      return;
     }
     Tensor u = alloc(out.dtype, out.shape, "swiglu_up");
     linear(out, x, gate_in);
@@ -1245,7 +1263,6 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
 // kFp8SkinnyRows rows) read the weights straight from memory in the skinny kernel; larger ones go to cuBLASLt's
 // block-scaled FP8 GEMM (DSV3_CUDA_FP8_GEMM=mma: the grouped mma.sync kernel instead), routed experts to the
 // grouped FP8 kernel (all active experts in one launch per projection).
-constexpr int64_t kFp8SkinnyRows = 32;
 
 std::pair<Tensor, Tensor> CudaBackend::quantize_act(const Tensor& x, int64_t M, int64_t K, int64_t scales_ld) {
   const int64_t kt = fp8::tiles(K);
@@ -1281,14 +1298,17 @@ void CudaBackend::linear_fp8(Tensor& y, const Tensor& x, const Tensor& w) {
     if (cuda::fp8_lt_gemm(lt, y.data, y.dtype, xq.ptr<uint8_t>(), sx.f32(), w.ptr<uint8_t>(), sw, M, N, K, ctx_.stream))
       return;
   }
-  auto [xq, sx] = quantize_act(x, M, K);
   if (M <= kFp8SkinnyRows) {
+    // Up to kFp8QuantInBlockRows rows the skinny kernel quantizes x itself (one launch); above, every block would
+    // redo it, so x is quantized once first.
+    Tensor xq, sx;
+    if (M > kFp8QuantInBlockRows) std::tie(xq, sx) = quantize_act(x, M, K);
     if (skip()) return;
     cuda::Fp8SkinnyArgs a;
     a.w = w.ptr<uint8_t>();
     a.sw = w.scale;
-    a.x = xq.ptr<uint8_t>();
-    a.sx = sx.f32();
+    if (M > kFp8QuantInBlockRows) a.x = xq.ptr<uint8_t>(), a.sx = sx.f32();
+    else a.xa = x.data, a.xa_t = x.dtype;
     a.y = y.data;
     a.ldy = N;
     a.M = int(M);
@@ -1298,6 +1318,7 @@ void CudaBackend::linear_fp8(Tensor& y, const Tensor& x, const Tensor& w) {
     cuda::fp8_skinny_gemm(a, ctx_.stream);
     return;
   }
+  auto [xq, sx] = quantize_act(x, M, K);
   if (graphs_.mode() != cuda::StepGraphs::Mode::Off) {
     graphs_.unsupported("the fp8 mma GEMM (host-described problems)");
     return;
@@ -1338,14 +1359,14 @@ void CudaBackend::moe_experts_fp8(Tensor& out, const Tensor& x, const Tensor& to
   int* n_active = active + E;
   int* sorted_xrow = n_active + 1;
   int* pair_pos = sorted_xrow + P;
-  auto [xq, sx] = quantize_act(x, T, H);
-  Tensor g = alloc(act_, {P, I}, "moe_g"), u = alloc(act_, {P, I}, "moe_u");
   if (small) {
+    // Decode sizes: gate and up in one pass per active expert (x quantized in the block, SwiGLU in the epilogue),
+    // then down on the SwiGLU output (quantized in the block too) into fp32 per-pair rows: two launches.
     cuda::Fp8SkinnyArgs a;
     a.stride_w = I * H;
     a.stride_sw = ki * kh;
-    a.x = xq.ptr<uint8_t>();
-    a.sx = sx.f32();
+    a.xa = x.data;
+    a.xa_t = act_;
     a.ldy = I;
     a.N = int(I);
     a.K = int(H);
@@ -1356,25 +1377,24 @@ void CudaBackend::moe_experts_fp8(Tensor& out, const Tensor& x, const Tensor& to
     a.offsets = offsets;
     a.xrow = sorted_xrow;
     a.out_t = act_;
+    Tensor act = alloc(act_, {P, I}, "moe_act");
     Tensor y = alloc(DType::F32, {P, H}, "moe_y");
-    if (!skip()) {
-      ProfScope ps(*this, "moe.fp8.gate_up");
-      a.w = gate.ptr<uint8_t>(), a.sw = gate.scale, a.y = g.data;
-      cuda::fp8_skinny_gemm(a, ctx_.stream);
-      a.w = up.ptr<uint8_t>(), a.sw = up.scale, a.y = u.data;
-      cuda::fp8_skinny_gemm(a, ctx_.stream);
-      cuda::silu_mul(g.data, g.data, u.data, P * I, act_, ctx_.stream);
-    }
-    auto [aq, sa] = quantize_act(g, P, I);
     comb_ = PendingCombine{out, y, topk_w, plan, pair_pos, T, K, true};
     if (skip()) return;
+    {
+      ProfScope ps(*this, "moe.fp8.gate_up");
+      a.w = gate.ptr<uint8_t>(), a.sw = gate.scale, a.w2 = up.ptr<uint8_t>(), a.sw2 = up.scale, a.y = act.data;
+      cuda::fp8_skinny_gemm(a, ctx_.stream);
+    }
     ProfScope ps(*this, "moe.fp8.down");
-    a.w = down.ptr<uint8_t>(), a.sw = down.scale, a.stride_w = H * I, a.stride_sw = kh * ki;
-    a.x = aq.ptr<uint8_t>(), a.sx = sa.f32(), a.xrow = nullptr;
+    a.w = down.ptr<uint8_t>(), a.sw = down.scale, a.w2 = nullptr, a.sw2 = nullptr, a.stride_w = H * I;
+    a.stride_sw = kh * ki, a.xa = act.data, a.xrow = nullptr;
     a.y = y.data, a.ldy = H, a.N = int(H), a.K = int(I), a.out_t = DType::F32;
     cuda::fp8_skinny_gemm(a, ctx_.stream);
     return;
   }
+  auto [xq, sx] = quantize_act(x, T, H);
+  Tensor g = alloc(act_, {P, I}, "moe_g"), u = alloc(act_, {P, I}, "moe_u");
   // Prefill: the quantized rows in sorted-pair order, then one grouped launch per projection over the active experts.
   const std::vector<int> cnt = counts_to_host(counts, E);
   Tensor xs = alloc(DType::U8, {P, H}, "moe_x_fp8"), sxs = alloc(DType::F32, {P, kh}, "moe_x_scale");

@@ -53,16 +53,24 @@ bool fp8_problem_ok(const Fp8Problem& p);
 void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cudaStream_t s);
 
 // ---- fp8_skinny.cu: y[b, n] = sum_kb (sum_k x[b, k] W[n, k]) * sx[b * tiles(K) + kb] * sw[(n/128) * tiles(K) + kb]
-// for b < M (any M: rows are processed 8 at a time), x codes [M, K] with scales [M, tiles(K)], W codes [N, K].
+// for b < M (any M: rows are processed 8 at a time), W codes [N, K].
+// x is either pre-quantized (x codes [rows, K] with scales sx [rows, tiles(K)]) or, with xa set, activations
+// [rows, K] (bf16 or fp32, xa_t) that each block quantizes into shared memory itself (quantize_1x128's codes and
+// scales exactly), which saves the quantization launch at decode sizes.
+// Dual form (w2 set): also the same rows of a second matrix W2 (scales sw2), writing silu(x W^T) * (x W2^T).
 // The MoE form (active != null) runs matrix e = active[z] for z < *n_active: W + e * stride_w, sw + e * stride_sw,
 // rows j < counts[e] of x at row xrow[offsets[e] + j] (or offsets[e] + j), writing y row offsets[e] + j.
 // Output bf16 or fp32; accumulate adds into y.
 struct Fp8SkinnyArgs {
   const uint8_t* w = nullptr;
   const float* sw = nullptr;
+  const uint8_t* w2 = nullptr;
+  const float* sw2 = nullptr;
   int64_t stride_w = 0, stride_sw = 0;
   const uint8_t* x = nullptr;
   const float* sx = nullptr;
+  const void* xa = nullptr;
+  DType xa_t = DType::BF16;
   void* y = nullptr;
   int64_t ldy = 0;
   int M = 0, N = 0, K = 0, batch = 1;
@@ -70,7 +78,7 @@ struct Fp8SkinnyArgs {
   bool accumulate = false;
   const int *active = nullptr, *n_active = nullptr, *counts = nullptr, *offsets = nullptr, *xrow = nullptr;
 };
-bool fp8_skinny_ok(const Fp8SkinnyArgs& a);  // K % 16 == 0 and 16-byte aligned rows
+bool fp8_skinny_ok(const Fp8SkinnyArgs& a);  // K % 16 == 0, 16-byte aligned rows, room for in-block quantization
 void fp8_skinny_gemm(const Fp8SkinnyArgs& a, cudaStream_t s);
 
 // ---- fp8_lt.cpp: y [M, N] (bf16 or fp32) = x W^T on cuBLASLt's block-scaled FP8 path.

@@ -31,7 +31,7 @@ using Key = std::tuple<cublasLtHandle_t, int64_t, int64_t, int64_t, int, size_t>
 std::mutex g_mu;
 std::map<Key, Plan> g_plans;  // descriptors and the chosen algorithm per shape (heuristics cost ~10s of us)
 
-Plan& plan_for(LtFp8& lt, int64_t M, int64_t N, int64_t K, DType yt) {
+Plan& plan_for(LtFp8& lt, int64_t M, int64_t N, int64_t K, DType yt, const float* sw, const float* sx) {
   std::lock_guard<std::mutex> g(g_mu);
   Key key{lt.handle, M, N, K, int(yt), lt.workspace_bytes};
   auto it = g_plans.find(key);
@@ -44,10 +44,9 @@ Plan& plan_for(LtFp8& lt, int64_t M, int64_t N, int64_t K, DType yt) {
   const int32_t mode_a = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, mode_b = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
   LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode_a, sizeof(mode_a)));
   LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode_b, sizeof(mode_b)));
-  // Placeholder scale pointers for the heuristic query (the real ones are set per call).
-  const void* none = nullptr;
-  LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &none, sizeof(none)));
-  LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &none, sizeof(none)));
+  // The heuristic sees this call's scale pointers (each call sets its own before running).
+  LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw, sizeof(sw)));
+  LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sx, sizeof(sx)));
   LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(N), int64_t(K)));
   LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(M), int64_t(K)));
   const cudaDataType_t dt = yt == DType::F32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -71,7 +70,7 @@ bool fp8_lt_gemm(LtFp8& lt, void* y, DType yt, const uint8_t* xq, const float* s
                  int64_t M, int64_t N, int64_t K, cudaStream_t s) {
   if (M <= 0 || N <= 0) return true;
   DSV3_CHECK(lt.handle, "fp8_lt_gemm: no cuBLASLt handle");
-  Plan& p = plan_for(lt, M, N, K, yt);
+  Plan& p = plan_for(lt, M, N, K, yt, sw, sx);
   if (!p.ok) return false;
   LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw, sizeof(sw)));
   LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sx, sizeof(sx)));

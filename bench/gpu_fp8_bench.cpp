@@ -173,14 +173,20 @@ int main(int argc, char** argv) {
         o += c;
       }
       const double flops_gu = 2.0 * 2 * double(P) * I * H, flops_dn = 2.0 * double(P) * H * I;
-      const double t_gu = cuda::time_ms(be, 3, 20, [&] {
-        auto p = gu;
-        cuda::fp8_grouped_gemm(p, dprob, s);
-      });
-      const double t_dn = cuda::time_ms(be, 3, 20, [&] {
-        auto p = dn;
-        cuda::fp8_grouped_gemm(p, dprob + 512, s);
-      });
+      double t_gu = 1e30, t_dn = 1e30;
+      for (int tm : {64, 128}) {
+        const double a_ = cuda::time_ms(be, 3, 20, [&] {
+          auto p = gu;
+          cuda::fp8_grouped_gemm(p, dprob, s, tm);
+        });
+        const double b_ = cuda::time_ms(be, 3, 20, [&] {
+          auto p = dn;
+          cuda::fp8_grouped_gemm(p, dprob + 512, s, tm);
+        });
+        std::printf("grouped fp8, %d-row tiles: gate+up %.3f ms (%.0f TFLOP/s), down %.3f ms (%.0f TFLOP/s)\n", tm, a_,
+                    flops_gu / (a_ * 1e-3) / 1e12, b_, flops_dn / (b_ * 1e-3) / 1e12);
+        t_gu = std::min(t_gu, a_), t_dn = std::min(t_dn, b_);
+      }
       // bf16 peer: cuBLAS grouped GEMM over the same groups (what the bf16 prefill uses).
       std::vector<int> m, n, k, ld_a, ld_b, ld_c, gsz;
       std::vector<cublasOperation_t> ta, tb;

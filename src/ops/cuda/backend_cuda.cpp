@@ -81,6 +81,10 @@ class CudaBackend final : public Backend {
     // DSV3_CUDA_FP8_GEMM=mma: dense fp8 products above decode sizes on the grouped mma.sync kernel, not cuBLASLt.
     const char* f8 = std::getenv("DSV3_CUDA_FP8_GEMM");
     fp8_lt_ = !(f8 && std::string(f8) == "mma");
+    // DSV3_CUDA_FP8_QUANT=separate: decode-sized fp8 products read activations quantized by a separate launch
+    // instead of quantizing them inside the skinny kernel.
+    const char* fq = std::getenv("DSV3_CUDA_FP8_QUANT");
+    fp8_quant_in_block_ = !(fq && std::string(fq) == "separate");
   }
   ~CudaBackend() override {
     try {
@@ -439,7 +443,7 @@ class CudaBackend final : public Backend {
       }
     }
     if (gate_in.dtype == DType::F8E4M3 && up_in.dtype == DType::F8E4M3 && M <= kFp8QuantInBlockRows && K % 16 == 0 &&
-        gate_in.scale && up_in.scale) {
+        gate_in.scale && up_in.scale && fp8_quant_in_block_) {
       // Both fp8 matrices in one pass with x quantized in the block and SwiGLU in the epilogue: one kernel.
       ProfScope ps(*this, profiling_ ? "linear_swiglu_fp8:" + weight_kind(gate_in.name) : std::string(),
                    double(2 * I * K + M * K * 2 + M * I * 2));
@@ -1030,6 +1034,7 @@ class CudaBackend final : public Backend {
     int64_t T = 0, K = 0, E = 0;
   } route_plan_;
   bool fp8_lt_ = true;  // dense fp8 products on cuBLASLt (else the mma.sync kernel)
+  bool fp8_quant_in_block_ = true;  // decode-sized fp8 products quantize their activation in the kernel
   double moe_stats_[3] = {0, 0, 0};  // profiled MoE calls, summed active experts, summed max tokens per expert
   bool in_step_ = false;             // see note_op()
   bool graphs_on_ = true;
@@ -1285,29 +1290,35 @@ void CudaBackend::linear_fp8(Tensor& y, const Tensor& x, const Tensor& w) {
   if (M == 0 || N == 0) return;
   const int64_t kt = fp8::tiles(K);
   if (M > kFp8SkinnyRows && fp8_lt_) {
-    auto [xq, sx] = quantize_act(x, M, K, cuda::round_up4(M));
+    // cuBLASLt offers its block-scaled kernels for row counts that are multiples of 16: pad with zero rows.
+    const int64_t Mp = (M + 15) / 16 * 16, esz = int64_t(dtype_size(y.dtype));
+    Tensor xq = alloc(DType::U8, {Mp, K}, "x_fp8"), sx = alloc(DType::F32, {kt * Mp}, "x_fp8_scale");
+    Tensor yp = Mp > M ? alloc(y.dtype, {Mp, N}, "y_padded") : y;
     const float* sw = w.scale;
     Tensor swp;
-    if (kt % 4) {
-      swp = alloc(DType::F32, {fp8::tiles(N) * cuda::round_up4(kt)}, "w_scale_padded");
-      if (!skip()) cuda::pad_scale_rows(swp.f32(), w.scale, fp8::tiles(N), kt, ctx_.stream);
-      sw = swp.f32();
-    }
+    if (kt % 4) swp = alloc(DType::F32, {fp8::tiles(N) * cuda::round_up4(kt)}, "w_scale_padded"), sw = swp.f32();
     if (skip()) return;
+    if (Mp > M) DSV3_CUDA_CHECK(cudaMemsetAsync(xq.ptr<uint8_t>() + M * K, 0, size_t((Mp - M) * K), ctx_.stream));
+    cuda::quantize_1x128(xq.ptr<uint8_t>(), sx.f32(), Mp, x.data, x.dtype, K, M, K, ctx_.stream);
+    if (kt % 4) cuda::pad_scale_rows(swp.f32(), w.scale, fp8::tiles(N), kt, ctx_.stream);
     cuda::LtFp8 lt{ctx_.lt, ctx_.blas_ws, size_t(32) << 20};
-    if (cuda::fp8_lt_gemm(lt, y.data, y.dtype, xq.ptr<uint8_t>(), sx.f32(), w.ptr<uint8_t>(), sw, M, N, K, ctx_.stream))
+    if (cuda::fp8_lt_gemm(lt, yp.data, y.dtype, xq.ptr<uint8_t>(), sx.f32(), w.ptr<uint8_t>(), sw, Mp, N, K,
+                          ctx_.stream)) {
+      if (Mp > M) cuda::copy_rows(y.data, nullptr, N * esz, yp.data, nullptr, N * esz, M, N * esz, ctx_.stream);
       return;
+    }
   }
   if (M <= kFp8SkinnyRows) {
     // Up to kFp8QuantInBlockRows rows the skinny kernel quantizes x itself (one launch); above, every block would
     // redo it, so x is quantized once first.
     Tensor xq, sx;
-    if (M > kFp8QuantInBlockRows) std::tie(xq, sx) = quantize_act(x, M, K);
+    const bool in_block = fp8_quant_in_block_ && M <= kFp8QuantInBlockRows;
+    if (!in_block) std::tie(xq, sx) = quantize_act(x, M, K);
     if (skip()) return;
     cuda::Fp8SkinnyArgs a;
     a.w = w.ptr<uint8_t>();
     a.sw = w.scale;
-    if (M > kFp8QuantInBlockRows) a.x = xq.ptr<uint8_t>(), a.sx = sx.f32();
+    if (!in_block) a.x = xq.ptr<uint8_t>(), a.sx = sx.f32();
     else a.xa = x.data, a.xa_t = x.dtype;
     a.y = y.data;
     a.ldy = N;
@@ -1379,16 +1390,23 @@ void CudaBackend::moe_experts_fp8(Tensor& out, const Tensor& x, const Tensor& to
     a.out_t = act_;
     Tensor act = alloc(act_, {P, I}, "moe_act");
     Tensor y = alloc(DType::F32, {P, H}, "moe_y");
+    Tensor xq, sx, aq, sa;
+    if (!fp8_quant_in_block_) {
+      std::tie(xq, sx) = quantize_act(x, T, H);
+      a.xa = nullptr, a.x = xq.ptr<uint8_t>(), a.sx = sx.f32();
+    }
     comb_ = PendingCombine{out, y, topk_w, plan, pair_pos, T, K, true};
-    if (skip()) return;
-    {
+    if (!skip()) {
       ProfScope ps(*this, "moe.fp8.gate_up");
       a.w = gate.ptr<uint8_t>(), a.sw = gate.scale, a.w2 = up.ptr<uint8_t>(), a.sw2 = up.scale, a.y = act.data;
       cuda::fp8_skinny_gemm(a, ctx_.stream);
     }
+    if (!fp8_quant_in_block_) std::tie(aq, sa) = quantize_act(act, P, I);
+    if (skip()) return;
     ProfScope ps(*this, "moe.fp8.down");
     a.w = down.ptr<uint8_t>(), a.sw = down.scale, a.w2 = nullptr, a.sw2 = nullptr, a.stride_w = H * I;
-    a.stride_sw = kh * ki, a.xa = act.data, a.xrow = nullptr;
+    a.stride_sw = kh * ki, a.xa = fp8_quant_in_block_ ? act.data : nullptr, a.xrow = nullptr;
+    if (!fp8_quant_in_block_) a.x = aq.ptr<uint8_t>(), a.sx = sa.f32();
     a.y = y.data, a.ldy = H, a.N = int(H), a.K = int(I), a.out_t = DType::F32;
     cuda::fp8_skinny_gemm(a, ctx_.stream);
     return;

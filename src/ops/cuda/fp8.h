@@ -49,8 +49,9 @@ struct Fp8Problem {
 };
 // K, lda, ldb multiples of 16 and A, B 16-byte aligned (rows are read in 16-byte chunks).
 bool fp8_problem_ok(const Fp8Problem& p);
-// Runs every problem (host array, uploaded to dev_probs, device memory for probs.size() problems).
-void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cudaStream_t s);
+// Runs every problem (host array, uploaded to dev_probs, device memory for probs.size() problems). tile_m: rows of
+// a block's tile, 64 or 128 (0: 64 unless the problems average 256 rows or more).
+void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cudaStream_t s, int tile_m = 0);
 
 // ---- fp8_skinny.cu: y[b, n] = sum_kb (sum_k x[b, k] W[n, k]) * sx[b * tiles(K) + kb] * sw[(n/128) * tiles(K) + kb]
 // for b < M (any M: rows are processed 8 at a time), W codes [N, K].

@@ -16,12 +16,17 @@ namespace dsv3::cuda {
 
 namespace {
 
-constexpr int BM = 128, BN = 128, BKB = 64, THREADS = 256;  // BKB: bytes (= e4m3 values) of K per stage
+// MI: m16 fragments per warp in M (4: 128-row tiles, warp tiles 64 x 32; 2: 64-row tiles, 32 x 32, half the
+// registers and twice the blocks per SM, for the few rows an expert gets).
+constexpr int BN = 128, BKB = 64, THREADS = 256;  // BKB: bytes (= e4m3 values) of K per stage
 constexpr int kRowUnits = BKB / 2;                           // a row of a stage in 2-byte units (ldmatrix's b16)
 
 __device__ __forceinline__ int swz(int r, int chunk) { return r * kRowUnits + ((chunk ^ ((r >> 1) & 3)) << 3); }
 
-__global__ void __launch_bounds__(THREADS) fp8_grouped_kernel(const Fp8Problem* __restrict__ probs, int nprob) {
+template <int MI>
+__global__ void __launch_bounds__(THREADS, MI == 2 ? 2 : 1) fp8_grouped_kernel(const Fp8Problem* __restrict__ probs,
+                                                                               int nprob) {
+  constexpr int BM = MI * 32;
   __shared__ alignas(128) uint16_t sA[2][BM * kRowUnits];
   __shared__ alignas(128) uint16_t sB[2][BN * kRowUnits];
   const int tile = blockIdx.x;
@@ -31,32 +36,35 @@ __global__ void __launch_bounds__(THREADS) fp8_grouped_kernel(const Fp8Problem* 
   const int tiles_n = (p.N + BN - 1) / BN, t = tile - p.tile0;
   const int m0 = (t / tiles_n) * BM, n0 = (t % tiles_n) * BN;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+  const int wm = (warp >> 2) * (MI * 16), wn = (warp & 3) * 32;
 
-  // Stage loader: 512 16-byte chunks of A and 512 of B, two of each per thread.
+  // Stage loader: BM * 4 16-byte chunks of A and 512 of B (MI / 2 and two per thread).
   auto load = [&](int stage, int k0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int c = tid + i * THREADS, r = c >> 2, ch = c & 3, k = k0 + ch * 16;
       const bool kin = k < p.K;
-      const bool a_ok = kin && m0 + r < p.M, b_ok = kin && n0 + r < p.N;
-      cp_async16(&sA[stage][swz(r, ch)], a_ok ? p.A + size_t(m0 + r) * p.lda + k : p.A, a_ok);
+      if (i < MI / 2) {
+        const bool a_ok = kin && m0 + r < p.M;
+        cp_async16(&sA[stage][swz(r, ch)], a_ok ? p.A + size_t(m0 + r) * p.lda + k : p.A, a_ok);
+      }
+      const bool b_ok = kin && n0 + r < p.N;
       cp_async16(&sB[stage][swz(r, ch)], b_ok ? p.B + size_t(n0 + r) * p.ldb + k : p.B, b_ok);
     }
   };
 
-  float acc[4][4][4], part[4][4][4];
+  float acc[MI][4][4], part[MI][4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < MI; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f, part[i][j][v] = 0.f;
 
   // The 8 rows whose activation scales this thread applies (clamped: rows past M are computed, never stored).
-  int srow[4][2];
+  int srow[MI][2];
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) srow[mi][h] = min(m0 + wm + mi * 16 + (lane >> 2) + h * 8, p.M - 1);
   const float* sb_row = p.sb + size_t(n0 / 128) * p.lds_b;
@@ -72,9 +80,9 @@ __global__ void __launch_bounds__(THREADS) fp8_grouped_kernel(const Fp8Problem* 
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < 4; kk += 2) {  // two k32 steps per stage: chunk pairs (0, 1) and (2, 3)
-      uint32_t a[4][4], b[4][2];
+      uint32_t a[MI][4], b[4][2];
 #pragma unroll
-      for (int mi = 0; mi < 4; ++mi) {
+      for (int mi = 0; mi < MI; ++mi) {
         const int r = wm + mi * 16 + (lane & 15);
         ldmatrix_x4(a[mi], &sA[st][swz(r, kk + (lane >> 4))]);
       }
@@ -86,7 +94,7 @@ __global__ void __launch_bounds__(THREADS) fp8_grouped_kernel(const Fp8Problem* 
         b[2 * nj][0] = q[0], b[2 * nj][1] = q[1], b[2 * nj + 1][0] = q[2], b[2 * nj + 1][1] = q[3];
       }
 #pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_fp8(part[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[ni][0], b[ni][1]);
     }
@@ -95,7 +103,7 @@ __global__ void __launch_bounds__(THREADS) fp8_grouped_kernel(const Fp8Problem* 
       const int kb = kt >> 1;
       const float sbv = sb_row[kb];
 #pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float f = p.sa[size_t(srow[mi][h]) * p.lds_a + kb] * sbv;
@@ -112,7 +120,7 @@ __global__ void __launch_bounds__(THREADS) fp8_grouped_kernel(const Fp8Problem* 
 
   // Epilogue: c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1] of each fragment.
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -144,10 +152,17 @@ bool fp8_problem_ok(const Fp8Problem& p) {
          p.lds_b >= (p.K + 127) / 128;
 }
 
-void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cudaStream_t s) {
+void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cudaStream_t s, int tile_m) {
   probs.erase(std::remove_if(probs.begin(), probs.end(), [](const Fp8Problem& p) { return p.M <= 0 || p.N <= 0; }),
               probs.end());
   if (probs.empty()) return;
+  if (tile_m == 0) {  // 64-row tiles unless the problems average 256 rows or more
+    int64_t rows = 0;
+    for (auto& p : probs) rows += p.M;
+    tile_m = rows >= 256 * int64_t(probs.size()) ? 128 : 64;
+  }
+  DSV3_CHECK(tile_m == 64 || tile_m == 128, "fp8_grouped_gemm: tile_m {} (64 or 128)", tile_m);
+  const int BM = tile_m;
   int tiles = 0;
   for (auto& p : probs) {
     DSV3_CHECK(fp8_problem_ok(p), "fp8_grouped_gemm: unsupported problem M {} N {} K {} lda {} ldb {}", p.M, p.N, p.K,
@@ -157,7 +172,8 @@ void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cud
   }
   DSV3_CUDA_CHECK(
       cudaMemcpyAsync(dev_probs, probs.data(), probs.size() * sizeof(Fp8Problem), cudaMemcpyHostToDevice, s));
-  fp8_grouped_kernel<<<tiles, THREADS, 0, s>>>(dev_probs, int(probs.size()));
+  if (BM == 128) fp8_grouped_kernel<4><<<tiles, THREADS, 0, s>>>(dev_probs, int(probs.size()));
+  else fp8_grouped_kernel<2><<<tiles, THREADS, 0, s>>>(dev_probs, int(probs.size()));
   DSV3_CUDA_KERNEL_CHECK();
 }
 

@@ -79,6 +79,22 @@ __global__ void __launch_bounds__(kWarps * 32) fp8_skinny_kernel(Fp8SkinnyArgs a
   const uint4 z4 = make_uint4(0, 0, 0, 0);
   auto x_row = [&](int b) { return MOE ? (a.xrow ? a.xrow[base + b] : base + b) : b; };
 
+  // The first round of weight loads is issued before the in-block quantization, so the two overlap (at decode
+  // sizes a warp's whole share of K is one round).
+  uint4 P0[kUnroll], P1[kUnroll], Q0[kUnroll], Q1[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int s = warp + u * kWarps, k = s * 64 + t * 16;
+    const bool in = s < nsteps && k < K && M > 0;
+    P0[u] = in ? ld_stream(wa + k) : z4;
+    P1[u] = in ? ld_stream(wb + k) : z4;
+    if constexpr (DUAL) {
+      Q0[u] = in ? ld_stream(w2a + k) : z4;
+      Q1[u] = in ? ld_stream(w2b + k) : z4;
+    }
+  }
+  bool first = true;
+
   for (int c0 = 0; c0 < M; c0 += chunk) {
     const int c1 = min(M, c0 + chunk);
     if constexpr (QX) {
@@ -107,15 +123,21 @@ __global__ void __launch_bounds__(kWarps * 32) fp8_skinny_kernel(Fp8SkinnyArgs a
         for (int i = 0; i < 4; ++i) acc[m][i] = 0.f;
       for (int s0 = warp; s0 < nsteps; s0 += kWarps * kUnroll) {
         uint4 A0[kUnroll], A1[kUnroll], C0[kUnroll], C1[kUnroll], XV[kUnroll];
+        const bool pre = first && s0 == warp;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int s = s0 + u * kWarps, k = s * 64 + t * 16;
           const bool in = s < nsteps && k < K;
-          A0[u] = in ? ld_stream(wa + k) : z4;
-          A1[u] = in ? ld_stream(wb + k) : z4;
-          if constexpr (DUAL) {
-            C0[u] = in ? ld_stream(w2a + k) : z4;
-            C1[u] = in ? ld_stream(w2b + k) : z4;
+          if (pre) {
+            A0[u] = P0[u], A1[u] = P1[u];
+            if constexpr (DUAL) C0[u] = Q0[u], C1[u] = Q1[u];
+          } else {
+            A0[u] = in ? ld_stream(wa + k) : z4;
+            A1[u] = in ? ld_stream(wb + k) : z4;
+            if constexpr (DUAL) {
+              C0[u] = in ? ld_stream(w2a + k) : z4;
+              C1[u] = in ? ld_stream(w2b + k) : z4;
+            }
           }
           XV[u] = in && bv ? *reinterpret_cast<const uint4*>(xp + k) : z4;
         }
@@ -141,6 +163,7 @@ __global__ void __launch_bounds__(kWarps * 32) fp8_skinny_kernel(Fp8SkinnyArgs a
           }
         }
       }
+      first = false;
       // Reduce the warps' partial sums; warp 0 writes (c0, c1 = W row g, x rows 2t, 2t+1; c2, c3 = W row g + 8).
 #pragma unroll
       for (int m = 0; m < NM; ++m)

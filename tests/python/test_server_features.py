@@ -72,7 +72,7 @@ def test_generated_logprobs_both_endpoints(server, dsv3_bin, model_dir, tmp_path
                              extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(prompt) + 6
-    out = json.loads(subprocess.run([dsv3_bin, "generate", "--model", str(model_dir), "--prompt-ids", "1000,2000,3000",
+    out = json.loads(subprocess.run([dsv3_bin, "generate", "--model", str(model_dir), "--prompt-ids", "0,1000,2000,3000",
                                      "-n", "6", "--temperature", "0", "--json", "--ignore-eos"], capture_output=True,
                                     text=True, check=True).stdout)["output_ids"]
     full = prompt + out

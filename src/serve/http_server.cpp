@@ -150,7 +150,7 @@ void handle_completion(Engine& engine, const Tokenizer& tok, const ServerOptions
     lim.default_max_tokens = opt.default_max_tokens;
     lim.max_prompt_tokens = opt.max_prompt_tokens;
     lim.max_n = opt.max_n;
-    lim.max_prompts = opt.max_n;
+    lim.max_prompts = std::max<int64_t>(opt.max_n, 256);  // choices per request (prompts x n)
     lim.reasoning_parser = opt.reasoning_parser;
     pr = parse_completion_request(req.body, chat, tok, opt.model_name, lim);
     // Choice index = prompt * n + j; sample j of a prompt uses seed + j.

@@ -39,7 +39,7 @@ struct RequestLimits {
   int64_t default_max_tokens = 256;
   int64_t max_prompt_tokens = 0;   // 0: context - 1
   int64_t max_n = 16;              // n per prompt
-  int64_t max_prompts = 64;        // prompts per completions request
+  int64_t max_prompts = 256;       // choices per request: prompts x n
   bool reasoning_parser = false;   // --reasoning-parser deepseek-r1
 };
 

@@ -99,7 +99,8 @@ def test_generated_logprobs_both_endpoints(server, dsv3_bin, model_dir, tmp_path
 
 def test_fixture_loglikelihoods_equal_transformers(dsv3_bin, test_data, tmp_path):
     """tiny-fp32's reference logits come from transformers: echo logprobs over its input ids must equal their
-    log_softmax (1e-4). The fixture has a 2048-token vocabulary: a byte-level tokenizer of 258 tokens serves it."""
+    log_softmax (1e-4), with the prompt prefilled in chunks of 3 tokens. The fixture has a 2048-token vocabulary: a
+    byte-level tokenizer of 258 tokens serves it."""
     from dsv3_cli import minimal_tokenizer_dir
     ref = load_file(str(test_data / "tiny-fp32" / "reference.safetensors"))
     ids = ref["input_ids"][0].astype(int).tolist()
@@ -108,7 +109,7 @@ def test_fixture_loglikelihoods_equal_transformers(dsv3_bin, test_data, tmp_path
     lsm -= np.log(np.exp(lsm).sum(-1, keepdims=True))
     tok_dir = tmp_path / "tok"
     minimal_tokenizer_dir(tok_dir, "{{ messages }}")
-    p, base = start_server(dsv3_bin, test_data / "tiny-fp32", "--tokenizer", str(tok_dir))
+    p, base = start_server(dsv3_bin, test_data / "tiny-fp32", "--tokenizer", str(tok_dir), "--prefill-chunk", "3")
     try:
         code, r = post(base, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True,
                                                   "logprobs": 1})

@@ -131,7 +131,7 @@ std::shared_ptr<RequestStream> Engine::submit(EngineRequest req) {
   s->out = std::make_shared<RequestStream>();
   s->out->prompt_tokens = int64_t(req.prompt.size());
   s->sampler = std::make_unique<Sampler>(req.sampling);
-  s->decoder = std::make_unique<StreamDecoder>(tok_, req.skip_special);
+  s->decoder = std::make_unique<StreamDecoder>(tok_);
   s->processed = req.presence_penalty != 0 || req.frequency_penalty != 0 || !req.logit_bias.empty();
   for (auto& st : req.stop) s->max_stop = std::max(s->max_stop, st.size());
   s->req = std::move(req);

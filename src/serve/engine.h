@@ -41,7 +41,6 @@ struct EngineRequest {
   // processed logits (before temperature, top-k and top-p).
   double presence_penalty = 0, frequency_penalty = 0;
   std::vector<std::pair<int32_t, float>> logit_bias;
-  bool skip_special = true;       // false: special tokens stay in the text (tool-call markers are special)
 };
 
 // One scored token: its logprob and the `top` most likely tokens at that position (descending).

@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -51,6 +52,13 @@ void add_serve_commands(CLI::App& app) {
     c->add_option("--max-queue", a->ec.max_queue, "Waiting requests beyond this get HTTP 503");
     c->add_option("--prefill-chunk", a->ec.prefill_chunk, "Prompt tokens fed per step (chunked prefill)");
     c->add_option("--default-max-tokens", a->so.default_max_tokens, "max_tokens when a request gives none");
+    c->add_option("--api-key", a->so.api_key, "Require 'Authorization: Bearer KEY' (all routes but /health); default: $DSV3_API_KEY");
+    c->add_option("--max-body-bytes", a->so.max_body_bytes, "Request bodies beyond this get HTTP 413");
+    c->add_option("--max-prompt-tokens", a->so.max_prompt_tokens, "Prompts beyond this get HTTP 400 (0: the context)");
+    c->add_option("--max-n", a->so.max_n, "Most choices per request (prompts x n)");
+    auto reasoning = std::make_shared<std::string>("none");
+    c->add_option("--reasoning-parser", *reasoning, "deepseek-r1: chat output <think>...</think> goes to reasoning_content")
+        ->check(CLI::IsMember({"deepseek-r1", "none"}));
     auto spec = std::make_shared<std::string>("none");
     c->add_option("--speculative", *spec, "mtp: greedy requests draft with the MTP module (models with MTP)")
         ->check(CLI::IsMember({"mtp", "none"}));
@@ -69,6 +77,12 @@ void add_serve_commands(CLI::App& app) {
       so.model_name = a->name.empty() ? std::filesystem::path(a->dir).lexically_normal().filename().string() : a->name;
       if (so.model_name.empty()) so.model_name = std::filesystem::absolute(a->dir).parent_path().filename().string();
       if (so.default_max_tokens < 1) fail("--default-max-tokens must be >= 1");
+      if (so.max_body_bytes < 1024) fail("--max-body-bytes must be >= 1024");
+      if (so.max_prompt_tokens < 0) fail("--max-prompt-tokens must be >= 0");
+      if (so.max_n < 1 || so.max_n > 1024) fail("--max-n must be in [1, 1024]");
+      if (so.api_key.empty())
+        if (const char* k = std::getenv("DSV3_API_KEY")) so.api_key = k;
+      so.reasoning_parser = *reasoning == "deepseek-r1";
       run_server(engine, tok, so);
     });
   }

@@ -14,5 +14,6 @@ void add_bench_train(CLI::App& app);        // training tokens/s and MFU
 void add_tokenizer_commands(CLI::App& app);  // tokenize, detokenize, chat-template, train-tokenizer
 void add_train_commands(CLI::App& app);      // grads, train, prepare-data, plot
 void add_serve_commands(CLI::App& app);      // serve, chat
+void add_eval_commands(CLI::App& app);       // eval perplexity | mc | gen | code
 
 }  // namespace dsv3::cli

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   dsv3::cli::add_tokenizer_commands(app);
   dsv3::cli::add_train_commands(app);
   dsv3::cli::add_serve_commands(app);
+  dsv3::cli::add_eval_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,11 +1,36 @@
 #include "serve/engine.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
 #include <random>
+#include <unordered_map>
 
 namespace dsv3 {
 
 using clk = std::chrono::steady_clock;
+
+TokenLogprob score_token(const float* l, int64_t V, int32_t id, int64_t k) {
+  // Double accumulation: the same value log_softmax gives in fp64, within fp32 rounding of the result.
+  double mx = l[0];
+  for (int64_t i = 1; i < V; ++i) mx = std::max(mx, double(l[i]));
+  double sum = 0;
+  for (int64_t i = 0; i < V; ++i) sum += std::exp(double(l[i]) - mx);
+  const double lse = mx + std::log(sum);
+  TokenLogprob t;
+  t.id = id;
+  t.logprob = id >= 0 ? float(double(l[id]) - lse) : std::numeric_limits<float>::quiet_NaN();
+  k = std::min<int64_t>(k, V);
+  if (k > 0) {
+    std::vector<int32_t> ix(V);
+    std::iota(ix.begin(), ix.end(), 0);
+    std::partial_sort(ix.begin(), ix.begin() + k, ix.end(),
+                      [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    for (int64_t i = 0; i < k; ++i) t.top.push_back({ix[i], float(double(l[ix[i]]) - lse)});
+  }
+  return t;
+}
 
 bool RequestStream::next(EngineEvent* ev, std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> g(mu_);
@@ -44,6 +69,23 @@ struct Engine::Seq {
   std::vector<int32_t> mtp_tokens;       // MTP rows to run this step: tokens consumed ...
   std::vector<std::vector<float>> mtp_h; // ... with the main hidden state at the same position
   std::vector<float> pending_h;          // last prefill row's hidden state, waiting for its next token
+  // Logprobs and logit processing:
+  std::vector<TokenLogprob> pending_lp;  // scored tokens not yet handed out in an event
+  std::vector<TokenLogprob> prompt_lp;   // prompt tokens scored so far (prompt_logprobs)
+  std::unordered_map<int32_t, int64_t> counts;  // generated token -> occurrences (penalties)
+  std::vector<float> row;                // processed logits of the current step
+  bool processed = false;                // penalties or logit_bias change the logits
+
+  void push(EngineEvent ev) {
+    ev.tokens = std::move(pending_lp);
+    pending_lp.clear();
+    out->push(std::move(ev));
+  }
+  void push_text(std::string t) {
+    EngineEvent ev;
+    ev.text = std::move(t);
+    push(std::move(ev));
+  }
 };
 
 Engine::Engine(Model& model, const Tokenizer& tok, const EngineConfig& cfg) : model_(model), tok_(tok), cfg_(cfg) {
@@ -72,7 +114,12 @@ std::shared_ptr<RequestStream> Engine::submit(EngineRequest req) {
   if (req.prompt.empty()) fail("the prompt is empty");
   for (auto id : req.prompt)
     if (id < 0 || id >= mc.vocab_size) fail("token id {} is out of range for vocab_size {}", id, mc.vocab_size);
-  if (req.max_tokens < 1) fail("max_tokens must be at least 1, got {}", req.max_tokens);
+  if (req.max_tokens < (req.prompt_logprobs ? 0 : 1))
+    fail("max_tokens must be at least {}, got {}", req.prompt_logprobs ? 0 : 1, req.max_tokens);
+  if (req.logprobs < -1 || req.logprobs > 20) fail("logprobs must be in [0, 20], got {}", req.logprobs);
+  for (auto& [id, b] : req.logit_bias)
+    if (id < 0 || id >= mc.vocab_size || !(b >= -100 && b <= 100))
+      fail("logit_bias: token {} must be in [0, {}) and its bias in [-100, 100]", id, mc.vocab_size);
   const int64_t need = int64_t(req.prompt.size()) + req.max_tokens;
   if (need > mc.max_position_embeddings)
     fail("this model's maximum context length is {} tokens; the prompt ({} tokens) plus max_tokens ({}) is {}",
@@ -85,6 +132,7 @@ std::shared_ptr<RequestStream> Engine::submit(EngineRequest req) {
   s->out->prompt_tokens = int64_t(req.prompt.size());
   s->sampler = std::make_unique<Sampler>(req.sampling);
   s->decoder = std::make_unique<StreamDecoder>(tok_);
+  s->processed = req.presence_penalty != 0 || req.frequency_penalty != 0 || !req.logit_bias.empty();
   for (auto& st : req.stop) s->max_stop = std::max(s->max_stop, st.size());
   s->req = std::move(req);
   s->t_submit = clk::now();
@@ -122,20 +170,20 @@ bool Engine::emit_text(Seq& s, const std::string& piece) {
       if (p != std::string::npos) cut = std::min(cut, p);
     }
     if (cut != std::string::npos) {
-      if (cut > s.sent) s.out->push({s.text.substr(s.sent, cut - s.sent), 0, false, "", ""});
+      if (cut > s.sent) s.push_text(s.text.substr(s.sent, cut - s.sent));
       s.sent = cut;
       return true;
     }
     size_t safe = s.text.size() >= s.max_stop - 1 ? s.text.size() - (s.max_stop - 1) : 0;
     while (safe > s.sent && safe < s.text.size() && (uint8_t(s.text[safe]) & 0xC0) == 0x80) --safe;  // UTF-8 boundary
     if (safe > s.sent) {
-      s.out->push({s.text.substr(s.sent, safe - s.sent), 0, false, "", ""});
+      s.push_text(s.text.substr(s.sent, safe - s.sent));
       s.sent = safe;
     }
     return false;
   }
   if (s.text.size() > s.sent) {
-    s.out->push({s.text.substr(s.sent), 0, false, "", ""});
+    s.push_text(s.text.substr(s.sent));
     s.sent = s.text.size();
   }
   return false;
@@ -158,7 +206,7 @@ void Engine::finish(Seq& s, const std::string& reason) {
   }
   ev.done = true;
   ev.finish_reason = reason;
-  s.out->push(ev);
+  s.push(std::move(ev));
   cache_->release(s.cache);
   cache_->release(s.mtp_cache);
   std::lock_guard<std::mutex> g(mu_);
@@ -186,7 +234,9 @@ void Engine::loop() {
           continue;
         }
         const int64_t need = int64_t(s.req.prompt.size()) + s.req.max_tokens + 1;  // +1: a rejected draft's row
-        s.spec = cfg_.speculative_mtp && s.req.sampling.temperature <= 0;
+        // Speculative verification compares raw argmaxes: only for plain greedy requests.
+        s.spec = cfg_.speculative_mtp && s.req.sampling.temperature <= 0 && !s.processed && s.req.logprobs < 0 &&
+                 !s.req.prompt_logprobs;
         if (cache_->free_blocks() < cache_->blocks_for(need) * (s.spec ? 2 : 1)) break;
         cache_->reserve(s.cache, need);
         if (s.spec) cache_->reserve(s.mtp_cache, need);
@@ -219,6 +269,7 @@ bool Engine::accept_token(Seq& s, int32_t tok) {
   const int32_t eos = int32_t(model_.config().eos_token_id);
   s.last = tok;
   ++s.generated;
+  if (s.processed) ++s.counts[tok];
   s.out->completion_tokens = s.generated;
   if (s.generated == 1) s.t_first = clk::now();
   if (tok == eos && !s.req.ignore_eos) {
@@ -227,7 +278,7 @@ bool Engine::accept_token(Seq& s, int32_t tok) {
       finish(s, "stop");
       return false;
     }
-    if (s.text.size() > s.sent) s.out->push({s.text.substr(s.sent), 0, false, "", ""}), s.sent = s.text.size();
+    if (s.text.size() > s.sent) s.push_text(s.text.substr(s.sent)), s.sent = s.text.size();
     finish(s, "stop");
     return false;
   }
@@ -275,6 +326,22 @@ void Engine::run_mtp(std::vector<Seq*>& seqs) {
   }
 }
 
+// Applies the request's penalties and logit bias, samples, and scores the chosen token when asked.
+int32_t Engine::sample_next(Seq& s, const float* logits) {
+  const int64_t V = model_.config().vocab_size;
+  const float* l = logits;
+  if (s.processed) {
+    s.row.assign(logits, logits + V);
+    float* r = s.row.data();
+    for (auto& [id, c] : s.counts) r[id] -= float(s.req.frequency_penalty * double(c) + s.req.presence_penalty);
+    for (auto& [id, b] : s.req.logit_bias) r[id] += b;
+    l = r;
+  }
+  const int32_t tok = s.sampler->sample(l, V);
+  if (s.req.logprobs >= 0) s.pending_lp.push_back(score_token(l, V, tok, s.req.logprobs));
+  return tok;
+}
+
 void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
   auto t0 = clk::now();
   std::vector<BatchSeq> batch;
@@ -289,6 +356,7 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
       if (budget <= 0) continue;  // this sequence's prefill waits for the next step
       const size_t n = std::min<size_t>(s.req.prompt.size() - s.fed, size_t(budget));
       b.tokens.assign(s.req.prompt.begin() + s.fed, s.req.prompt.begin() + s.fed + n);
+      b.all_logits = s.req.prompt_logprobs;
       budget -= int64_t(n);
     } else if (s.spec && s.draft >= 0) {
       b.tokens = {s.last, s.draft};  // verify the draft in the same pass
@@ -324,6 +392,22 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
       // now has its token, and this chunk's rows but the last have theirs.
       const size_t fed0 = s.fed;
       s.fed += size_t(n);
+      if (s.req.prompt_logprobs) {
+        // Row j of the chunk predicts prompt token fed0 + j + 1; the last row of the prompt predicts the output.
+        if (fed0 == 0) s.prompt_lp.push_back(score_token(logits, V, -1, 0)), s.prompt_lp.back().id = s.req.prompt[0];
+        for (int64_t j = 0; j < n && fed0 + j + 1 < s.req.prompt.size(); ++j)
+          s.prompt_lp.push_back(score_token(logits + j * V, V, s.req.prompt[fed0 + j + 1], std::max<int64_t>(s.req.logprobs, 0)));
+        logits += (n - 1) * V;  // the sampler reads the last row
+        if (s.fed == s.req.prompt.size()) {
+          EngineEvent ev;
+          ev.prompt_tokens = std::move(s.prompt_lp);
+          s.out->push(std::move(ev));
+          if (s.req.max_tokens == 0) {
+            finish(s, "length");
+            continue;
+          }
+        }
+      }
       if (s.spec) {
         if (!s.pending_h.empty()) s.mtp_tokens.push_back(s.req.prompt[fed0]), s.mtp_h.push_back(s.pending_h);
         for (int64_t j = 0; j + 1 < n; ++j) s.mtp_tokens.push_back(s.req.prompt[fed0 + j + 1]), s.mtp_h.push_back(hrow(h0 + j));
@@ -333,7 +417,7 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
         if (s.spec) spec_seqs.push_back(&s);
         continue;
       }
-      const int32_t tok = s.sampler->sample(logits, V);
+      const int32_t tok = sample_next(s, logits);
       if (accept_token(s, tok) && s.spec) {
         s.mtp_tokens.push_back(tok), s.mtp_h.push_back(s.pending_h);
         s.pending_h.clear();
@@ -353,7 +437,7 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
       }
       s.draft = -1;
     } else {
-      const int32_t tok = s.sampler->sample(logits, V);
+      const int32_t tok = sample_next(s, logits);
       if (accept_token(s, tok) && s.spec) s.mtp_tokens = {tok}, s.mtp_h = {hrow(h0)};
     }
     generated += s.generated - before;

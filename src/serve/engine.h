@@ -31,9 +31,23 @@ struct EngineConfig {
 struct EngineRequest {
   std::vector<int32_t> prompt;
   SamplingParams sampling;
-  int64_t max_tokens = 16;
+  int64_t max_tokens = 16;        // 0 only with prompt_logprobs (score the prompt, generate nothing)
   std::vector<std::string> stop;  // stop strings (not included in the output)
   bool ignore_eos = false;
+  int64_t logprobs = -1;          // per generated token: -1 off, k >= 0: its logprob plus the top k alternatives
+  bool prompt_logprobs = false;   // logprobs of prompt tokens 1.. (token 0 has no prediction), top `logprobs` each
+  // Logit processing before sampling (OpenAI semantics): logit -= frequency_penalty * count(generated token)
+  // + presence_penalty * [count > 0], then logit += logit_bias[token]. Logprobs are log_softmax of these
+  // processed logits (before temperature, top-k and top-p).
+  double presence_penalty = 0, frequency_penalty = 0;
+  std::vector<std::pair<int32_t, float>> logit_bias;
+};
+
+// One scored token: its logprob and the `top` most likely tokens at that position (descending).
+struct TokenLogprob {
+  int32_t id = -1;
+  float logprob = 0;              // NaN for the first prompt token (nothing predicts it)
+  std::vector<std::pair<int32_t, float>> top;
 };
 
 struct EngineEvent {
@@ -42,7 +56,12 @@ struct EngineEvent {
   bool done = false;
   std::string finish_reason;      // stop | length | cancelled | error
   std::string error;
+  std::vector<TokenLogprob> tokens;          // generated tokens since the last event (when logprobs >= 0)
+  std::vector<TokenLogprob> prompt_tokens;   // every prompt token, once (when prompt_logprobs)
 };
+
+// log_softmax of one row of V logits at `id`, and the k most likely tokens (ties: lower id first).
+TokenLogprob score_token(const float* logits, int64_t V, int32_t id, int64_t k);
 
 // What a request's reader sees: a queue of events, and a way to cancel (client gone).
 class RequestStream {
@@ -95,6 +114,7 @@ class Engine {
   bool emit_text(Seq& s, const std::string& piece);  // true when a stop string ended the sequence
   bool accept_token(Seq& s, int32_t tok);            // emits one token; false when the sequence finished
   void run_mtp(std::vector<Seq*>& seqs);             // drafts for sequences with pending MTP rows
+  int32_t sample_next(Seq& s, const float* logits);  // logit processing, sampling, logprobs
 
   Model& model_;
   Tokenizer tok_;

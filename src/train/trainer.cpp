@@ -381,7 +381,8 @@ void run_training(const TrainArgs& a_in) {
         fmt::format("step {}/{} | loss {:.4f}{} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s | maxvio {:.3f} | ETA {}",
                     state.step, total_steps, loss, mtp_s, lr, gnorm, tok_s, worst, fmt_eta(eta));
     if (tty) std::fprintf(stderr, "\r%s\033[K", line.c_str());
-    else if (root && state.step % std::max<int64_t>(a.log_every, 1) == 0 || state.step == total_steps || state.step == first_step + 1)
+    else if (root && (state.step % std::max<int64_t>(a.log_every, 1) == 0 || state.step == total_steps ||
+                      state.step == first_step + 1))
       std::fprintf(stderr, "%s\n", line.c_str());
     if (a.eval_every > 0 && (state.step % a.eval_every == 0 || state.step == total_steps)) evaluate();
     if (distributed) g_stop = world.sum<int32_t>(g_stop ? 1 : 0) > 0;  // Ctrl-C on any rank stops all

@@ -1,6 +1,7 @@
 // dsv3: train and serve DeepSeek-V3-architecture models. One binary, one subcommand per job.
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include "cli/commands.h"
 #include "cli/common.h"
@@ -41,6 +42,13 @@ int main(int argc, char** argv) {
   dsv3::cli::add_serve_commands(app);
   int rc = 0;
   try {
+    // Under mpirun with several ranks only the commands that split their work may run (the others would
+    // repeat the same job on every rank and write the same files at once).
+    if (dsv3::dist::world().size() > 1 && argc > 1) {
+      const std::string cmd = argv[1];
+      if (cmd != "train" && cmd != "grads" && cmd != "generate" && cmd != "serve" && cmd.rfind("-", 0) != 0)
+        dsv3::fail("{} does not run under mpirun with several ranks (distributed: train, grads, generate, serve)", cmd);
+    }
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     rc = app.exit(e);

@@ -283,3 +283,9 @@ def test_expert_parallel_serve_matches_single_process(tmp_path, dsv3_bin, test_d
                 p.kill()
     assert all(n == 12 for _, n in out["single"])
     assert out["ep2"] == out["single"]
+
+
+def test_commands_that_do_not_split_are_refused_under_mpirun(model, dsv3_bin):
+    r = run(mpi(2, dsv3_bin, "info", "--model", model / "m"), timeout=60)
+    assert r.returncode != 0
+    assert "info does not run under mpirun with several ranks" in r.stderr, r.stderr

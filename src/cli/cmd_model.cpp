@@ -5,6 +5,8 @@
 #include <sstream>
 
 #include "cli/commands.h"
+#include "dist/parallel.h"
+#include "dist/runtime.h"
 #include "cli/common.h"
 #include "io/safetensors.h"
 #include "model/generate.h"
@@ -158,7 +160,16 @@ void add_generate(CLI::App& app) {
     validate_sampling(a->sp);
     if (a->max_new < 0 || a->max_new > (int64_t(1) << 24)) fail("--max-new-tokens must be in [0, 16777216], got {}", a->max_new);
     if (a->prompt_ids.empty() == a->prompt.empty()) fail("give exactly one of --prompt-ids or --prompt");
-    LoadedModel lm = open_model(a->dir, a->device, a->dtype);
+    // Under mpirun: every rank runs the same generation with its slice of the experts; rank 0 prints.
+    Communicator& world = dist::world();
+    if (world.size() > 1) {
+      check_same_on_all_ranks(world, a->dir + "|" + a->prompt_ids + "|" + a->prompt + "|" + std::to_string(a->max_new) +
+                                         "|" + std::to_string(a->sp.temperature) + "|" + std::to_string(a->sp.seed) +
+                                         "|" + a->speculative + "|" + a->dtype,
+                              "model or generation options");
+      if (world.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) fail("cannot silence stdout on rank {}", world.rank());
+    }
+    LoadedModel lm = open_model(a->dir, a->device, a->dtype, world.size() > 1 ? &world : nullptr);
     std::vector<int32_t> prompt;
     std::unique_ptr<TextCodec> codec;
     if (!a->prompt.empty()) {

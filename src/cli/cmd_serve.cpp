@@ -9,6 +9,8 @@
 
 #include "cli/commands.h"
 #include "cli/common.h"
+#include "dist/parallel.h"
+#include "dist/runtime.h"
 #include "model/generate.h"
 #include "model/loader.h"
 #include "serve/http_server.h"
@@ -63,7 +65,28 @@ void add_serve_commands(CLI::App& app) {
     c->add_option("--speculative", *spec, "mtp: greedy requests draft with the MTP module (models with MTP)")
         ->check(CLI::IsMember({"mtp", "none"}));
     c->callback([=] {
-      LoadedModel lm = open_model(a->dir, a->device, a->dtype);
+      // Under mpirun: every rank loads its slice of the experts; rank 0 serves HTTP and schedules, the others
+      // replay each of its forward passes (Model::set_leader / follow).
+      Communicator& world = dist::world();
+      const bool ranks = world.size() > 1;
+      if (ranks)
+        check_same_on_all_ranks(world, a->dir + "|" + a->dtype + "|" + std::to_string(a->ec.kv_cache_tokens) + "|" +
+                                           std::to_string(a->ec.max_batch) + "|" + *spec,
+                                "model or serving options");
+      LoadedModel lm = open_model(a->dir, a->device, a->dtype, ranks ? &world : nullptr);
+      if (ranks && world.rank() != 0) {
+        const ModelConfig& mc = lm.model->config();
+        const int64_t tokens = a->ec.kv_cache_tokens > 0 ? a->ec.kv_cache_tokens
+                                                         : a->ec.max_batch * std::min<int64_t>(mc.max_position_embeddings, 2048);
+        KvCache cache(lm.model->backend(), mc, tokens, a->ec.block_size);
+        lm.model->follow(world, cache);
+        return;
+      }
+      if (ranks) lm.model->set_leader(&world);
+      struct StopFollowers {  // after the engine's thread has ended (it makes the collectives until then)
+        Model& m;
+        ~StopFollowers() { m.stop_followers(); }
+      } stop_followers{*lm.model};
       Tokenizer tok = load_tokenizer_for(a->dir, a->tokenizer, lm.model->config().vocab_size);
       if (a->ec.prefill_chunk < 1) fail("--prefill-chunk must be >= 1");
       if (a->ec.max_queue < 0) fail("--max-queue must be >= 0");

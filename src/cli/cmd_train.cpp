@@ -4,6 +4,9 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "dist/expert_shard.h"
+#include "dist/param_groups.h"
+#include "dist/runtime.h"
 #include "io/safetensors.h"
 #include "model/weights.h"
 #include "train/param_memory.h"
@@ -19,6 +22,7 @@ void add_grads(CLI::App& app) {
     std::string dir, in, out, device = "cpu";
     bool mtp = false;
     double mtp_lambda = 0.3, alpha = 0.0;
+    int ep = 0, dp = 0;
   };
   auto a = std::make_shared<Args>();
   c->add_option("--model", a->dir, "Model directory")->required();
@@ -28,6 +32,8 @@ void add_grads(CLI::App& app) {
   c->add_flag("--mtp", a->mtp, "Add the MTP loss lambda/D sum_k CE_k (default: main-model loss only)");
   c->add_option("--mtp-lambda", a->mtp_lambda, "MTP loss weight lambda (with --mtp)");
   c->add_option("--balance-alpha", a->alpha, "Add the sequence-wise balance loss with this alpha (default 0: off)");
+  c->add_option("--ep", a->ep, "Under mpirun: expert-parallel ranks (each owns E/ep routed experts)");
+  c->add_option("--dp", a->dp, "Under mpirun: data-parallel degree (ep x dp = ranks); B must divide by the ranks");
   c->callback([=] {
     SafetensorsFile f(a->in);
     if (!f.has("input_ids")) fail("{}: no tensor named input_ids", a->in);
@@ -45,15 +51,42 @@ void add_grads(CLI::App& app) {
     LoadOptions lo;
     lo.dtype = "f32";  // bf16/fp8 checkpoints are computed in fp32 from their stored values
     ModelWeights w = load_weights(cfg, a->dir, lo);
-    ModelWeights g = alloc_weights(cfg, DType::F32);
+    // Under mpirun: each rank takes B / ranks sequences and (with --ep) its slice of the experts; the
+    // gradients are summed over the ranks that hold each tensor and rank 0 writes the whole model's.
+    Communicator& world = dist::world();
+    Parallel par = make_parallel(world, a->ep, a->dp, cfg);
+    if (par.distributed()) {
+      check_same_on_all_ranks(world, cfg.to_json().dump() + a->in + std::to_string(a->mtp) + std::to_string(a->alpha),
+                              "model or input");
+      if (B % par.size() != 0) fail("{}: B = {} must be a multiple of the {} ranks", a->in, B, par.size());
+      if (!be->is_host()) fail("distributed grads run on CPU ranks (--device cpu), got --device {}", a->device);
+    }
+    if (par.ep > 1) w = slice_experts(w, par.expert_lo, par.expert_n);
+    ModelWeights g = alloc_weights(cfg, DType::F32, true, w.layout.expert_lo, par.ep > 1 ? w.layout.expert_n : -1);
     ParamMemory mem(*be, w, g);
     TrainModel tm(*be, cfg, w, g, mem.view());
+    std::unique_ptr<ExpertParallel> ep;
+    if (par.ep > 1) {
+      ep = std::make_unique<ExpertParallel>(*par.ep_group, cfg.n_routed_experts);
+      tm.set_expert_parallel(ep.get());
+    }
     LossOptions opt;
     opt.mtp = a->mtp;
     opt.mtp_lambda = a->mtp_lambda;
     opt.balance_alpha = a->alpha;
-    StepStats st = tm.run(flat.data(), B, T, opt, 1.0, true);
+    const double ranks = double(par.size());
+    StepStats st = tm.run(flat.data() + par.batch_first(B) * T, par.batch_count(B), T, opt, 1.0 / ranks, true);
     mem.download_grads();
+    if (par.distributed()) {
+      st.total = world.sum(st.total) / ranks, st.loss = world.sum(st.loss) / ranks;
+      all_reduce_grads(make_param_groups(g.layout, par), g.flat.ptr<float>());
+      if (par.ep > 1) {
+        ModelWeights full = alloc_weights(cfg, DType::F32);
+        gather_flat(*par.ep_group, g.layout, g.flat.ptr<float>(), full.layout, full.flat.ptr<float>());
+        g = std::move(full);
+      }
+      if (!par.is_root()) return;
+    }
     std::vector<Tensor> outs;
     Tensor loss = Tensor::empty(DType::F32, {1}, "loss");
     loss.f32()[0] = float(st.total);

@@ -46,6 +46,9 @@ void add_train_run(CLI::App& app) {
   c->add_option("--save-dtype", a->save_dtype, "model.safetensors dtype: f32 | bf16")->capture_default_str();
   c->add_option("--stop-after", a->stop_after, "Stop (and save) after this many steps of this invocation, keeping the schedule of --steps");
   c->add_flag("--no-report", *no_report, "Do not write report.html at the end");
+  c->add_option("--ep", a->ep, "Under mpirun: expert-parallel ranks, each owning E/ep routed experts of every MoE "
+                               "layer (default 1)");
+  c->add_option("--dp", a->dp, "Under mpirun: data-parallel degree, ep x dp = ranks (default ranks / ep)");
   c->callback([=] {
     TrainArgs args = *a;
     if (!a->resume.empty()) {
@@ -54,6 +57,7 @@ void add_train_run(CLI::App& app) {
       if (!is_checkpoint(dir) && is_checkpoint(dir + "/checkpoint")) dir += "/checkpoint";
       nlohmann::json saved = load_checkpoint_args(dir);
       nlohmann::json now = a->to_json();
+      saved["ep"] = 0, saved["dp"] = 0;  // the saved layout does not bind: a checkpoint resumes on any world size
       for (auto* o : c->get_options()) {
         if (o->count() == 0 || o->get_lnames().empty()) continue;
         const std::string k = o->get_lnames()[0];

@@ -12,7 +12,8 @@ ModelWeights upload_weights(ModelWeights w, Backend& be) {
   return w;
 }
 
-LoadedModel open_model(const std::string& dir, const std::string& device, const std::string& dtype) {
+LoadedModel open_model(const std::string& dir, const std::string& device, const std::string& dtype,
+                       Communicator* experts) {
   if (!std::filesystem::is_directory(dir)) fail("model directory {} does not exist", dir);
   LoadedModel lm;
   lm.dir = dir;
@@ -20,8 +21,17 @@ LoadedModel open_model(const std::string& dir, const std::string& device, const 
   lm.backend = make_backend(device);
   LoadOptions lo;
   lo.dtype = dtype;
+  const bool ep = experts && experts->size() > 1;
+  if (ep) {
+    if (cfg.n_routed_experts == 0 || cfg.n_routed_experts % experts->size() != 0)
+      fail("expert parallelism over {} ranks needs a routed-expert count divisible by it (the model has {})",
+           experts->size(), cfg.n_routed_experts);
+    lo.expert_n = cfg.n_routed_experts / experts->size();
+    lo.expert_lo = int64_t(experts->rank()) * lo.expert_n;
+  }
   ModelWeights w = load_weights(cfg, dir, lo, lm.backend.get());  // straight into the backend's memory
   lm.model = std::make_unique<Model>(cfg, std::move(w), *lm.backend);
+  if (ep) lm.model->set_expert_parallel(experts);
   return lm;
 }
 

@@ -69,6 +69,7 @@ Model::Step Model::prepare(std::vector<BatchSeq>& batch, KvCache& cache, bool ab
 }
 
 ForwardResult Model::forward(std::vector<BatchSeq>& batch, KvCache& cache, const ForwardOptions& opt) {
+  if (leader_) announce(1, batch, opt, 0, nullptr, true);
   Step st = prepare(batch, cache, opt.absorb_decode);
   std::vector<int64_t> out_rows;
   for (size_t i = 0; i < st.rows_of.size(); ++i) {
@@ -236,13 +237,61 @@ Tensor Model::moe(const MoeWeights& M, const Tensor& h) {
     out = be_.alloc(be_.act_dtype(), {T, cfg_.hidden_size}, "moe_out");
     be_.zero(out);
   }
+  if (ep_) return moe_expert_parallel(M, h, idx, wts, out);
   be_.moe_experts_acc(out, h, idx, wts, M.gate, M.up, M.down);
+  return out;
+}
+
+void Model::set_expert_parallel(Communicator* comm) {
+  if (comm && comm->size() > 1) {
+    if (be_.device() != Device::CPU) fail("expert-parallel inference runs on CPU ranks for now");
+    if (w_.layout.expert_n * comm->size() != cfg_.n_routed_experts)
+      fail("internal: {} ranks with {} experts each do not hold the model's {} experts", comm->size(),
+           w_.layout.expert_n, cfg_.n_routed_experts);
+  }
+  ep_ = comm && comm->size() > 1 ? comm : nullptr;
+}
+
+// The assignments (t, k) whose expert is local, compacted to rows [A, H] with K = 1, run through the backend's
+// grouped experts; their weighted outputs are added to this rank's share of out (rank 0's share starts with
+// the shared experts, the others' at zero), then the shares are summed over the ranks.
+Tensor Model::moe_expert_parallel(const MoeWeights& M, const Tensor& h, const Tensor& idx, const Tensor& wts,
+                                  Tensor& out) {
+  const int64_t T = h.dim(0), H = cfg_.hidden_size, K = cfg_.num_experts_per_tok;
+  const int64_t lo = w_.layout.expert_lo, El = w_.layout.expert_n;
+  if (out.dtype != DType::F32 || h.dtype != DType::F32) fail("internal: expert-parallel inference needs fp32 activations");
+  if (ep_->rank() != 0) be_.zero(out);
+  const int32_t* ip = idx.ptr<int32_t>();
+  const float* wp = wts.ptr<float>();
+  std::vector<int64_t> rows;  // assignment a = t*K + k of the local experts, in (t, k) order
+  for (int64_t a = 0; a < T * K; ++a)
+    if (ip[a] >= lo && ip[a] < lo + El) rows.push_back(a);
+  const int64_t A = int64_t(rows.size());
+  if (A > 0) {
+    Tensor xa = be_.alloc(DType::F32, {A, H}, "ep_x"), ya = be_.alloc(DType::F32, {A, H}, "ep_y");
+    Tensor ia = be_.alloc(DType::I32, {A, 1}, "ep_idx"), wa = be_.alloc(DType::F32, {A, 1}, "ep_w");
+    for (int64_t i = 0; i < A; ++i) {
+      std::copy_n(h.ptr<float>() + (rows[i] / K) * H, H, xa.ptr<float>() + i * H);
+      ia.ptr<int32_t>()[i] = ip[rows[i]] - int32_t(lo);
+      wa.ptr<float>()[i] = wp[rows[i]];
+    }
+    be_.zero(ya);
+    be_.moe_experts_acc(ya, xa, ia, wa, M.gate, M.up, M.down);
+    float* o = out.ptr<float>();
+    for (int64_t i = 0; i < A; ++i) {
+      const float* y = ya.ptr<float>() + i * H;
+      float* ot = o + (rows[i] / K) * H;
+      for (int64_t j = 0; j < H; ++j) ot[j] += y[j];
+    }
+  }
+  ep_->all_reduce_sum(out.ptr<float>(), T * H, CommType::F32);
   return out;
 }
 
 Tensor Model::mtp_forward(int64_t k, const Tensor& h_prev, std::vector<BatchSeq>& batch, KvCache& cache,
                           Tensor* logits_out) {
   if (k < 1 || k > cfg_.num_nextn_predict_layers) fail("model has no MTP module {}", k);
+  if (leader_) announce(2, batch, {}, k, &h_prev, logits_out != nullptr);
   // Positions: MTP rows continue from the sequence's MTP-cache length, kept in a shadow SeqCache len.
   Step st = prepare(batch, cache, true);
   const MtpWeights& M = w_.mtp[k - 1];

@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "dist/communicator.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/weights.h"
@@ -52,12 +53,24 @@ class Model {
   int64_t active_params() const;      // per token: attention, dense, shared + top-k experts, embed row, head
   int64_t mtp_params() const;
 
+  // Expert-parallel inference (dist/: every rank of comm runs this same forward on the same tokens, with the
+  // weights of its own slice of each MoE layer's experts, loaded by open_model; CPU backend). Each rank
+  // computes its experts' share of every token and the shares are summed with one all-reduce per MoE layer.
+  void set_expert_parallel(Communicator* comm);
+  // Serving over ranks (model_mirror.cpp): rank 0, the leader, runs the scheduler; before each forward and
+  // MTP pass it broadcasts the pass (block tables, lengths, tokens, options, MTP inputs) and the other ranks,
+  // in follow(), replay it on their own cache, so every rank takes part in the pass's collectives.
+  void set_leader(Communicator* comm) { leader_ = comm && comm->size() > 1 ? comm : nullptr; }
+  void stop_followers();                       // leader: ends the followers' follow()
+  void follow(Communicator& comm, KvCache& cache);  // followers: replay until the leader stops
+
  private:
   struct Step;  // per-forward scratch: positions, sequence slices
   void layer_forward(const LayerWeights& L, Tensor& x, Step& st, KvCache& cache, int64_t slot);
   Tensor attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache& cache, int64_t slot);
   Tensor mlp(const MlpWeights& M, const Tensor& h);
   Tensor moe(const MoeWeights& M, const Tensor& h);
+  Tensor moe_expert_parallel(const MoeWeights& M, const Tensor& h, const Tensor& idx, const Tensor& wts, Tensor& out);
   Tensor hidden_states(Step& st, KvCache& cache);  // embedding, layers, final norm: [T, H] in row order
   Tensor logits_for(const Tensor& hidden_normed, const std::vector<int64_t>& rows);  // device fp32 [rows, V]
   Tensor in_batch_order(const Tensor& x, const Step& st);
@@ -68,6 +81,10 @@ class Model {
   Backend& be_;
   Tensor rope_cos_, rope_sin_;
   RouteParams route_;
+  Communicator* ep_ = nullptr;
+  Communicator* leader_ = nullptr;
+  void announce(int64_t op, const std::vector<BatchSeq>& batch, const ForwardOptions& opt, int64_t k,
+                const Tensor* h_prev, bool want_logits);
 };
 
 }  // namespace dsv3

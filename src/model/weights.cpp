@@ -20,7 +20,7 @@ const ParamSpec& ParamLayout::at(const std::string& name) const {
 
 namespace {
 
-void add_layer_specs(const ModelConfig& c, int64_t li, std::vector<ParamSpec>& out) {
+void add_layer_specs(const ModelConfig& c, int64_t li, int64_t elo, int64_t en, std::vector<ParamSpec>& out) {
   const std::string p = "model.layers." + std::to_string(li) + ".";
   const int64_t H = c.hidden_size, nh = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim,
                 dv = c.v_head_dim, r = c.kv_lora_rank;
@@ -50,7 +50,7 @@ void add_layer_specs(const ModelConfig& c, int64_t li, std::vector<ParamSpec>& o
     add("mlp.gate.weight", {E, H});
     if (c.topk_method == "noaux_tc") add("mlp.gate.e_score_correction_bias", {E}, false, true);
     for (const char* w : {"gate_proj", "up_proj", "down_proj"})
-      for (int64_t e = 0; e < E; ++e)
+      for (int64_t e = elo; e < elo + en; ++e)
         add("mlp.experts." + std::to_string(e) + "." + w + ".weight", std::string(w) == "down_proj" ? Shape{H, I} : Shape{I, H});
     if (c.n_shared_experts > 0) {
       const int64_t Is = I * c.n_shared_experts;
@@ -68,11 +68,16 @@ void add_layer_specs(const ModelConfig& c, int64_t li, std::vector<ParamSpec>& o
 
 }  // namespace
 
-ParamLayout make_param_layout(const ModelConfig& c) {
+ParamLayout make_param_layout(const ModelConfig& c, int64_t expert_lo, int64_t expert_n) {
   ParamLayout L;
+  if (expert_n < 0) expert_lo = 0, expert_n = c.n_routed_experts;
+  if (expert_lo < 0 || expert_lo + expert_n > c.n_routed_experts)
+    fail("internal: expert slice [{}, {}) outside the {} routed experts", expert_lo, expert_lo + expert_n,
+         c.n_routed_experts);
+  L.expert_lo = expert_lo, L.expert_n = expert_n;
   const int64_t H = c.hidden_size, V = c.vocab_size;
   L.specs.push_back({"model.embed_tokens.weight", {V, H}});
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) add_layer_specs(c, i, L.specs);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) add_layer_specs(c, i, expert_lo, expert_n, L.specs);
   L.specs.push_back({"model.norm.weight", {H}, 0, false, true});
   L.specs.push_back({"lm_head.weight", {V, H}});
   for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
@@ -81,7 +86,7 @@ ParamLayout make_param_layout(const ModelConfig& c) {
     L.specs.push_back({p + "enorm.weight", {H}, 0, false, true});
     L.specs.push_back({p + "hnorm.weight", {H}, 0, false, true});
     L.specs.push_back({p + "eh_proj.weight", {H, 2 * H}});
-    add_layer_specs(c, li, L.specs);
+    add_layer_specs(c, li, expert_lo, expert_n, L.specs);
     L.specs.push_back({p + "shared_head.norm.weight", {H}, 0, false, true});
   }
   for (size_t i = 0; i < L.specs.size(); ++i) {
@@ -106,14 +111,16 @@ Tensor ModelWeights::view(const std::string& name) {
 
 namespace {
 
-Tensor grouped(ModelWeights& w, const std::string& prefix, int64_t E, const char* which) {
-  Tensor first = w.view(prefix + "experts.0." + which + ".weight");
+// The layout's experts [lo, lo + E) of one projection as one grouped tensor [E, ...].
+Tensor grouped(ModelWeights& w, const std::string& prefix, int64_t lo, int64_t E, const char* which) {
+  if (E == 0) return Tensor();
+  Tensor first = w.view(prefix + "experts." + std::to_string(lo) + "." + which + ".weight");
   Tensor g = first;
   g.name = prefix + "experts.*." + which + ".weight";
   g.shape = {E, first.shape[0], first.shape[1]};
   // The layout places experts.e.<which> right after experts.(e-1).<which>; check it once.
   if (E > 1) {
-    Tensor last = w.view(prefix + "experts." + std::to_string(E - 1) + "." + which + ".weight");
+    Tensor last = w.view(prefix + "experts." + std::to_string(lo + E - 1) + "." + which + ".weight");
     DSV3_CHECK(static_cast<char*>(last.data) - static_cast<char*>(first.data) ==
                    ptrdiff_t((E - 1) * first.numel() * dtype_size(first.dtype)),
                "experts of {} are not contiguous", prefix);
@@ -143,9 +150,9 @@ void bind_layer(ModelWeights& w, const ModelConfig& c, LayerWeights& L, int64_t 
     auto& m = L.moe;
     m.router = w.view(p + "mlp.gate.weight");
     if (c.topk_method == "noaux_tc") m.bias = w.view(p + "mlp.gate.e_score_correction_bias");
-    m.gate = grouped(w, p + "mlp.", c.n_routed_experts, "gate_proj");
-    m.up = grouped(w, p + "mlp.", c.n_routed_experts, "up_proj");
-    m.down = grouped(w, p + "mlp.", c.n_routed_experts, "down_proj");
+    m.gate = grouped(w, p + "mlp.", w.layout.expert_lo, w.layout.expert_n, "gate_proj");
+    m.up = grouped(w, p + "mlp.", w.layout.expert_lo, w.layout.expert_n, "up_proj");
+    m.down = grouped(w, p + "mlp.", w.layout.expert_lo, w.layout.expert_n, "down_proj");
     m.has_shared = c.n_shared_experts > 0;
     if (m.has_shared) {
       m.shared.gate = w.view(p + "mlp.shared_experts.gate_proj.weight");
@@ -180,10 +187,11 @@ void ModelWeights::bind() {
   }
 }
 
-ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_flat) {
+ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_flat, int64_t expert_lo,
+                           int64_t expert_n) {
   ModelWeights w;
   w.cfg = cfg;
-  w.layout = make_param_layout(cfg);
+  w.layout = make_param_layout(cfg, expert_lo, expert_n);
   if (allocate_flat) w.flat = Tensor::zeros(dtype, {w.layout.num_params}, "params");
   w.bias_flat = Tensor::zeros(DType::F32, {std::max<int64_t>(w.layout.num_bias, 1)}, "biases");
   if (allocate_flat) w.bind();
@@ -192,7 +200,7 @@ ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_fl
 
 ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt, Backend* target) {
   WeightSet ws(dir);
-  ParamLayout layout = make_param_layout(cfg);
+  ParamLayout layout = make_param_layout(cfg, opt.expert_lo, opt.expert_n);
   // Decide the buffer dtype: bf16 only if every parameter is stored as bf16 (then it stays bf16 in memory).
   DType dt = DType::BF16;
   for (auto& s : layout.specs) {
@@ -207,7 +215,7 @@ ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const 
   // A device backend gets its parameter buffer directly: every tensor goes from the mmap'd file to the device
   // (converted there), so the host never holds the whole model. Biases are small: host first, then uploaded.
   const bool device = target && target->device() != Device::CPU;
-  ModelWeights w = alloc_weights(cfg, device ? DType::F32 : dt, /*allocate_flat=*/!device);
+  ModelWeights w = alloc_weights(cfg, device ? DType::F32 : dt, /*allocate_flat=*/!device, opt.expert_lo, opt.expert_n);
   if (device) w.flat = target->alloc(dt, {layout.num_params}, "params");
   std::vector<std::string> errors;
   // One tensor: checks, then conversion into its place (fp8: times the block scales, exactly as in fp32).

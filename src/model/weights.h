@@ -29,10 +29,15 @@ struct ParamLayout {
   std::map<std::string, size_t> index;  // name -> specs position
   int64_t num_params = 0;               // elements of the parameter buffer
   int64_t num_bias = 0;                 // elements of the bias buffer
+  // Routed experts present in this layout: [expert_lo, expert_lo + expert_n) of every MoE layer (an
+  // expert-parallel rank holds a slice, dist/expert_shard.h); the full model has 0 and n_routed_experts.
+  int64_t expert_lo = 0, expert_n = 0;
   const ParamSpec& at(const std::string& name) const;
 };
 
-ParamLayout make_param_layout(const ModelConfig& cfg);
+// expert_n < 0: all routed experts; otherwise only experts [expert_lo, expert_lo + expert_n) of each MoE layer
+// (hub names keep their global expert index).
+ParamLayout make_param_layout(const ModelConfig& cfg, int64_t expert_lo = 0, int64_t expert_n = -1);
 
 struct AttnWeights {
   Tensor q_proj;                  // [nh*(dn+dr), H] (q_lora_rank null)
@@ -83,6 +88,8 @@ struct ModelWeights {
 
 struct LoadOptions {
   std::string dtype = "auto";  // auto (bf16 if every float tensor is bf16, else f32) | f32 | bf16
+  // Routed experts to load (an expert-parallel rank's slice, make_param_layout); -1: all of them.
+  int64_t expert_lo = 0, expert_n = -1;
 };
 
 // Reads config.json + safetensors of a hub directory, checks every expected tensor by name and shape,
@@ -94,7 +101,9 @@ ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const 
 ModelWeights init_weights(const ModelConfig& cfg, uint64_t seed, DType dtype);
 // Allocates zeroed flat buffers of a dtype for a config (used for gradients and optimizer state too).
 // allocate_flat false leaves flat empty for the caller to place (the loader's device path).
-ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_flat = true);
+// expert_lo/expert_n as make_param_layout (an expert-parallel slice).
+ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_flat = true, int64_t expert_lo = 0,
+                           int64_t expert_n = -1);
 // Writes a hub directory: config.json and model.safetensors with hub names (experts split, MTP copies of
 // embed_tokens and shared_head.head included), in dtype. Atomic per file.
 void save_weights(const ModelConfig& cfg, const ModelWeights& w, const std::string& dir, DType dtype);

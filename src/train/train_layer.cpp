@@ -137,10 +137,14 @@ void TrainModel::layer_forward(const LayerWeights& L, LayerCache& c, TBuf<float>
     be_.count_experts(load_[moe_row], c.idx.data(), N * K);
     if (M.has_shared) mlp_forward(M.shared, c.mlp, c.h2.data(), N, tmp);
     else be_.fill(tmp, 0.f, N * H);
-    if (!c.experts) c.experts = be_.new_moe_state();
+    if (!c.experts) c.experts = ep_ ? ep_->new_state(be_) : be_.new_moe_state();
     ProfileScope prof_("experts_fwd");
-    be_.experts_forward(tmp, *c.experts, c.h2.data(), c.idx.data(), c.w.data(), P(M.gate), P(M.up), P(M.down), N, K,
-                        H, I, E);
+    if (ep_)
+      ep_->forward(be_, tmp, *c.experts, c.h2.data(), c.idx.data(), c.w.data(), P(M.gate), P(M.up), P(M.down), N, K,
+                   H, I);
+    else
+      be_.experts_forward(tmp, *c.experts, c.h2.data(), c.idx.data(), c.w.data(), P(M.gate), P(M.up), P(M.down), N,
+                          K, H, I, E);
   }
   be_.add(x, tmp, N * H);
 }
@@ -158,8 +162,12 @@ void TrainModel::layer_backward(const LayerWeights& L, LayerWeights& Gl, LayerCa
     const int64_t E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok, I = cfg_.moe_intermediate_size;
     if (M.has_shared) mlp_backward(M.shared, GM.shared, c.mlp, c.h2.data(), N, dx, dh);
     ProfileScope prof_("experts_bwd");
-    be_.experts_backward(dh, buf(s_dw_, N * K), G(GM.gate), G(GM.up), G(GM.down), dx, *c.experts, c.h2.data(),
-                         c.idx.data(), c.w.data(), P(M.gate), P(M.up), P(M.down), N, K, H, I, E);
+    if (ep_)
+      ep_->backward(be_, dh, buf(s_dw_, N * K), G(GM.gate), G(GM.up), G(GM.down), dx, *c.experts, P(M.gate), P(M.up),
+                    P(M.down), N, K, H, I);
+    else
+      be_.experts_backward(dh, buf(s_dw_, N * K), G(GM.gate), G(GM.up), G(GM.down), dx, *c.experts, c.h2.data(),
+                           c.idx.data(), c.w.data(), P(M.gate), P(M.up), P(M.down), N, K, H, I, E);
     be_.route_backward(buf(s_drl_, N * E), s_dw_.data(), c.dscores.empty() ? nullptr : c.dscores.data(),
                        c.scores.data(), c.idx.data(), N, route_);
     be_.linear_backward(dh, true, G(GM.router), s_drl_.data(), c.h2.data(), P(M.router), N, E, H);

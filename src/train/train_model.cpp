@@ -40,6 +40,10 @@ void TrainModel::reset_load() {
   load_.assign(moe_layers_.size(), std::vector<int64_t>(cfg_.n_routed_experts, 0));
 }
 
+void TrainModel::all_reduce_load(Communicator& comm) {
+  for (auto& l : load_) comm.all_reduce_sum(l);
+}
+
 const int32_t* TrainModel::upload_ints(TBuf<int32_t>& b, const std::vector<int32_t>& host) {
   int32_t* p = buf(b, int64_t(host.size()));
   be_.upload(p, host.data(), host.size() * sizeof(int32_t));

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "dist/expert_parallel.h"
 #include "model/config.h"
 #include "model/weights.h"
 #include "ops/train_backend.h"
@@ -59,8 +60,13 @@ class TrainModel {
   const std::vector<std::vector<int64_t>>& load() const { return load_; }
   const std::vector<int64_t>& moe_layers() const { return moe_layers_; }  // hub layer index of each row
   void reset_load();
+  // load() = the sum of every rank's load() (collective over comm): the global expert counts.
+  void all_reduce_load(Communicator& comm);
   // Rows of lm_head logits computed at a time (default: as many as fit in kHeadChunkFloats); for tests.
   void set_head_chunk_rows(int64_t rows) { head_chunk_rows_ = rows; }
+  // Expert parallelism (dist/expert_parallel.h): the layout holds a slice of each MoE layer's experts and
+  // routed-expert work is exchanged with the other ranks of the group. Null (the default): all local.
+  void set_expert_parallel(ExpertParallel* ep) { ep_ = ep; }
   static constexpr int64_t kHeadChunkFloats = int64_t(64) << 20;  // 256 MB of fp32 logits
 
  private:
@@ -135,6 +141,7 @@ class TrainModel {
       s_dw_, s_en_, s_hpn_, s_dcat_, s_dcat_e_, s_dcat_h_, s_de_, s_dhp_;
   std::vector<std::vector<int64_t>> load_;
   std::vector<int64_t> moe_layers_;
+  ExpertParallel* ep_ = nullptr;
 };
 
 }  // namespace dsv3

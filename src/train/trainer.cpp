@@ -12,6 +12,10 @@
 #include <fstream>
 #include <sstream>
 
+#include "dist/expert_shard.h"
+#include "dist/parallel.h"
+#include "dist/runtime.h"
+#include "dist/zero.h"
 #include "io/atomic_file.h"
 #include "model/weights.h"
 #include "train/checkpoint.h"
@@ -34,7 +38,7 @@ json TrainArgs::to_json() const {
           {"weight-decay", adam.weight_decay}, {"clip", adam.clip}, {"bias-gamma", bias_gamma},
           {"balance-alpha", balance_alpha}, {"mtp-lambda", mtp_lambda}, {"eval-every", eval_every},
           {"eval-batches", eval_batches}, {"save-every", save_every}, {"log-every", log_every}, {"seed", seed},
-          {"device", device}};
+          {"device", device}, {"ep", ep}, {"dp", dp}};
 }
 
 TrainArgs TrainArgs::from_json(const json& j) {
@@ -50,7 +54,7 @@ TrainArgs TrainArgs::from_json(const json& j) {
   get("weight-decay", a.adam.weight_decay), get("clip", a.adam.clip), get("bias-gamma", a.bias_gamma);
   get("balance-alpha", a.balance_alpha), get("mtp-lambda", a.mtp_lambda), get("eval-every", a.eval_every);
   get("eval-batches", a.eval_batches), get("save-every", a.save_every), get("log-every", a.log_every);
-  get("seed", a.seed), get("device", a.device);
+  get("seed", a.seed), get("device", a.device), get("ep", a.ep), get("dp", a.dp);
   return a;
 }
 
@@ -133,16 +137,49 @@ void run_training(const TrainArgs& a_in) {
   }
   if (a.seq > cfg.max_position_embeddings)
     fail("--seq {} exceeds the model's max_position_embeddings {}", a.seq, cfg.max_position_embeddings);
+
+  // ---- distribution: one rank (as before) or ep x dp ranks under mpirun
+  Communicator& world = dist::world();
+  Parallel par = make_parallel(world, a.ep, a.dp, cfg);
+  const bool distributed = par.distributed();
+  if (distributed) {
+    check_same_on_all_ranks(world, cfg.to_json().dump() + a.to_json().dump() + a.resume + std::to_string(a.stop_after),
+                            "model config or training options");
+    if (a.batch % par.size() != 0)
+      fail("--batch {} (the global batch) must be a multiple of the {} ranks", a.batch, par.size());
+    if (!be->is_host()) fail("distributed training runs on CPU ranks for now (--device cpu), got --device {}", a.device);
+  }
+  const ParamLayout full_layout = params.layout;
+  if (par.ep > 1) {  // keep this rank's expert slice only (the checkpoint has all of them: resharding on load)
+    params = slice_experts(params, par.expert_lo, par.expert_n);
+    if (!adam_m.empty()) {
+      adam_m = slice_flat(full_layout, adam_m, params.layout);
+      adam_v = slice_flat(full_layout, adam_v, params.layout);
+    }
+  }
   // The host params keep the layout and the checkpoint copy; mem holds what the backend trains.
-  ModelWeights grads = alloc_weights(cfg, DType::F32);
+  ModelWeights grads = alloc_weights(cfg, DType::F32, true, params.layout.expert_lo,
+                                     par.ep > 1 ? params.layout.expert_n : -1);
   ParamMemory mem(*be, params, grads);
-  AdamW adam(*be, params.layout, a.adam);
+  std::unique_ptr<AdamW> adam;
+  std::unique_ptr<ShardedAdamW> zero;
+  if (distributed) zero = std::make_unique<ShardedAdamW>(*be, params.layout, par, a.adam);
+  else adam = std::make_unique<AdamW>(*be, params.layout, a.adam);
   if (!adam_m.empty()) {
-    adam.set_moments(adam_m, adam_v);
-    adam.t = state.adam_t;
+    if (zero) zero->set_moments(adam_m, adam_v), zero->t = state.adam_t;
+    else adam->set_moments(adam_m, adam_v), adam->t = state.adam_t;
     std::vector<float>().swap(adam_m), std::vector<float>().swap(adam_v);
   }
+  auto adam_t = [&] { return zero ? zero->t : adam->t; };
   TrainModel tm(*be, cfg, params, grads, mem.view());
+  std::unique_ptr<ExpertParallel> ep;
+  if (par.ep > 1) {
+    ep = std::make_unique<ExpertParallel>(*par.ep_group, cfg.n_routed_experts);
+    tm.set_expert_parallel(ep.get());
+  }
+  const bool root = par.is_root();
+  const int64_t local_batch = par.batch_count(a.batch), first_seq = par.batch_first(a.batch);
+  const double world_n = double(par.size());
 
   // ---- data
   DataLoader data(a.data, a.seed);
@@ -151,14 +188,17 @@ void run_training(const TrainArgs& a_in) {
   const std::string tokenizer_dir = data.meta().tokenizer;
 
   // ---- output
-  fs::create_directories(a.out);
   const std::string ckpt_dir = (fs::path(a.out) / "checkpoint").string();
   const std::string metrics_path = (fs::path(a.out) / "metrics.jsonl").string();
-  if (!a.resume.empty()) truncate_metrics(metrics_path, state.step);
-  else std::remove(metrics_path.c_str());
-  std::ofstream metrics(metrics_path, std::ios::app);
-  if (!metrics) fail("cannot write {}", metrics_path);
-  const bool tty = isatty(2);
+  std::ofstream metrics;
+  if (root) {  // only rank 0 writes (metrics, checkpoints, the report)
+    fs::create_directories(a.out);
+    if (!a.resume.empty()) truncate_metrics(metrics_path, state.step);
+    else std::remove(metrics_path.c_str());
+    metrics.open(metrics_path, std::ios::app);
+    if (!metrics) fail("cannot write {}", metrics_path);
+  }
+  const bool tty = root && isatty(2);
 
   LossOptions lopt;
   lopt.mtp = a.mtp_lambda > 0;
@@ -168,14 +208,29 @@ void run_training(const TrainArgs& a_in) {
   const int64_t E = cfg.n_routed_experts;
 
   auto save = [&](const char* why) {
-    state.adam_t = adam.t;
+    state.adam_t = adam_t();
     data.rng().get_state(state.rng.data());
     state.args = a.to_json();
     mem.download_params();
     std::vector<float> m, v;
-    adam.get_moments(m, v);
-    save_checkpoint(ckpt_dir, cfg, params, a.save_dtype == "bf16" ? DType::BF16 : DType::F32, m, v, state,
-                    tokenizer_dir);
+    if (zero) zero->get_moments(m, v);  // collective: every rank's shards
+    else adam->get_moments(m, v);
+    const DType sd = a.save_dtype == "bf16" ? DType::BF16 : DType::F32;
+    if (par.ep > 1) {  // one hub directory with every expert: gather the slices (collective over each group)
+      ModelWeights full = alloc_weights(cfg, DType::F32);
+      gather_flat(*par.ep_group, params.layout, params.flat.ptr<float>(), full.layout, full.flat.ptr<float>());
+      std::copy_n(params.bias_flat.ptr<float>(), params.bias_flat.numel(), full.bias_flat.ptr<float>());
+      std::vector<float> fm(full.layout.num_params), fv(full.layout.num_params);
+      gather_flat(*par.ep_group, params.layout, m.data(), full.layout, fm.data());
+      gather_flat(*par.ep_group, params.layout, v.data(), full.layout, fv.data());
+      if (root) save_checkpoint(ckpt_dir, cfg, full, sd, fm, fv, state, tokenizer_dir);
+    } else if (root) {
+      save_checkpoint(ckpt_dir, cfg, params, sd, m, v, state, tokenizer_dir);
+    }
+    if (distributed) {  // the others wait for rank 0's write; a failed write ends the job through abort
+      world.barrier();
+    }
+    if (!root) return;
     if (tty) std::fprintf(stderr, "\n");
     std::fprintf(stderr, "saved %s (%s, step %lld)\n", ckpt_dir.c_str(), why, (long long)state.step);
   };
@@ -194,11 +249,20 @@ void run_training(const TrainArgs& a_in) {
       LossOptions eo = lopt;
       eo.mtp = D > 0;
       eo.mtp_lambda = a.mtp_lambda > 0 ? a.mtp_lambda : 0.3;  // the MTP heads are measured even when not trained
-      StepStats s = tm.run(ids.data(), a.batch, a.seq, eo, 1.0, false);
-      loss += s.loss;
+      StepStats s = tm.run(ids.data() + first_seq * a.seq, local_batch, a.seq, eo, 1.0, false);
+      loss += s.loss / world_n;
       correct += s.main_correct, count += s.main_count;
-      for (int64_t k = 0; k < D; ++k) mloss[k] += s.mtp_loss[k], mc[k] += s.mtp_correct[k], mn[k] += s.mtp_count[k];
+      for (int64_t k = 0; k < D; ++k)
+        mloss[k] += s.mtp_loss[k] / world_n, mc[k] += s.mtp_correct[k], mn[k] += s.mtp_count[k];
     }
+    if (distributed) {  // every rank evaluated its slice of each batch: sum the means / world and the counts
+      world.all_reduce_sum(&loss, 1, CommType::F64);
+      world.all_reduce_sum(mloss);
+      world.all_reduce_sum(&correct, 1, CommType::I64);
+      world.all_reduce_sum(&count, 1, CommType::I64);
+      world.all_reduce_sum(mc), world.all_reduce_sum(mn);
+    }
+    if (!root) return;
     json j = {{"type", "val"}, {"step", state.step}, {"val_loss", loss / double(nb)},
               {"val_acc", count ? double(correct) / double(count) : 0.0}};
     json ml = json::array(), ma = json::array();
@@ -221,10 +285,15 @@ void run_training(const TrainArgs& a_in) {
   for (auto& s : params.layout.specs)
     if (!s.is_bias && s.name.rfind("model.layers.", 0) == 0 && std::stoll(s.name.substr(13)) >= cfg.num_hidden_layers)
       mtp_params += shape_numel(s.shape);
+  if (root)
   std::fprintf(stderr, "training %s on %s: %lld params (%lld in MTP modules), %lld steps of %lld tokens (batch %lld x seq %lld x accum %lld), data %s (%lld tokens)\n",
                a.resume.empty() ? "from scratch" : "resumed", be->name().c_str(), (long long)params.layout.num_params, (long long)mtp_params,
                (long long)total_steps, (long long)tokens_per_step, (long long)a.batch, (long long)a.seq,
                (long long)a.grad_accum, a.data.c_str(), (long long)data.train_tokens());
+  if (root && distributed)
+    std::fprintf(stderr, "distributed over %s: %lld sequences per rank, %lld of %lld experts per MoE layer, %lld "
+                 "optimizer values per rank (ZeRO-1)\n", par.describe().c_str(), (long long)local_batch,
+                 (long long)params.layout.expert_n, (long long)cfg.n_routed_experts, (long long)zero->state_elements());
   g_stop = false;
   auto prev_handler = std::signal(SIGINT, on_sigint);
   struct Restore {
@@ -245,8 +314,17 @@ void run_training(const TrainArgs& a_in) {
     const int64_t D = cfg.num_nextn_predict_layers;
     std::vector<double> mtp(D, 0.0);
     for (int64_t micro = 0; micro < a.grad_accum; ++micro) {
+      // Every rank draws the same global batch (same seed, same RNG state) and trains its slice of it.
       data.next_batch(a.batch, a.seq, ids.data());
-      StepStats s = tm.run(ids.data(), a.batch, a.seq, lopt, 1.0 / double(a.grad_accum), true);
+      StepStats s = tm.run(ids.data() + first_seq * a.seq, local_batch, a.seq, lopt,
+                           1.0 / double(a.grad_accum) / world_n, true);
+      if (distributed) {  // the global means: each rank's mean over an equal share of the rows
+        std::vector<double> r = {s.total, s.loss, s.balance_loss};
+        r.insert(r.end(), s.mtp_loss.begin(), s.mtp_loss.end());
+        world.all_reduce_sum(r);
+        s.total = r[0] / world_n, s.loss = r[1] / world_n, s.balance_loss = r[2] / world_n;
+        for (size_t k = 0; k < s.mtp_loss.size(); ++k) s.mtp_loss[k] = r[3 + k] / world_n;
+      }
       if (!std::isfinite(s.total))
         fail("the loss is not finite ({}) at step {}: stopping without saving{}; lower --lr or check the data",
              std::isnan(s.total) ? "NaN" : "Inf",
@@ -258,8 +336,9 @@ void run_training(const TrainArgs& a_in) {
     double gnorm;
     {
       ProfileScope prof("adamw");
-      gnorm = adam.step(mem.params(), mem.grads(), lr);
+      gnorm = zero ? zero->step(mem.params(), mem.grads(), lr) : adam->step(mem.params(), mem.grads(), lr);
     }
+    if (distributed) tm.all_reduce_load(world);  // the balancing bias sees the global expert counts
     if (!std::isfinite(gnorm))
       fail("the gradient norm is not finite ({}) at step {}: stopping without saving{}", std::isnan(gnorm) ? "NaN" : "Inf", state.step + 1,
            fs::exists(ckpt_dir) ? fmt::format(" (the last good checkpoint is {})", ckpt_dir) : "");
@@ -296,19 +375,26 @@ void run_training(const TrainArgs& a_in) {
                {"balance_loss", bal}, {"tokens", state.tokens}, {"tok_per_s", tok_s}, {"step_s", dt},
                {"maxvio", maxvio}, {"load", loads}, {"moe_layers", moe_layers}};
     mj["mtp_loss"] = mtp;
-    metrics << mj.dump() << "\n";
-    metrics.flush();
+    if (root) metrics << mj.dump() << "\n", metrics.flush();
     std::string mtp_s = D > 0 ? fmt::format(" | mtp {:.4f}", mtp[0]) : "";
     const std::string line =
         fmt::format("step {}/{} | loss {:.4f}{} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s | maxvio {:.3f} | ETA {}",
                     state.step, total_steps, loss, mtp_s, lr, gnorm, tok_s, worst, fmt_eta(eta));
     if (tty) std::fprintf(stderr, "\r%s\033[K", line.c_str());
-    else if (state.step % std::max<int64_t>(a.log_every, 1) == 0 || state.step == total_steps || state.step == first_step + 1)
+    else if (root && (state.step % std::max<int64_t>(a.log_every, 1) == 0 || state.step == total_steps ||
+                      state.step == first_step + 1))
       std::fprintf(stderr, "%s\n", line.c_str());
     if (a.eval_every > 0 && (state.step % a.eval_every == 0 || state.step == total_steps)) evaluate();
+    if (distributed) g_stop = world.sum<int32_t>(g_stop ? 1 : 0) > 0;  // Ctrl-C on any rank stops all
+    if (const char* f = std::getenv("DSV3_FAULT_INJECT"); f && distributed && state.step == first_step + 1) {
+      // Fault tests: "hang:R" stops rank R from taking part (the others must time out), "exit:R" ends it.
+      const std::string v = f;
+      if (v == "hang:" + std::to_string(par.rank)) for (;;) pause();
+      if (v == "exit:" + std::to_string(par.rank)) _exit(3);
+    }
     if (g_stop) {
       save("interrupted");
-      std::fprintf(stderr, "interrupted at step %lld; resume with --resume %s\n", (long long)state.step, ckpt_dir.c_str());
+      if (root) std::fprintf(stderr, "interrupted at step %lld; resume with --resume %s\n", (long long)state.step, ckpt_dir.c_str());
       return;
     }
     if (a.stop_after > 0 && state.step - first_step >= a.stop_after && state.step < total_steps) {
@@ -319,6 +405,7 @@ void run_training(const TrainArgs& a_in) {
   }
   if (tty) std::fprintf(stderr, "\n");
   save("final");
+  if (!root) return;
   metrics.close();
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);

@@ -21,6 +21,7 @@ struct TrainArgs {
   double balance_alpha = 1e-4;               // sequence-wise balance loss weight (0: off)
   double mtp_lambda = 0.3;                   // MTP loss weight (0: off)
   int64_t eval_every = 0, eval_batches = 8, save_every = 0, log_every = 10;
+  int ep = 0, dp = 0;                        // expert / data parallel degrees under mpirun (0: derive, dist/parallel.h)
   uint64_t seed = 0;
   bool report = true;
 
@@ -28,6 +29,10 @@ struct TrainArgs {
   static TrainArgs from_json(const nlohmann::json& j);
 };
 
+// Under mpirun every rank calls it with the same arguments: --batch is the global batch (each rank trains
+// batch / world sequences of it), gradients and optimizer state are sharded ZeRO-1 style over the ranks
+// (dist/zero.h), the routed experts over --ep ranks (dist/expert_parallel.h); rank 0 writes the metrics and
+// the one checkpoint, which any world size resumes.
 // Runs training; returns normally after the last step or on SIGINT (after saving). Throws InputError on bad
 // input and when the loss stops being finite (nothing is saved then; the last checkpoint stays).
 void run_training(const TrainArgs& args);

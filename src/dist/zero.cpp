@@ -1,0 +1,91 @@
+#include "dist/zero.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+
+namespace dsv3 {
+
+ShardedAdamW::ShardedAdamW(TrainBackend& be, const ParamLayout& layout, const Parallel& par, AdamWConfig cfg)
+    : be_(be), par_(par), groups_(make_param_groups(layout, par)), num_params_(layout.num_params), cfg_(cfg) {
+  if (!be.is_host()) fail("ZeRO data parallelism needs host memory (the {} backend is not host)", be.name());
+  shards_.resize(groups_.size());
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    const int64_t n = groups_[i].shard_n();
+    shards_[i].m.assign(n, 0.f), shards_[i].v.assign(n, 0.f);
+    shards_[i].g.resize(n), shards_[i].p.resize(n), shards_[i].packed.resize(groups_[i].n);
+  }
+}
+
+int64_t ShardedAdamW::state_elements() const {
+  int64_t s = 0;
+  for (auto& sh : shards_) s += int64_t(sh.m.size() + sh.v.size());
+  return s;
+}
+
+double ShardedAdamW::step(float* params, float* grads, double lr) {
+  double sq = 0;
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    const ParamGroup& g = groups_[i];
+    Shard& s = shards_[i];
+    pack(g, grads, s.packed.data());
+    g.comm->reduce_scatter_sum(s.g.data(), s.packed.data(), g.counts, CommType::F32);
+    sq += be_.sum_squares(s.g.data(), int64_t(s.g.size()));
+  }
+  sq = par_.world->sum(sq);
+  const double norm = std::sqrt(sq);
+  const double clip = cfg_.clip > 0 && norm > cfg_.clip ? cfg_.clip / (norm + 1e-6) : 1.0;
+  ++t;
+  const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps), gs = float(clip);
+  const double bc1 = 1.0 - std::pow(cfg_.beta1, double(t)), bc2 = 1.0 - std::pow(cfg_.beta2, double(t));
+  const float step_size = float(lr / bc1), inv_sqrt_bc2 = float(1.0 / std::sqrt(bc2));
+  const float decay_on = float(1.0 - lr * cfg_.weight_decay);
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    const ParamGroup& g = groups_[i];
+    Shard& s = shards_[i];
+    const int64_t lo = g.shard_lo, hi = g.shard_lo + g.shard_n();
+    pack(g, params, s.packed.data());
+    std::copy(s.packed.begin() + lo, s.packed.begin() + hi, s.p.begin());
+    // The pieces overlapping the shard, each with its decay flag.
+    int64_t at = 0;
+    for (const ParamPiece& pc : g.pieces) {
+      const int64_t a = std::max(at, lo), b = std::min(at + pc.n, hi);
+      if (a < b)
+        be_.adamw_update(s.p.data() + (a - lo), s.g.data() + (a - lo), s.m.data() + (a - lo), s.v.data() + (a - lo),
+                         0, b - a, b1, b2, eps, gs, pc.decay ? decay_on : 1.f, step_size, inv_sqrt_bc2);
+      at += pc.n;
+    }
+    g.comm->all_gather(s.packed.data(), s.p.data(), g.counts, CommType::F32);
+    unpack(g, s.packed.data(), params);
+  }
+  return norm;
+}
+
+void ShardedAdamW::get_moments(std::vector<float>& m, std::vector<float>& v) {
+  m.assign(num_params_, 0.f), v.assign(num_params_, 0.f);
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    const ParamGroup& g = groups_[i];
+    Shard& s = shards_[i];
+    g.comm->all_gather(s.packed.data(), s.m.data(), g.counts, CommType::F32);
+    unpack(g, s.packed.data(), m.data());
+    g.comm->all_gather(s.packed.data(), s.v.data(), g.counts, CommType::F32);
+    unpack(g, s.packed.data(), v.data());
+  }
+}
+
+void ShardedAdamW::set_moments(const std::vector<float>& m, const std::vector<float>& v) {
+  if (int64_t(m.size()) != num_params_ || int64_t(v.size()) != num_params_)
+    fail("optimizer state has {} / {} values, the model has {} parameters", m.size(), v.size(), num_params_);
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    const ParamGroup& g = groups_[i];
+    Shard& s = shards_[i];
+    const int64_t lo = g.shard_lo, n = g.shard_n();
+    pack(g, m.data(), s.packed.data());
+    std::copy_n(s.packed.begin() + lo, n, s.m.begin());
+    pack(g, v.data(), s.packed.data());
+    std::copy_n(s.packed.begin() + lo, n, s.v.begin());
+  }
+}
+
+}  // namespace dsv3

@@ -1,0 +1,48 @@
+#pragma once
+// Shared pieces of the dsv3._core extension: the model handle Python holds, the busy lock that keeps one
+// computation per model at a time, and the helpers that move results to NumPy and watch for Ctrl-C.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "core/tensor.h"
+#include "model/loader.h"
+#include "tokenizer/tokenizer.h"
+
+namespace dsv3::py {
+
+namespace nb = nanobind;
+
+// A loaded model directory. The engine's Model is not re-entrant (scratch buffers, one backend stream), so
+// every computation holds `busy` for its duration: a second one started meanwhile (another Python thread, or
+// while serve() runs on the model) raises instead of racing.
+struct PyModel {
+  LoadedModel lm;
+  std::string dir, tokenizer_path;
+  std::mutex busy;
+  std::mutex tok_mu;
+  std::optional<Tokenizer> tok;
+
+  // The model's tokenizer (tokenizer_for_model, loaded on first use; InputError when there is none usable).
+  const Tokenizer& tokenizer();
+  // Takes the busy lock or throws dsv3::Error naming what holds it.
+  std::unique_lock<std::mutex> acquire(const char* what);
+  std::string holder;  // what holds the busy lock (for the message)
+};
+
+// A NumPy array over a host tensor's memory without a copy: the capsule keeps the tensor's storage alive.
+nb::ndarray<nb::numpy, float> to_numpy_f32(Tensor t);
+
+// With the GIL held: true when a signal handler raised (KeyboardInterrupt is then set as the error).
+inline bool interrupted() { return PyErr_CheckSignals() != 0; }
+
+void bind_model(nb::module_& m);
+void bind_tokenizer(nb::module_& m);
+void bind_train(nb::module_& m);
+void bind_serve(nb::module_& m);
+
+}  // namespace dsv3::py

@@ -294,6 +294,7 @@ class Model:
             raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         self._m = _core.Model(self.path, device, _dtype_name(dtype), os.fspath(tokenizer) if tokenizer else "")
         self._tok: Optional[Tokenizer] = None
+        self._tok_error: Optional[str] = None
 
     # ---- description
     @property
@@ -330,7 +331,13 @@ class Model:
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer (loaded on first use; dsv3.InputError when none fits the vocabulary)."""
         if self._tok is None:
-            self._tok = Tokenizer(_impl=self._m.tokenizer())
+            if self._tok_error is not None:  # loading failed before: do not read the files again
+                raise InputError(self._tok_error)
+            try:
+                self._tok = Tokenizer(_impl=self._m.tokenizer())
+            except InputError as e:
+                self._tok_error = str(e)
+                raise
         return self._tok
 
     # ---- scoring

@@ -76,7 +76,7 @@ void bind_train(nb::module_& m) {
         d["checkpoint"] = r.checkpoint;
         return d;
       },
-      nb::arg("options_json"), nb::arg("resume"), nb::arg("stop_after"), nb::arg("report"), nb::arg("on_step"));
+      nb::arg("options_json"), nb::arg("resume"), nb::arg("stop_after"), nb::arg("report"), nb::arg("on_step").none());
 }
 
 }  // namespace dsv3::py

@@ -125,8 +125,11 @@ def test_loglikelihood_matches_log_softmax(test_data):
     got = m.loglikelihood(ids)
     assert got.shape == (3, 10) and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    # context + continuation: the continuation's entries of the one-sequence array (batch 1 rounds differently)
     ctx, cont = ids[0, :6].tolist(), ids[0, 6:].tolist()
-    assert abs(m.loglikelihood(ctx, cont) - want[0, 5:].sum()) < 1e-9
+    one = m.loglikelihood(ids[0])
+    assert one.shape == (10,) and np.abs(one - want[0]).max() < 1e-4
+    assert m.loglikelihood(ctx, cont) == one[5:].sum()
 
 
 # ---- generation
@@ -247,9 +250,9 @@ def test_serve_in_process(text_model):
         assert json.loads(urllib.request.urlopen(base + "/health", timeout=10).read())
         with pytest.raises(dsv3.Error, match="busy"):
             m.logits([[1, 2]])
-        c = openai.OpenAI(base_url=srv.url, api_key="none")
-        r = c.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=12, temperature=0)
-        assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
+        with openai.OpenAI(base_url=srv.url, api_key="none") as c:  # closed: no keep-alive connection delays stop
+            r = c.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=12, temperature=0)
+            assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
         req = urllib.request.Request(base + "/v1/completions", data=json.dumps({"model": "nope", "prompt": "x"}).encode(),
                                      headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -266,11 +269,17 @@ def test_serve_rejects_bad_options(text_model):
     m = dsv3.Model(text_model)
     with pytest.raises(dsv3.InputError, match="prefill-chunk"):
         m.serve(port=0, block=False, prefill_chunk=0)
-    with pytest.raises(dsv3.InputError, match="speculative mtp needs"):
-        m.serve(port=0, block=False, speculative="mtp")
-    with m.serve(port=0, block=False) as srv:
+    with pytest.raises(dsv3.InputError, match="max-batch"):
+        m.serve(port=0, block=False, max_batch=0)
+    with pytest.raises(dsv3.InputError, match="port must be"):
+        m.serve(port=70000, block=False)
+    with socket.socket() as held:  # a port another program listens on
+        held.bind(("127.0.0.1", 0))
+        held.listen()
         with pytest.raises(dsv3.InputError, match="cannot listen"):
-            dsv3.Model(text_model).serve(port=srv.port, block=False)
+            m.serve(port=held.getsockname()[1], block=False)
+    with m.serve(port=0, block=False) as srv:  # the failures above left the model free
+        assert srv.running
 
 
 # ---- bad arguments, Ctrl-C, the GIL

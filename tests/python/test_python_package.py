@@ -323,9 +323,10 @@ def test_bad_arguments_raise_clear_errors(tmp_path, test_data, text_model):
 
 
 def run_interrupted(script, timeout=120):
-    """Runs script in a child Python that sends itself SIGINT after 1 s; returns its stdout."""
+    """Runs script in a child Python where arm() sends SIGINT to the process 0.5 s later; returns its stdout."""
     code = "import os, signal, threading, time\n" \
-           "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n" + textwrap.dedent(script)
+           "def arm():\n" \
+           "    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n" + textwrap.dedent(script)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=child_env())
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
@@ -336,6 +337,7 @@ def test_ctrl_c_stops_generation(text_model):
         import dsv3
         m = dsv3.Model({str(text_model)!r})
         t0 = time.time()
+        arm()
         try:
             m.generate([5, 6, 7], 16000, ignore_eos=True)
             print("finished")
@@ -351,6 +353,7 @@ def test_ctrl_c_stops_generation(text_model):
 def test_ctrl_c_saves_training(tmp_path, corpus):
     out = run_interrupted(f"""
         import dsv3, json
+        arm()
         try:
             dsv3.train(config={str(TINY)!r}, data={str(corpus)!r}, out={str(tmp_path / 'run')!r}, batch=2, seq=16,
                        steps=100000, report=False)
@@ -361,6 +364,24 @@ def test_ctrl_c_saves_training(tmp_path, corpus):
     assert out.startswith("interrupted"), out
     state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert 0 < state["step"] < 100000
+
+
+def test_ctrl_c_stops_a_blocking_serve(text_model):
+    out = run_interrupted(f"""
+        import dsv3
+        m = dsv3.Model({str(text_model)!r})
+        t0 = time.time()
+        arm()
+        try:
+            m.serve(port=0)
+            print("returned")
+        except KeyboardInterrupt:
+            print("interrupted", time.time() - t0)
+        print(m.logits([[1, 2]]).shape)
+        """)
+    lines = out.split("\n")
+    assert lines[0].startswith("interrupted") and float(lines[0].split()[1]) < 20, out
+    assert "(1, 2, 320)" in out
 
 
 def test_gil_is_released_during_compute(test_data):

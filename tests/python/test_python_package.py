@@ -13,6 +13,7 @@ link the same library, so the package must give the binary's results bit for bit
 `./run test` installs the package into the build folder and sets DSV3_PYPKG to it; without it these tests use
 an installed dsv3, or skip when there is none.
 """
+import gc
 import json
 import os
 import pathlib
@@ -113,6 +114,9 @@ def test_logits_equal_cli_bit_for_bit(tmp_path, dsv3_bin, test_data, name):
         assert np.array_equal(a, ref[f"mtp_logits.{k}"])
     one = m.logits(ids[1].tolist())  # a [T] list gives [T, V]
     assert one.shape == ref["logits"].shape[1:]
+    del m, one
+    gc.collect()
+    assert np.array_equal(logits, ref["logits"])  # the array owns the buffer: it outlives the model
 
 
 def test_loglikelihood_matches_log_softmax(test_data):
@@ -310,6 +314,10 @@ def test_bad_arguments_raise_clear_errors(tmp_path, test_data, text_model):
         m.generate([1, 2], 4, speculative="draft")
     with pytest.raises(dsv3.InputError, match="vocab_size"):  # the bundled tokenizer does not fit this model
         m.generate("text prompt", 4)
+    tm = dsv3.Model(text_model)
+    with pytest.raises(dsv3.InputError, match="exceeds max_position_embeddings"):  # raised from the stream's thread
+        list(tm.generate([1] * (tm.max_position_embeddings + 1), 1, stream=True))
+    assert tm.generate([1, 2], 2, ignore_eos=True).new_tokens == 2  # and the model is free again
     with pytest.raises(dsv3.InputError, match="unknown training option 'bogus'"):
         dsv3.train(config=str(TINY), data=str(tmp_path), steps=1, bogus=1)
     with pytest.raises(dsv3.InputError, match="'batch' has the wrong type"):

@@ -282,7 +282,8 @@ class Model:
     """A model directory loaded on a device.
 
     path: a hub directory (config.json + safetensors, BF16, FP32 or FP8 block-scaled).
-    device: "cpu", "cuda" or "cuda:N" (CUDA needs a package built with -Ccmake.define.DSV3_CUDA=ON).
+    device: "cpu", "cuda" or "cuda:N" (CUDA needs a package built with
+        pip install . --config-settings=cmake.define.DSV3_CUDA=ON).
     dtype: weights kept in memory: "auto" (bf16 stays bf16, fp32 and fp8 become fp32), "f32" or "bf16".
     tokenizer: tokenizer path; default: the directory's tokenizer.json, else the bundled DeepSeek-V3 one.
     """

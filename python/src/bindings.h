@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -17,21 +18,37 @@ namespace dsv3::py {
 
 namespace nb = nanobind;
 
+struct PyModel;
+
+// Marks a model busy for as long as it lives (or until release()). A flag rather than a mutex: a stream or a
+// server may be released from another Python thread than the one that started it.
+class BusyLock {
+ public:
+  BusyLock(PyModel& m, const char* what);
+  BusyLock(BusyLock&& o) noexcept : m_(o.m_) { o.m_ = nullptr; }
+  BusyLock& operator=(BusyLock&&) = delete;
+  ~BusyLock() { release(); }
+  void release();
+
+ private:
+  PyModel* m_;
+};
+
 // A loaded model directory. The engine's Model is not re-entrant (scratch buffers, one backend stream), so
-// every computation holds `busy` for its duration: a second one started meanwhile (another Python thread, or
-// while serve() runs on the model) raises instead of racing.
+// every computation holds a BusyLock for its duration: a second one started meanwhile (another Python thread,
+// or while serve() runs on the model) raises instead of racing.
 struct PyModel {
   LoadedModel lm;
   std::string dir, tokenizer_path;
-  std::mutex busy;
+  std::atomic<bool> busy{false};
+  std::atomic<const char*> holder{""};  // what holds it (a string literal), for the message
   std::mutex tok_mu;
   std::optional<Tokenizer> tok;
 
   // The model's tokenizer (tokenizer_for_model, loaded on first use; InputError when there is none usable).
   const Tokenizer& tokenizer();
-  // Takes the busy lock or throws dsv3::Error naming what holds it.
-  std::unique_lock<std::mutex> acquire(const char* what);
-  std::string holder;  // what holds the busy lock (for the message)
+  // Marks the model busy or throws dsv3::Error naming what holds it.
+  BusyLock acquire(const char* what) { return BusyLock(*this, what); }
 };
 
 // A NumPy array over a host tensor's memory without a copy: the capsule keeps the tensor's storage alive.

@@ -11,13 +11,19 @@ const Tokenizer& PyModel::tokenizer() {
   return *tok;
 }
 
-std::unique_lock<std::mutex> PyModel::acquire(const char* what) {
-  std::unique_lock<std::mutex> lk(busy, std::try_to_lock);
-  if (!lk.owns_lock())
+BusyLock::BusyLock(PyModel& m, const char* what) : m_(&m) {
+  bool expected = false;
+  if (!m.busy.compare_exchange_strong(expected, true)) {
+    m_ = nullptr;
     throw Error(fmt::format("the model is busy ({}); one call at a time per Model: stop the server or finish the "
-                            "stream first, or load a second Model", holder));
-  holder = what;
-  return lk;
+                            "stream first, or load a second Model", m.holder.load()));
+  }
+  m.holder = what;
+}
+
+void BusyLock::release() {
+  if (m_) m_->busy = false;
+  m_ = nullptr;
 }
 
 nb::ndarray<nb::numpy, float> to_numpy_f32(Tensor t) {

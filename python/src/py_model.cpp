@@ -143,10 +143,10 @@ class TokenStream {
  private:
   void join() {
     if (thread_.joinable()) thread_.join();
-    if (lock_.owns_lock()) lock_.unlock();
+    lock_.release();
   }
   PyModel& pm_;
-  std::unique_lock<std::mutex> lock_;
+  BusyLock lock_;
   StreamDecoder dec_;
   std::thread thread_;
   std::mutex mu_;

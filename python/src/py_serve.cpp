@@ -58,7 +58,7 @@ class Server {
       thread_.join();
     }
     engine_.reset();  // joins the scheduler thread and frees the cache
-    if (lock_.owns_lock()) lock_.unlock();
+    lock_.release();
   }
 
   // Blocks until the server stops; Ctrl-C stops it and raises KeyboardInterrupt.
@@ -84,7 +84,7 @@ class Server {
 
  private:
   PyModel& pm_;
-  std::unique_lock<std::mutex> lock_;
+  BusyLock lock_;
   Tokenizer tok_;
   ServerOptions so_;
   ServerControl control_;

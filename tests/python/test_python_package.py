@@ -3,7 +3,8 @@ link the same library, so the package must give the binary's results bit for bit
 
 - logits (and MTP logits) equal `dsv3 logits` bit for bit, as NumPy arrays over the engine's buffer (no copy);
   loglikelihood equals a float64 log-softmax of those logits computed here with NumPy.
-- streaming generation equals `dsv3 generate` (its streamed text and its ids; greedy and seeded sampling).
+- streaming generation equals `dsv3 generate` (its streamed text and its ids; greedy, seeded sampling, MTP
+  speculative decoding with its draft counts).
 - dsv3.train: two steps equal `dsv3 train` (losses, gradient norms, MaxVio, validation, saved weights).
 - tokenizer and chat template equal `dsv3 tokenize` / `detokenize` / `chat-template`.
 - serve(): answers the openai client and raw HTTP in-process, then shuts down (port closed, model free).
@@ -159,6 +160,14 @@ def test_streaming_generation_equals_cli(dsv3_bin, text_model):
     assert rs.returncode == 0, rs.stderr
     s = m.generate([5, 6, 7, 8], 24, temperature=0.9, top_k=40, top_p=0.9, seed=11, ignore_eos=True)
     assert s.ids == json.loads(rs.stdout)["output_ids"] and s.new_tokens == 24
+    # MTP speculative decoding (this model has one MTP module): the CLI's tokens and draft counts
+    rm = run([dsv3_bin, "generate", "--model", text_model, "--prompt-ids", "5,6,7,8", "-n", "24", "--temperature", "0",
+              "--speculative", "mtp", "--ignore-eos", "--json"])
+    assert rm.returncode == 0, rm.stderr
+    want = json.loads(rm.stdout)
+    sp = m.generate([5, 6, 7, 8], 24, ignore_eos=True, speculative="mtp")
+    assert sp.ids == want["output_ids"] and (sp.drafted, sp.accepted) == (want["drafted"], want["accepted"])
+    assert sp.drafted > 0
 
 
 def test_stream_close_frees_the_model(text_model):

@@ -14,25 +14,9 @@
 #include "model/generate.h"
 #include "model/loader.h"
 #include "serve/http_server.h"
-#include "tokenizer/tokenizer.h"
+#include "tokenizer/model_tokenizer.h"
 
 namespace dsv3::cli {
-
-namespace {
-
-// A model directory carries its tokenizer; otherwise the bundled DeepSeek-V3 one (with a warning when the
-// vocabularies disagree it would be refused).
-Tokenizer load_tokenizer_for(const std::string& model_dir, const std::string& explicit_path, int64_t vocab) {
-  std::string path = explicit_path;
-  if (path.empty()) path = std::filesystem::exists(std::filesystem::path(model_dir) / "tokenizer.json") ? model_dir : "deepseek-v3";
-  Tokenizer tok = Tokenizer::load(path);
-  if (int64_t(tok.vocab_size()) > vocab)
-    fail("tokenizer {} has {} tokens but the model's vocab_size is {}; pass the model's own tokenizer with --tokenizer",
-         tok.source(), tok.vocab_size(), vocab);
-  return tok;
-}
-
-}  // namespace
 
 void add_serve_commands(CLI::App& app) {
   {
@@ -87,25 +71,17 @@ void add_serve_commands(CLI::App& app) {
         Model& m;
         ~StopFollowers() { m.stop_followers(); }
       } stop_followers{*lm.model};
-      Tokenizer tok = load_tokenizer_for(a->dir, a->tokenizer, lm.model->config().vocab_size);
-      if (a->ec.prefill_chunk < 1) fail("--prefill-chunk must be >= 1");
-      if (a->ec.max_queue < 0) fail("--max-queue must be >= 0");
+      Tokenizer tok = tokenizer_for_model(a->dir, a->tokenizer, lm.model->config().vocab_size);
       a->ec.speculative_mtp = *spec == "mtp";
-      if (a->ec.speculative_mtp && lm.model->config().num_nextn_predict_layers < 1)
-        fail("--speculative mtp needs a model with MTP modules (num_nextn_predict_layers >= 1)");
-      Engine engine(*lm.model, tok, a->ec);
       ServerOptions so = a->so;
       so.host = a->host;
       so.port = a->port;
-      so.model_name = a->name.empty() ? std::filesystem::path(a->dir).lexically_normal().filename().string() : a->name;
-      if (so.model_name.empty()) so.model_name = std::filesystem::absolute(a->dir).parent_path().filename().string();
-      if (so.default_max_tokens < 1) fail("--default-max-tokens must be >= 1");
-      if (so.max_body_bytes < 1024) fail("--max-body-bytes must be >= 1024");
-      if (so.max_prompt_tokens < 0) fail("--max-prompt-tokens must be >= 0");
-      if (so.max_n < 1 || so.max_n > 1024) fail("--max-n must be in [1, 1024]");
+      so.model_name = a->name.empty() ? default_served_name(a->dir) : a->name;
       if (so.api_key.empty())
         if (const char* k = std::getenv("DSV3_API_KEY")) so.api_key = k;
       so.reasoning_parser = *reasoning == "deepseek-r1";
+      check_serve_options(lm.model->config(), a->ec, so);
+      Engine engine(*lm.model, tok, a->ec);
       run_server(engine, tok, so);
     });
   }
@@ -129,7 +105,7 @@ void add_serve_commands(CLI::App& app) {
       validate_sampling(a->sp);
       LoadedModel lm = open_model(a->dir, a->device, a->dtype);
       Model& m = *lm.model;
-      Tokenizer tok = load_tokenizer_for(a->dir, a->tokenizer, m.config().vocab_size);
+      Tokenizer tok = tokenizer_for_model(a->dir, a->tokenizer, m.config().vocab_size);
       nlohmann::json messages = nlohmann::json::array();
       if (!a->system.empty()) messages.push_back({{"role", "system"}, {"content", a->system}});
       const bool tty = isatty(0);

@@ -53,20 +53,14 @@ void add_train_run(CLI::App& app) {
     TrainArgs args = *a;
     if (!a->resume.empty()) {
       // A resumed run keeps the saved options; options given now override them.
-      std::string dir = a->resume;
-      if (!is_checkpoint(dir) && is_checkpoint(dir + "/checkpoint")) dir += "/checkpoint";
-      nlohmann::json saved = load_checkpoint_args(dir);
-      nlohmann::json now = a->to_json();
-      saved["ep"] = 0, saved["dp"] = 0;  // the saved layout does not bind: a checkpoint resumes on any world size
+      nlohmann::json now = a->to_json(), given = nlohmann::json::object();
       for (auto* o : c->get_options()) {
         if (o->count() == 0 || o->get_lnames().empty()) continue;
         const std::string k = o->get_lnames()[0];
-        if (now.contains(k)) saved[k] = now[k];
+        if (now.contains(k)) given[k] = now[k];
       }
-      args = TrainArgs::from_json(saved);
-      args.resume = dir;
+      args = resume_args(a->resume, given);
       args.stop_after = a->stop_after;
-      if (c->get_option("--out")->count() == 0) args.out = std::filesystem::path(dir).parent_path().string();
     }
     args.report = !*no_report;
     run_training(args);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "serve/chat_output.h"
@@ -379,6 +380,56 @@ std::string prometheus(const EngineMetrics& m) {
 
 }  // namespace
 
+std::string default_served_name(const std::string& model_dir) {
+  namespace fs = std::filesystem;
+  std::string name = fs::path(model_dir).lexically_normal().filename().string();
+  if (name.empty()) name = fs::absolute(model_dir).parent_path().filename().string();
+  return name;
+}
+
+void check_serve_options(const ModelConfig& mc, const EngineConfig& ec, const ServerOptions& so) {
+  if (ec.max_batch < 1) fail("--max-batch must be >= 1, got {}", ec.max_batch);
+  if (ec.kv_cache_tokens < 0) fail("--kv-cache-tokens must be >= 0, got {}", ec.kv_cache_tokens);
+  if (ec.prefill_chunk < 1) fail("--prefill-chunk must be >= 1");
+  if (ec.max_queue < 0) fail("--max-queue must be >= 0");
+  if (ec.speculative_mtp && mc.num_nextn_predict_layers < 1)
+    fail("--speculative mtp needs a model with MTP modules (num_nextn_predict_layers >= 1)");
+  if (so.default_max_tokens < 1) fail("--default-max-tokens must be >= 1");
+  if (so.port < 0 || so.port > 65535) fail("--port must be in [0, 65535], got {}", so.port);
+  if (so.max_body_bytes < 1024) fail("--max-body-bytes must be >= 1024");
+  if (so.max_prompt_tokens < 0) fail("--max-prompt-tokens must be >= 0");
+  if (so.max_n < 1 || so.max_n > 1024) fail("--max-n must be in [1, 1024]");
+}
+
+bool run_server_attach(ServerControl& c, void* server, int port) {
+  std::lock_guard<std::mutex> g(c.mu_);
+  c.server_ = server;
+  c.port_ = port;
+  return !c.stop_requested_;
+}
+
+void run_server_detach(ServerControl& c) {
+  std::lock_guard<std::mutex> g(c.mu_);
+  c.server_ = nullptr;
+}
+
+void ServerControl::stop() {
+  std::lock_guard<std::mutex> g(mu_);
+  stop_requested_ = true;
+  // httplib's stop() is a no-op until listen() runs: callers repeat it until run_server returns.
+  if (server_) static_cast<httplib::Server*>(server_)->stop();
+}
+
+int ServerControl::port() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return port_;
+}
+
+bool ServerControl::listening() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return server_ && !stop_requested_;
+}
+
 void run_server(Engine& engine, const Tokenizer& tok, const ServerOptions& opt) {
   httplib::Server svr;
   const int threads = opt.http_threads;
@@ -438,15 +489,22 @@ void run_server(Engine& engine, const Tokenizer& tok, const ServerOptions& opt) 
     }
     send_error(res, 500, "server_error", msg);
   });
-  if (!svr.bind_to_port(opt.host, opt.port)) fail("cannot listen on {}:{} (in use, or not an address of this machine)", opt.host, opt.port);
-  g_server = &svr;
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
+  int port = opt.port;
+  if (port == 0) port = svr.bind_to_any_port(opt.host);
+  else if (!svr.bind_to_port(opt.host, port)) port = -1;
+  if (port <= 0) fail("cannot listen on {}:{} (in use, or not an address of this machine)", opt.host, opt.port);
+  if (opt.handle_signals) {
+    g_server = &svr;
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+  }
   std::signal(SIGPIPE, SIG_IGN);
+  const bool go = !opt.control || run_server_attach(*opt.control, &svr, port);
   std::fprintf(stderr, "dsv3 serve: model '%s' on http://%s:%d (latent KV cache: %lld tokens)\n", opt.model_name.c_str(),
-               opt.host.c_str(), opt.port, (long long)engine.capacity_tokens());
-  svr.listen_after_bind();
-  g_server = nullptr;
+               opt.host.c_str(), port, (long long)engine.capacity_tokens());
+  if (go) svr.listen_after_bind();
+  if (opt.control) run_server_detach(*opt.control);
+  if (opt.handle_signals) g_server = nullptr;
 }
 
 }  // namespace dsv3

@@ -20,7 +20,14 @@ std::string executable_dir() {
   return ec ? std::string() : exe.parent_path().string();
 }
 
+std::string& extra_bundled_dir() {
+  static std::string dir;
+  return dir;
+}
+
 }  // namespace
+
+void set_bundled_tokenizer_dir(const std::string& dir) { extra_bundled_dir() = dir; }
 
 std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -32,6 +39,7 @@ std::string read_text_file(const std::string& path) {
 
 std::string bundled_tokenizer_dir() {
   std::vector<fs::path> candidates;
+  if (!extra_bundled_dir().empty()) candidates.push_back(extra_bundled_dir());
   const std::string exe_dir = executable_dir();
   if (!exe_dir.empty()) {
     candidates.push_back(fs::path(exe_dir) / ".." / "data" / "tokenizers" / "deepseek-v3");

@@ -15,8 +15,10 @@ TokenizerFiles locate_tokenizer(const std::string& path_or_name);
 
 // The directory of the bundled DeepSeek-V3 tokenizer, searched at <exe_dir>/../data/tokenizers/deepseek-v3,
 // <exe_dir>/../../data/tokenizers/deepseek-v3, then the source tree dsv3 was built from. Throws InputError
-// listing the places searched when none has it.
+// listing the places searched when none has it. A directory set with set_bundled_tokenizer_dir is searched
+// first (the Python package ships the tokenizer next to its extension, where no executable path leads).
 std::string bundled_tokenizer_dir();
+void set_bundled_tokenizer_dir(const std::string& dir);
 
 // The name that means the bundled tokenizer.
 inline constexpr const char* kBundledTokenizerName = "deepseek-v3";

@@ -99,8 +99,21 @@ void truncate_metrics(const std::string& path, int64_t step) {
 
 }  // namespace
 
-void run_training(const TrainArgs& a_in) {
+TrainArgs resume_args(const std::string& resume, const json& given) {
+  std::string dir = resume;
+  if (!is_checkpoint(dir) && is_checkpoint(dir + "/checkpoint")) dir += "/checkpoint";
+  json saved = load_checkpoint_args(dir);
+  saved["ep"] = 0, saved["dp"] = 0;  // the saved layout does not bind: a checkpoint resumes on any world size
+  for (auto it = given.begin(); it != given.end(); ++it) saved[it.key()] = it.value();
+  TrainArgs args = TrainArgs::from_json(saved);
+  args.resume = dir;
+  if (!given.contains("out")) args.out = fs::path(dir).parent_path().string();
+  return args;
+}
+
+TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bool handle_sigint) {
   TrainArgs a = a_in;
+  TrainResult result;
   if (a.data.empty()) fail("--data is required (a directory made by dsv3 prepare-data)");
   if (a.batch < 1 || a.seq < 2 || a.grad_accum < 1) fail("--batch >= 1, --seq >= 2 and --grad-accum >= 1 are required");
   if (a.save_dtype != "f32" && a.save_dtype != "bf16") fail("--save-dtype must be f32 or bf16, got {}", a.save_dtype);
@@ -274,6 +287,7 @@ void run_training(const TrainArgs& a_in) {
     j["val_mtp_acc"] = ma;
     metrics << j.dump() << "\n";
     metrics.flush();
+    if (on_step && !on_step(j)) g_stop = true;
     if (tty) std::fprintf(stderr, "\n");
     std::string mtp;
     for (int64_t k = 0; k < D; ++k) mtp += fmt::format(" | mtp{} loss {:.4f} acc {:.3f}", k + 1, mloss[k] / double(nb), ma[k].get<double>());
@@ -295,11 +309,14 @@ void run_training(const TrainArgs& a_in) {
                  "optimizer values per rank (ZeRO-1)\n", par.describe().c_str(), (long long)local_batch,
                  (long long)params.layout.expert_n, (long long)cfg.n_routed_experts, (long long)zero->state_elements());
   g_stop = false;
-  auto prev_handler = std::signal(SIGINT, on_sigint);
   struct Restore {
-    decltype(prev_handler) h;
-    ~Restore() { std::signal(SIGINT, h); }
-  } restore{prev_handler};
+    bool active;
+    void (*h)(int);
+    ~Restore() {
+      if (active) std::signal(SIGINT, h);
+    }
+  } restore{handle_sigint, handle_sigint ? std::signal(SIGINT, on_sigint) : nullptr};
+  result.checkpoint = ckpt_dir;
 
   std::vector<int32_t> ids(a.batch * a.seq);
   const auto t_start = std::chrono::steady_clock::now();
@@ -376,6 +393,7 @@ void run_training(const TrainArgs& a_in) {
                {"maxvio", maxvio}, {"load", loads}, {"moe_layers", moe_layers}};
     mj["mtp_loss"] = mtp;
     if (root) metrics << mj.dump() << "\n", metrics.flush();
+    if (on_step && !on_step(mj)) g_stop = true;  // (the Python package; one process)
     std::string mtp_s = D > 0 ? fmt::format(" | mtp {:.4f}", mtp[0]) : "";
     const std::string line =
         fmt::format("step {}/{} | loss {:.4f}{} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s | maxvio {:.3f} | ETA {}",
@@ -395,17 +413,21 @@ void run_training(const TrainArgs& a_in) {
     if (g_stop) {
       save("interrupted");
       if (root) std::fprintf(stderr, "interrupted at step %lld; resume with --resume %s\n", (long long)state.step, ckpt_dir.c_str());
-      return;
+      result.step = state.step;
+      result.interrupted = state.step < total_steps;
+      return result;
     }
     if (a.stop_after > 0 && state.step - first_step >= a.stop_after && state.step < total_steps) {
       save("--stop-after");
-      return;
+      result.step = state.step;
+      return result;
     }
     if (a.save_every > 0 && state.step % a.save_every == 0 && state.step < total_steps) save("periodic");
   }
   if (tty) std::fprintf(stderr, "\n");
   save("final");
-  if (!root) return;
+  result.step = state.step;
+  if (!root) return result;
   metrics.close();
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
@@ -418,6 +440,8 @@ void run_training(const TrainArgs& a_in) {
     write_report(metrics_path, rp);
     std::fprintf(stderr, "report: %s\n", rp.c_str());
   }
+  result.step = state.step;
+  return result;
 }
 
 }  // namespace dsv3

@@ -3,6 +3,7 @@
 // AdamW -> auxiliary-loss-free bias update -> metrics, validation, checkpoints, on one TrainBackend (--device). Deterministic given the seed:
 // the same arguments give the same losses bit for bit, and --resume continues a run exactly.
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -29,12 +30,30 @@ struct TrainArgs {
   static TrainArgs from_json(const nlohmann::json& j);
 };
 
+// The arguments of `--resume DIR` (DIR or DIR/checkpoint): the run's saved options, with `given` (options set
+// now, keyed by their long names as in to_json) overriding them; out defaults to the checkpoint's parent.
+TrainArgs resume_args(const std::string& resume, const nlohmann::json& given);
+
+// Called after every optimizer step with that step's metrics.jsonl record ({"type": "train", "step", "loss",
+// "lr", "grad_norm", "maxvio", ...}) and after every validation with its record ({"type": "val", ...}).
+// Returning false stops the run like Ctrl-C: the checkpoint is saved and run_training returns. An exception
+// thrown by it propagates (nothing is saved).
+using TrainCallback = std::function<bool(const nlohmann::json& record)>;
+
+struct TrainResult {
+  int64_t step = 0;            // steps done in total (a resumed run counts its earlier steps)
+  bool interrupted = false;    // stopped by SIGINT or by the callback before the last step
+  std::string checkpoint;      // OUT/checkpoint
+};
+
 // Under mpirun every rank calls it with the same arguments: --batch is the global batch (each rank trains
 // batch / world sequences of it), gradients and optimizer state are sharded ZeRO-1 style over the ranks
 // (dist/zero.h), the routed experts over --ep ranks (dist/expert_parallel.h); rank 0 writes the metrics and
 // the one checkpoint, which any world size resumes.
-// Runs training; returns normally after the last step or on SIGINT (after saving). Throws InputError on bad
-// input and when the loss stops being finite (nothing is saved then; the last checkpoint stays).
-void run_training(const TrainArgs& args);
+// Runs training; returns after the last step, at --stop-after, or on SIGINT / a callback returning false (after
+// saving). Throws InputError on bad input and when the loss stops being finite (nothing is saved then; the last
+// checkpoint stays). handle_sigint: install the SIGINT handler that saves and stops (the CLI); a caller that
+// watches for interrupts itself (the Python package, through on_step) passes false.
+TrainResult run_training(const TrainArgs& args, const TrainCallback& on_step = nullptr, bool handle_sigint = true);
 
 }  // namespace dsv3

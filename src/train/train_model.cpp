@@ -14,6 +14,7 @@ TrainModel::TrainModel(TrainBackend& be, const ModelConfig& cfg, ModelWeights& p
                        TrainMemory mem)
     : be_(be), cfg_(cfg), P_(params), G_(grads), mem_(mem) {
   if (P_.flat.dtype != DType::F32 || G_.flat.dtype != DType::F32) fail("training needs fp32 parameters and gradients");
+  if (cfg_.has_indexer()) fail("training {} models (DSA indexer) is not supported yet; inference is", cfg_.model_type);
   if (cfg_.scoring_func != "sigmoid" && cfg_.scoring_func != "softmax")
     fail("training: unknown scoring_func '{}'", cfg_.scoring_func);
   Tensor cos, sin;

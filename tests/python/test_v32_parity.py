@@ -1,0 +1,111 @@
+"""dsv3 against Hugging Face transformers' DeepSeek-V3.2 (`deepseek_v32`, DSA) on configs beyond the fixture.
+
+Each case builds a DeepseekV32ForCausalLM with random weights (perturbed norms, LayerNorm biases and selection
+biases), saves it with save_pretrained, then compares `dsv3 logits` (fp32) with transformers (fp32, eager)
+and `dsv3 generate` greedy output with transformers' cached greedy generation (the indexer keys cached).
+`index_topk` is well below the sequence length, so the indexer's top-k selection decides most key sets.
+Tolerance: ||logits - ref|| / ||ref|| <= 1e-4. `dsv3 info` reports the indexer and its cache bytes.
+"""
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "DeepseekV32Config"):
+    pytest.skip("this transformers has no deepseek_v32", allow_module_level=True)
+from safetensors.numpy import load_file, save_file  # noqa: E402
+from transformers.models.deepseek_v32 import modeling_deepseek_v32 as mv32  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tools"))
+import make_v32_fixture as margin  # noqa: E402  (check_margin: the top-k selection gap, as in the fixture)
+
+BASE = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=40, kv_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
+    max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1, tie_word_embeddings=False,
+    bos_token_id=0, eos_token_id=1, index_topk=5, index_head_dim=16, index_n_heads=8,
+)
+
+CASES = {
+    # every layer MoE (explicit mlp_layer_types), wider indexer heads, plain RoPE
+    "all_moe_topk5": dict(mlp_layer_types=["sparse"] * 3, index_head_dim=24, index_n_heads=12),
+    # two dense layers, a long sequence against a small top-k
+    "two_dense_topk3": dict(first_k_dense_replace=2, num_hidden_layers=4, index_topk=3, n_group=4, topk_group=2,
+                            index_n_heads=16),
+}
+
+
+def make_model(tmp_path, overrides):
+    cfg = dict(BASE)
+    cfg.update(overrides)
+    config = transformers.DeepseekV32Config(**cfg)
+    torch.manual_seed(4321)
+    model = transformers.DeepseekV32ForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(77)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("k_norm.bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.rand(b.shape, generator=g))
+    out = tmp_path / "model"
+    model.save_pretrained(out)
+    model = transformers.DeepseekV32ForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                attn_implementation="eager").eval()
+    return model, out, cfg
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_v32_logits_and_greedy_match_transformers(tmp_path, dsv3_bin, case, monkeypatch):
+    model, mdir, cfg = make_model(tmp_path, CASES[case])
+    monkeypatch.setattr(mv32.DeepseekV32Indexer, "forward", margin.check_margin(mv32.DeepseekV32Indexer.forward))
+    monkeypatch.setattr(margin, "min_gap", [float("inf")])
+    rng = np.random.default_rng(3)
+    T = 40 if "topk3" in case else 20
+    ids = rng.integers(2, cfg["vocab_size"], size=(2, T), dtype=np.int32)
+    save_file({"input_ids": ids}, str(tmp_path / "in.safetensors"))
+    subprocess.run([dsv3_bin, "logits", "--model", str(mdir), "--input", str(tmp_path / "in.safetensors"),
+                    "--output", str(tmp_path / "out.safetensors")], check=True)
+    got = load_file(str(tmp_path / "out.safetensors"))["logits"]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids).long(), use_cache=False).logits.numpy()
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    # torch.topk's order among tied index scores is unspecified: the cases are chosen tie-free (checked here).
+    assert margin.min_gap[0] > 1e-4, f"{case}: the top-k selection has a near tie ({margin.min_gap[0]}): change the case"
+    assert rel <= 1e-4, f"{case}: logits rel error {rel}"
+
+    prompt = ids[0, :7].tolist()
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+    r = subprocess.run([dsv3_bin, "generate", "--model", str(mdir), "--prompt-ids", ",".join(map(str, prompt)),
+                        "--max-new-tokens", "14", "--temperature", "0", "--json"], check=True, capture_output=True,
+                       text=True)
+    assert json.loads(r.stdout)["output_ids"] == gen, case
+
+    info = json.loads(subprocess.run([dsv3_bin, "info", "--model", str(mdir), "--json"], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert info["model_type"] == "deepseek_v32"
+    per_layer = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] + cfg["index_head_dim"]
+    assert info["kv_cache_values_per_token_per_layer"] == per_layer
+    assert info["kv_cache_bytes_per_token_bf16"] == cfg["num_hidden_layers"] * per_layer * 2
+    assert info["total_params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_v32_training_is_refused_clearly(tmp_path, dsv3_bin, test_data):
+    save_file({"input_ids": np.array([[5, 6, 7, 8]], dtype=np.int32)}, str(tmp_path / "in.safetensors"))
+    r = subprocess.run([dsv3_bin, "grads", "--model", str(test_data / "tiny-v32"), "--input",
+                        str(tmp_path / "in.safetensors"), "--output", str(tmp_path / "g.safetensors")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().startswith("error:") and "not supported" in r.stderr, r.stderr

@@ -109,3 +109,62 @@ def test_v32_training_is_refused_clearly(tmp_path, dsv3_bin, test_data):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().startswith("error:") and "not supported" in r.stderr, r.stderr
+
+
+def test_v32_init_serve_and_batching_match_transformers(tmp_path, dsv3_bin, test_data, monkeypatch):
+    """`dsv3 init` writes a V3.2 directory transformers loads; `dsv3 serve` on it (DeepSeek-V3's vocabulary, so
+    the bundled tokenizer applies) answers concurrent greedy completions with transformers' greedy tokens."""
+    openai = pytest.importorskip("openai")
+    tokenizers = pytest.importorskip("tokenizers")
+    import concurrent.futures as cf
+    import socket
+    import time
+    import urllib.request
+    cfg = json.loads((test_data / "tiny-v32" / "config.json").read_text())
+    cfg.update(vocab_size=129280, index_topk=4)  # max_position 128 = 4 x 32: YaRN factor consistent
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    mdir = tmp_path / "m"
+    subprocess.run([dsv3_bin, "init", "--config", str(tmp_path / "config.json"), "--output", str(mdir), "--seed", "5",
+                    "--dtype", "f32"], check=True, capture_output=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    assert type(model).__name__ == "DeepseekV32ForCausalLM"
+    tok = tokenizers.Tokenizer.from_file(str(test_data.parents[1] / "data" / "tokenizers" / "deepseek-v3" /
+                                             "tokenizer.json"))
+    # Prompts whose top-k selections are tie-free all along (checked; repeated tokens, for one, tie exactly).
+    prompts = [[5, 900, 31, 7000, 12, 64000, 3, 77, 2048], [100, 2000, 30000], [9, 8, 7, 6, 5000],
+               [1234, 4321, 77777, 11]]
+    monkeypatch.setattr(mv32.DeepseekV32Indexer, "forward", margin.check_margin(mv32.DeepseekV32Indexer.forward))
+    monkeypatch.setattr(margin, "min_gap", [float("inf")])
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        want.append(tok.decode(ids, skip_special_tokens=True))  # as the server renders text
+    assert margin.min_gap[0] > 1e-4, margin.min_gap[0]
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    srv = subprocess.Popen([dsv3_bin, "serve", "--model", str(mdir), "--port", str(port), "--served-model-name", "v32"],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except Exception:
+                assert srv.poll() is None, srv.stderr.read()
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
+
+        def ask(p):
+            return c.completions.create(model="v32", prompt=p, max_tokens=10, temperature=0).choices[0].text
+
+        with cf.ThreadPoolExecutor(len(prompts)) as ex:  # concurrent: prefill and decode steps share batches
+            got = list(ex.map(ask, prompts))
+        assert got == want
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)

@@ -12,6 +12,7 @@
 #include "model/loader.h"
 #include "model/sequence_logits.h"
 #include "test_helpers.h"
+#include "train/train_model.h"
 
 using namespace dsv3;
 namespace fs = std::filesystem;
@@ -122,6 +123,49 @@ TEST(V32, SelectionChangesTheLogits) {
   const int64_t V = lm.model->config().vocab_size;
   EXPECT_LE(test::rel_err(r.logits.f32(), want.ptr<float>(), 6 * V), 1e-4);
   fs::remove_all(d);
+}
+
+// Training: the loss and every parameter gradient against torch autograd through transformers (fp32). The
+// indexer's gradients are zero there (no_grad) and here; the attention gradients flow only through the selected
+// keys.
+TEST(V32, TrainingLossAndGradientsMatchTransformers) {
+  const std::string dir = test::data_dir("tiny-v32");
+  ModelConfig cfg = ModelConfig::load(dir);
+  LoadOptions lo;
+  lo.dtype = "f32";
+  ModelWeights w = load_weights(cfg, dir, lo);
+  ModelWeights g = alloc_weights(cfg, DType::F32);
+  SafetensorsFile ref(dir + "/reference.safetensors");
+  Tensor ids = ref.get("input_ids");
+  auto be = make_cpu_train_backend();
+  TrainModel tm(*be, cfg, w, g);
+  LossOptions opt;
+  opt.mtp = false;
+  StepStats st = tm.run(ids.ptr<int32_t>(), ids.dim(0), ids.dim(1), opt, 1.0, true);
+  const double ref_loss = ref.get("loss").ptr<float>()[0];
+  EXPECT_LT(std::abs(st.total - ref_loss) / std::abs(ref_loss), 1e-5) << st.total << " vs " << ref_loss;
+  int checked = 0, indexer = 0;
+  for (auto& s : g.layout.specs) {
+    if (s.is_bias) continue;
+    ASSERT_TRUE(ref.has("grad." + s.name)) << s.name;
+    Tensor want = ref.get("grad." + s.name), got = g.view(s.name);
+    ASSERT_EQ(want.numel(), got.numel()) << s.name;
+    double d = 0, n = 0;
+    for (int64_t i = 0; i < want.numel(); ++i) {
+      d += double(got.ptr<float>()[i] - want.ptr<float>()[i]) * (got.ptr<float>()[i] - want.ptr<float>()[i]);
+      n += double(want.ptr<float>()[i]) * want.ptr<float>()[i];
+    }
+    if (s.name.find(".indexer.") != std::string::npos) {
+      EXPECT_EQ(n, 0.0) << s.name;
+      EXPECT_EQ(d, 0.0) << s.name;
+      ++indexer;
+    } else {
+      EXPECT_LT(std::sqrt(d / std::max(n, 1e-60)), 1e-4) << s.name;
+    }
+    ++checked;
+  }
+  EXPECT_EQ(indexer, 3 * 5);
+  EXPECT_GT(checked, 60);
 }
 
 TEST(V32, MalformedConfigsNameTheField) {

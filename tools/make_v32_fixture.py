@@ -8,7 +8,9 @@ Norm weights and LayerNorm biases are perturbed so that every term matters.
 
 Writes config.json + model.safetensors (save_pretrained, hub layout), reference.safetensors (input_ids
 [2, 24] int32, logits [2, 24, V] fp32, gen_prompt, gen_output = prompt + 16 greedy tokens from transformers'
-cached generate()) and case.json. Refuses to write a fixture whose top-k selection is nearly tied anywhere
+cached generate(), `loss` = mean cross-entropy of logits[:, :-1] against input_ids[:, 1:] and `grad.<name>`
+for every parameter by torch autograd, in the hub names; the indexer runs under no_grad in transformers, so its
+gradients are absent, i.e. zero) and case.json. Refuses to write a fixture whose top-k selection is nearly tied anywhere
 (torch.topk's tie order is implementation-defined, so a near tie would make the reference fragile).
 
 Usage: python3 tools/make_v32_fixture.py OUT_DIR
@@ -98,8 +100,29 @@ def main():
                              attention_mask=torch.ones_like(prompt))
     if not min_gap[0] > 1e-4:
         sys.exit(f"top-k selection margin {min_gap[0]} is too small: pick another seed")
-    save_file({"input_ids": ids, "logits": logits.astype(np.float32), "gen_prompt": ids[0, :GEN_PROMPT].copy(),
-               "gen_output": gen[0].numpy().astype(np.int32)}, str(out / "reference.safetensors"))
+    # Loss and gradients (fp32 autograd), experts split into the hub's per-expert names.
+    model.zero_grad()
+    x = torch.from_numpy(ids).long()
+    lg = model(x, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), x[:, 1:].reshape(-1))
+    loss.backward()
+    ref = {"input_ids": ids, "logits": logits.astype(np.float32), "gen_prompt": ids[0, :GEN_PROMPT].copy(),
+           "gen_output": gen[0].numpy().astype(np.int32), "loss": np.array([loss.item()], dtype=np.float32)}
+    I = CFG["moe_intermediate_size"]
+    for name, p in model.named_parameters():
+        g = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().numpy()
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H] = [gate; up]
+            pre = name[: -len("gate_up_proj")]
+            for e in range(g.shape[0]):
+                ref[f"grad.{pre}{e}.gate_proj.weight"] = np.ascontiguousarray(g[e, :I])
+                ref[f"grad.{pre}{e}.up_proj.weight"] = np.ascontiguousarray(g[e, I:])
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+            pre = name[: -len("down_proj")]
+            for e in range(g.shape[0]):
+                ref[f"grad.{pre}{e}.down_proj.weight"] = np.ascontiguousarray(g[e])
+        else:
+            ref["grad." + name] = g
+    save_file(ref, str(out / "reference.safetensors"))
     case = {"case": out.name,
             "description": "DeepSeek-V3.2: 3 layers (1 dense + 2 MoE), lightning indexer top-6 of 24 tokens, YaRN x4",
             "batch": B, "seq": T, "gen_prompt_len": GEN_PROMPT, "gen_new_tokens": GEN_NEW,

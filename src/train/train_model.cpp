@@ -14,11 +14,16 @@ TrainModel::TrainModel(TrainBackend& be, const ModelConfig& cfg, ModelWeights& p
                        TrainMemory mem)
     : be_(be), cfg_(cfg), P_(params), G_(grads), mem_(mem) {
   if (P_.flat.dtype != DType::F32 || G_.flat.dtype != DType::F32) fail("training needs fp32 parameters and gradients");
-  if (cfg_.has_indexer()) fail("training {} models (DSA indexer) is not supported yet; inference is", cfg_.model_type);
   if (cfg_.scoring_func != "sigmoid" && cfg_.scoring_func != "softmax")
     fail("training: unknown scoring_func '{}'", cfg_.scoring_func);
   Tensor cos, sin;
   make_rope_tables(cfg_, cfg_.max_position_embeddings, &cos, &sin);
+  if (cfg_.has_indexer()) {
+    if (!be_.is_host()) fail("training {} models (DSA indexer) is only implemented on the CPU so far", cfg_.model_type);
+    dsa_be_ = make_cpu_backend();
+    dsa_cos_ = cos;
+    dsa_sin_ = sin;
+  }
   be_.upload(buf(cos_, cos.numel()), cos.f32(), size_t(cos.numel()) * sizeof(float));
   be_.upload(buf(sin_, sin.numel()), sin.f32(), size_t(sin.numel()) * sizeof(float));
   route_ = RouteParams::from_config(cfg_);

@@ -105,6 +105,26 @@ TEST(V4Config, DefaultsAndModernKeys) {
   EXPECT_DOUBLE_EQ(mc.rope_compress.factor, 8.0);
 }
 
+// The released V4-Flash configuration (sizes from its config.json): the layout gives exactly the parameter count of
+// transformers' DeepseekV4ForCausalLM for it (284,332,230,231, counted on the meta device), the published 284B,
+// and 13B active per token (MTP block excluded).
+TEST(V4Config, FlashSizesGiveThePublishedParameterCounts) {
+  json f = {{"model_type", "deepseek_v4"}, {"vocab_size", 129280}, {"hidden_size", 4096}, {"num_hidden_layers", 43},
+            {"num_attention_heads", 64}, {"head_dim", 512}, {"q_lora_rank", 1024}, {"o_groups", 8},
+            {"o_lora_rank", 1024}, {"n_routed_experts", 256}, {"num_experts_per_tok", 6},
+            {"moe_intermediate_size", 2048}, {"hc_mult", 4}, {"index_n_heads", 64}, {"index_head_dim", 128},
+            {"qk_rope_head_dim", 64}, {"num_hash_layers", 3}, {"compress_ratios", json::array()}};
+  for (int i = 0; i < 2; ++i) f["compress_ratios"].push_back(0);
+  for (int i = 0; i < 20; ++i) f["compress_ratios"].push_back(4), f["compress_ratios"].push_back(128);
+  f["compress_ratios"].push_back(4);
+  f["compress_ratios"].push_back(0);
+  V4Config c = V4Config::from_json(f);
+  const double total = double(v4_total_params(c)), active = double(v4_active_params(c));
+  EXPECT_EQ(v4_total_params(c), int64_t(284332230231));
+  EXPECT_NEAR(total / 1e9, 284, 1) << total;
+  EXPECT_NEAR(active / 1e9, 13, 0.5) << active;
+}
+
 TEST(V4Config, MalformedConfigsNameTheField) {
   auto check = [](json j, const std::string& want) {
     std::string e = error_of([&] { V4Config::from_json(j); });

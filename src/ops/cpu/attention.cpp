@@ -69,7 +69,7 @@ void mla_decode(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const 
   const float* base = pool.ptr<float>() + size_t(layer) * spec.num_blocks * bs * row;
   for (size_t b = 0; b < seqs.size(); ++b) {
     const SeqSlice& sq = seqs[b];
-    // The attended positions: all of 0..pos0, or the selected ones.
+    // The attended positions: all of 0..pos0 (t itself), or the selected ones (at[t]).
     std::vector<int64_t> at;
     if (sel) {
       const int64_t K = sel->dim(1);
@@ -77,16 +77,15 @@ void mla_decode(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const 
         const int32_t j = sel->ptr<int32_t>()[b * K + k];
         if (j >= 0 && j <= sq.pos0) at.push_back(j);
       }
-    } else {
-      for (int64_t j = 0; j <= sq.pos0; ++j) at.push_back(j);
     }
-    const int64_t n = int64_t(at.size());
+    const int64_t n = sel ? int64_t(at.size()) : sq.pos0 + 1;
+    const int64_t* atp = sel ? at.data() : nullptr;
     const float* ql = q_lat.ptr<float>() + b * nh * r;
     const float* qp = q_pe.ptr<float>() + b * nh * dr;
     float* o = out_lat.ptr<float>() + b * nh * r;
     std::vector<float> S(size_t(nh * n));
     auto cache_row = [&](int64_t t) {
-      const int64_t p = at[t];
+      const int64_t p = atp ? atp[t] : t;
       return base + (size_t(sq.blocks[p / bs]) * bs + p % bs) * row;
     };
     // Scores: every cache row once, all heads.

@@ -208,6 +208,10 @@ TEST(V32, MalformedConfigsNameTheField) {
   EXPECT_EQ(c.index_topk, 2048);
   EXPECT_FALSE(c.is_moe_layer(0));
   EXPECT_TRUE(c.is_moe_layer(1));
+  // The released V3.2 sizes cache 512 + 64 + 128 = 704 values per token per layer.
+  auto rel = v32_config();
+  rel.update({{"kv_lora_rank", 512}, {"qk_rope_head_dim", 64}, {"index_head_dim", 128}, {"q_lora_rank", 1536}});
+  EXPECT_EQ(ModelConfig::from_json(rel).cache_values_per_token_per_layer(), 704);
   // Round trip through to_json keeps the architecture.
   ModelConfig c2 = ModelConfig::from_json(c.to_json());
   EXPECT_EQ(c2.model_type, "deepseek_v32");

@@ -3,6 +3,7 @@
 // compares every input/weight gradient with (L(p + h) - L(p - h)) / 2h, h = 1e-6.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <vector>
@@ -164,6 +165,46 @@ TEST(BackwardOps, Attention) {
   EXPECT_LT(fd_error(loss, q, dq), kTol);
   EXPECT_LT(fd_error(loss, kv, dkv), kTol);
   EXPECT_LT(fd_error(loss, kpe, dkpe), kTol);
+}
+
+// The DeepSeek-V3.2 form: each query attends only to its selected positions (some rows select fewer than K,
+// padded with -1). fp64 finite differences; the forward equals a dense attention whose unselected scores are -inf.
+TEST(BackwardOps, AttentionWithDsaSelection) {
+  const int64_t B = 2, Tq = 6, nh = 2, dn = 3, dr = 2, dv = 3, K = 3;
+  const double scale = 0.4;
+  Vec q = randn(B * Tq * nh * (dn + dr), 25), kv = randn(B * Tq * nh * (dn + dv), 26), kpe = randn(B * Tq * dr, 27);
+  Vec R = randn(B * Tq * nh * dv, 28);
+  std::vector<int32_t> sel(size_t(B * Tq * K), -1);
+  for (int64_t r = 0; r < B * Tq; ++r) {
+    const int64_t i = r % Tq;
+    for (int64_t k = 0; k < std::min<int64_t>(K, i + 1); ++k) sel[size_t(r * K + k)] = int32_t((i * 5 + k * 2 + r) % (i + 1));
+    if (i >= 3) sel[size_t(r * K + 1)] = sel[size_t(r * K)] == 0 ? 1 : 0;  // distinct entries
+  }
+  auto loss = [&] {
+    Vec o(B * Tq * nh * dv), l(B * nh * Tq);
+    attention_forward(o.data(), l.data(), q.data(), kv.data(), kpe.data(), B, Tq, nh, dn, dr, dv, scale, sel.data(), K);
+    return dot(o, R);
+  };
+  Vec o(B * Tq * nh * dv), lse(B * nh * Tq);
+  attention_forward(o.data(), lse.data(), q.data(), kv.data(), kpe.data(), B, Tq, nh, dn, dr, dv, scale, sel.data(), K);
+  Vec dq(q.size()), dkv(kv.size()), dkpe(kpe.size());
+  attention_backward(dq.data(), dkv.data(), dkpe.data(), R.data(), o.data(), lse.data(), q.data(), kv.data(),
+                     kpe.data(), B, Tq, nh, dn, dr, dv, scale, sel.data(), K);
+  EXPECT_LT(fd_error(loss, q, dq), kTol);
+  EXPECT_LT(fd_error(loss, kv, dkv), kTol);
+  EXPECT_LT(fd_error(loss, kpe, dkpe), kTol);
+  // Selecting everything is the dense attention.
+  std::vector<int32_t> all(size_t(B * Tq * Tq), -1);
+  for (int64_t r = 0; r < B * Tq; ++r)
+    for (int64_t j = 0; j <= r % Tq; ++j) all[size_t(r * Tq + j)] = int32_t(j);
+  Vec od(o.size()), ls(lse.size()), oa(o.size());
+  attention_forward(od.data(), ls.data(), q.data(), kv.data(), kpe.data(), B, Tq, nh, dn, dr, dv, scale);
+  attention_forward(oa.data(), ls.data(), q.data(), kv.data(), kpe.data(), B, Tq, nh, dn, dr, dv, scale, all.data(), Tq);
+  for (size_t i = 0; i < od.size(); ++i) EXPECT_NEAR(oa[i], od[i], 1e-12);
+  // And a real restriction changes the output.
+  double diff = 0;
+  for (size_t i = 0; i < od.size(); ++i) diff += std::abs(o[i] - od[i]);
+  EXPECT_GT(diff, 1e-3);
 }
 
 namespace {

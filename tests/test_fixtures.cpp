@@ -54,7 +54,7 @@ TEST_P(Fixture, GreedyGenerationMatchesReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, Fixture, ::testing::Values("tiny-fp32", "tiny-bf16-yarn", "tiny-fp8", "tiny-mtp"));
+INSTANTIATE_TEST_SUITE_P(Cases, Fixture, ::testing::Values("tiny-fp32", "tiny-bf16-yarn", "tiny-fp8", "tiny-mtp", "tiny-v32"));
 
 // A batch mixing a prefill of one sequence with decode steps of others gives the same logits as running
 // each sequence alone: continuous batching relies on this.

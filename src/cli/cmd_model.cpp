@@ -8,10 +8,12 @@
 #include "dist/parallel.h"
 #include "dist/runtime.h"
 #include "cli/common.h"
+#include "cli/info_v4.h"
 #include "io/safetensors.h"
 #include "model/generate.h"
 #include "model/loader.h"
 #include "model/sequence_logits.h"
+#include "model/v4_config.h"
 
 namespace dsv3::cli {
 
@@ -24,13 +26,15 @@ void add_info(CLI::App& app) {
   c->add_option("--model", *dir, "Model directory (config.json + safetensors)")->required();
   c->add_flag("--json", *as_json, "Print one JSON object");
   c->callback([=] {
+    if (config_model_type(*dir) == "deepseek_v4") return print_v4_info(*dir, *as_json);
     ModelConfig cfg = ModelConfig::load(*dir);
     ModelWeights w = load_weights(cfg, *dir);
     auto be = make_cpu_backend();
     Model m(cfg, std::move(w), *be);
-    const int64_t lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+    const int64_t lat = cfg.cache_values_per_token_per_layer();  // latent + rope key (+ DSA index key)
     const int64_t full = cfg.num_attention_heads * (cfg.qk_head_dim() + cfg.v_head_dim);
-    json j = {{"model_type", "deepseek_v3"},
+    const bool v32 = cfg.has_indexer();
+    json j = {{"model_type", cfg.model_type},
               {"layers", cfg.num_hidden_layers},
               {"hidden_size", cfg.hidden_size},
               {"heads", cfg.num_attention_heads},
@@ -53,18 +57,32 @@ void add_info(CLI::App& app) {
               {"kv_cache_bytes_per_token_f32", cfg.num_hidden_layers * lat * 4},
               {"kv_cache_bytes_per_token_bf16", cfg.num_hidden_layers * lat * 2},
               {"full_kv_bytes_per_token_bf16", cfg.num_hidden_layers * full * 2}};
+    if (v32) {
+      j["index_n_heads"] = cfg.index_n_heads;
+      j["index_head_dim"] = cfg.index_head_dim;
+      j["index_topk"] = cfg.index_topk;
+      j["kv_cache_index_values_per_token_per_layer"] = cfg.index_head_dim;
+    }
     if (*as_json) {
       std::printf("%s\n", j.dump().c_str());
       return;
     }
     std::printf("model            %s\n", dir->c_str());
-    std::printf("architecture     DeepSeek-V3: %lld layers (%lld dense), hidden %lld, %lld heads, vocab %lld\n",
-                (long long)cfg.num_hidden_layers, (long long)std::min(cfg.first_k_dense_replace, cfg.num_hidden_layers),
+    std::printf("architecture     %s: %lld layers (%lld dense), hidden %lld, %lld heads, vocab %lld\n",
+                v32 ? "DeepSeek-V3.2 (DSA)" : "DeepSeek-V3", (long long)cfg.num_hidden_layers,
+                [&] {
+                  long long d = 0;
+                  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) d += !cfg.is_moe_layer(l);
+                  return d;
+                }(),
                 (long long)cfg.hidden_size, (long long)cfg.num_attention_heads, (long long)cfg.vocab_size);
     std::printf("attention        MLA: q_lora_rank %s, kv_lora_rank %lld, head dims nope %lld + rope %lld, v %lld%s\n",
                 cfg.q_lora_rank ? std::to_string(cfg.q_lora_rank).c_str() : "null (q_proj)",
                 (long long)cfg.kv_lora_rank, (long long)cfg.qk_nope_head_dim, (long long)cfg.qk_rope_head_dim,
                 (long long)cfg.v_head_dim, cfg.yarn.enabled ? fmt::format(", YaRN x{}", cfg.yarn.factor).c_str() : "");
+    if (v32)
+      std::printf("dsa indexer      %lld heads x %lld (rope %lld), top-%lld tokens per query\n", (long long)cfg.index_n_heads,
+                  (long long)cfg.index_head_dim, (long long)cfg.qk_rope_head_dim, (long long)cfg.index_topk);
     std::printf("moe              %lld routed (top-%lld, %lld groups, top-%lld groups, %s, %s) + %lld shared, width %lld\n",
                 (long long)cfg.n_routed_experts, (long long)cfg.num_experts_per_tok, (long long)cfg.n_group,
                 (long long)cfg.topk_group, cfg.scoring_func.c_str(), cfg.topk_method.c_str(),
@@ -73,9 +91,10 @@ void add_info(CLI::App& app) {
     std::printf("parameters       %s total, %s active per token\n", human(m.total_params()).c_str(),
                 human(m.active_params()).c_str());
     std::printf("weights          %s in memory%s\n", dtype_name(m.weights().flat.dtype), cfg.fp8 ? " (fp8 checkpoint, dequantized)" : "");
-    std::printf("kv cache         %lld values per token per layer (latent %lld + rope key %lld): %lld bytes/token in bf16,"
+    std::printf("kv cache         %lld values per token per layer (latent %lld + rope key %lld%s): %lld bytes/token in bf16,"
                 " %lld in fp32 (full per-head K/V would be %lld bytes/token in bf16, %.1fx more)\n",
                 (long long)lat, (long long)cfg.kv_lora_rank, (long long)cfg.qk_rope_head_dim,
+                v32 ? fmt::format(" + index key {}", cfg.index_head_dim).c_str() : "",
                 (long long)(cfg.num_hidden_layers * lat * 2), (long long)(cfg.num_hidden_layers * lat * 4),
                 (long long)(cfg.num_hidden_layers * full * 2), double(full) / double(lat));
   });

@@ -16,6 +16,8 @@ size_t dtype_size(DType t) {
     case DType::I64: return 8;
     case DType::U8: return 1;
     case DType::U32: return 4;
+    case DType::I8: return 1;
+    case DType::F8E8M0: return 1;
   }
   return 0;
 }
@@ -30,6 +32,8 @@ const char* dtype_name(DType t) {
     case DType::I64: return "I64";
     case DType::U8: return "U8";
     case DType::U32: return "U32";
+    case DType::I8: return "I8";
+    case DType::F8E8M0: return "F8_E8M0";
   }
   return "?";
 }
@@ -37,7 +41,8 @@ const char* dtype_name(DType t) {
 bool dtype_from_name(std::string_view s, DType* out) {
   static const struct { const char* n; DType t; } table[] = {
       {"F32", DType::F32}, {"BF16", DType::BF16}, {"F16", DType::F16}, {"F8_E4M3", DType::F8E4M3},
-      {"I32", DType::I32}, {"I64", DType::I64},   {"U8", DType::U8},   {"U32", DType::U32}};
+      {"I32", DType::I32}, {"I64", DType::I64},   {"U8", DType::U8},   {"U32", DType::U32},
+      {"I8", DType::I8},   {"F8_E8M0", DType::F8E8M0}};
   for (auto& e : table)
     if (s == e.n) {
       *out = e.t;
@@ -85,6 +90,13 @@ float f8e4m3_to_f32(uint8_t v) {
   return sign ? -r : r;
 }
 
+float f8e8m0_to_f32(uint8_t v) { return v == 255 ? NAN : std::ldexp(1.f, int(v) - 127); }
+
+float fp4e2m1_to_f32(uint8_t code) {
+  static const float lut[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+  return lut[code & 15];
+}
+
 uint8_t f32_to_f8e4m3(float f) { return fp8::e4m3_from_f32(f); }
 
 void convert_to_f32(DType t, const void* src, float* dst, size_t n) {
@@ -106,6 +118,11 @@ void convert_to_f32(DType t, const void* src, float* dst, size_t n) {
       (void)init;
       auto s = static_cast<const uint8_t*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = table[s[i]];
+      return;
+    }
+    case DType::F8E8M0: {
+      auto s = static_cast<const uint8_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = f8e8m0_to_f32(s[i]);
       return;
     }
     default: break;

@@ -1,11 +1,13 @@
 #include "model/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "io/atomic_file.h"
+#include "model/config_json.h"
 
 namespace dsv3 {
 
@@ -13,32 +15,45 @@ using json = nlohmann::json;
 
 namespace {
 
-template <typename T>
-T get_num(const json& j, const char* key, std::optional<T> dflt) {
-  if (!j.contains(key) || j[key].is_null()) {
-    if (dflt) return *dflt;
-    fail("config: missing field '{}'", key);
-  }
-  const json& v = j[key];
-  if constexpr (std::is_same_v<T, bool>) {
-    if (!v.is_boolean()) fail("config: field '{}' must be true or false, got {}", key, v.dump());
-    return v.get<bool>();
-  } else if constexpr (std::is_integral_v<T>) {
-    if (!v.is_number_integer() && !(v.is_number_float() && v.get<double>() == std::floor(v.get<double>())))
-      fail("config: field '{}' must be an integer, got {}", key, v.dump());
-    double d = v.get<double>();
-    if (std::fabs(d) > 1e12) fail("config: field '{}' = {} is absurd", key, v.dump());
-    return T(v.get<int64_t>());
+// DeepSeek-V3.2 (transformers DeepseekV32Config): the indexer, mlp_layer_types, and the V3 fields that
+// transformers fixes for this architecture (sigmoid noaux_tc routing, interleaved RoPE, q LoRA, every layer
+// indexed attention). A config that says otherwise is refused rather than silently read differently.
+void parse_v32_fields(const json& j, ModelConfig& c) {
+  c.index_n_heads = get_num<int64_t>(j, "index_n_heads", int64_t(64));
+  c.index_head_dim = get_num<int64_t>(j, "index_head_dim", int64_t(128));
+  c.index_topk = get_num<int64_t>(j, "index_topk", int64_t(2048));
+  if (j.contains("num_experts") && !j["num_experts"].is_null())  // transformers' alias
+    c.n_routed_experts = get_num<int64_t>(j, "num_experts", std::nullopt);
+  if (j.contains("mlp_layer_types") && !j["mlp_layer_types"].is_null()) {
+    const json& m = j["mlp_layer_types"];
+    if (!m.is_array()) fail("config: field 'mlp_layer_types' must be a list of \"dense\" / \"sparse\"");
+    for (const json& e : m) {
+      if (e != "dense" && e != "sparse")
+        fail("config: field 'mlp_layer_types' has entry {} (expected \"dense\" or \"sparse\")", e.dump());
+      c.mlp_layer_types.push_back(e == "sparse");
+    }
+    if (int64_t(c.mlp_layer_types.size()) != c.num_hidden_layers)
+      fail("config: field 'mlp_layer_types' has {} entries for num_hidden_layers = {}", c.mlp_layer_types.size(),
+           c.num_hidden_layers);
   } else {
-    if (!v.is_number()) fail("config: field '{}' must be a number, got {}", key, v.dump());
-    return v.get<T>();
+    const int64_t dense = std::min(c.first_k_dense_replace, c.num_hidden_layers);
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) c.mlp_layer_types.push_back(l >= dense);
   }
-}
-
-std::string get_str(const json& j, const char* key, const std::string& dflt) {
-  if (!j.contains(key) || j[key].is_null()) return dflt;
-  if (!j[key].is_string()) fail("config: field '{}' must be a string, got {}", key, j[key].dump());
-  return j[key].get<std::string>();
+  if (j.contains("layer_types") && !j["layer_types"].is_null()) {
+    const json& lt = j["layer_types"];
+    if (!lt.is_array() || int64_t(lt.size()) != c.num_hidden_layers)
+      fail("config: field 'layer_types' must list num_hidden_layers = {} entries", c.num_hidden_layers);
+    for (const json& e : lt)
+      if (e != "indexed_attention")
+        fail("config: field 'layer_types' has entry {}; deepseek_v32 layers are all \"indexed_attention\"", e.dump());
+  }
+  if (c.scoring_func != "sigmoid") fail("config: deepseek_v32 routes with sigmoid scores, got scoring_func '{}'", c.scoring_func);
+  if (c.topk_method != "noaux_tc") fail("config: deepseek_v32 routes with noaux_tc, got topk_method '{}'", c.topk_method);
+  if (j.contains("rope_interleave") && j["rope_interleave"] == false)
+    fail("config: deepseek_v32 uses interleaved RoPE in MLA, got rope_interleave false");
+  c.rope_interleave = true;
+  c.moe_layer_freq = 1;
+  if (c.q_lora_rank <= 0) fail("config: deepseek_v32 needs q_lora_rank (its indexer reads the q LoRA latent), got null");
 }
 
 double yarn_mscale(double s, double m) { return s <= 1 ? 1.0 : 0.1 * m * std::log(s) + 1.0; }
@@ -48,6 +63,12 @@ double yarn_mscale(double s, double m) { return s <= 1 ? 1.0 : 0.1 * m * std::lo
 ModelConfig ModelConfig::from_json(const json& j) {
   if (!j.is_object()) fail("config: not a JSON object");
   ModelConfig c;
+  c.model_type = get_str(j, "model_type", "deepseek_v3");
+  if (c.model_type == "deepseek_v4")
+    fail("config: running model_type 'deepseek_v4' is not supported yet (dsv3 info reads it; forward: deepseek_v3, deepseek_v32)");
+  if (c.model_type != "deepseek_v3" && c.model_type != "deepseek_v32")
+    fail("config: model_type '{}' is not supported (deepseek_v3 or deepseek_v32)", c.model_type);
+  const bool v32 = c.model_type == "deepseek_v32";
   auto req = std::optional<int64_t>();
   c.vocab_size = get_num<int64_t>(j, "vocab_size", req);
   c.hidden_size = get_num<int64_t>(j, "hidden_size", req);
@@ -90,6 +111,7 @@ ModelConfig ModelConfig::from_json(const json& j) {
     c.eos_token_id = get_num<int64_t>(j, "eos_token_id", int64_t(1));
   }
   c.tie_word_embeddings = get_num<bool>(j, "tie_word_embeddings", false);
+  if (v32) parse_v32_fields(j, c);
   c.torch_dtype = get_str(j, "torch_dtype", get_str(j, "dtype", "bfloat16"));
   if (j.contains("hidden_act") && j["hidden_act"] != "silu")
     fail("config: hidden_act {} is not supported (only silu)", j["hidden_act"].dump());
@@ -185,6 +207,14 @@ void ModelConfig::validate() const {
       fail("config: field 'num_experts_per_tok' ({}) exceeds 'n_routed_experts' ({})", num_experts_per_tok, n_routed_experts);
     }
   }
+  if (has_indexer()) {
+    pos(index_n_heads, "index_n_heads");
+    pos(index_topk, "index_topk");
+    if (index_head_dim < qk_rope_head_dim || index_head_dim % 2)
+      fail("config: field 'index_head_dim' ({}) must be even and at least qk_rope_head_dim ({})", index_head_dim,
+           qk_rope_head_dim);
+    if (index_n_heads > 4096 || index_head_dim > 65536) fail("config: indexer sizes are absurd");
+  }
   if (num_nextn_predict_layers < 0 || num_nextn_predict_layers > 16)
     fail("config: field 'num_nextn_predict_layers' must be in [0, 16], got {}", num_nextn_predict_layers);
   if (!(rms_norm_eps > 0)) fail("config: field 'rms_norm_eps' must be positive");
@@ -222,9 +252,10 @@ ModelConfig ModelConfig::load(const std::string& path_or_dir) {
 }
 
 json ModelConfig::to_json() const {
+  const bool v32 = has_indexer();
   json j = {
-      {"architectures", {"DeepseekV3ForCausalLM"}},
-      {"model_type", "deepseek_v3"},
+      {"architectures", {v32 ? "DeepseekV32ForCausalLM" : "DeepseekV3ForCausalLM"}},
+      {"model_type", model_type},
       {"vocab_size", vocab_size},
       {"hidden_size", hidden_size},
       {"intermediate_size", intermediate_size},
@@ -268,6 +299,18 @@ json ModelConfig::to_json() const {
                          {"mscale_all_dim", yarn.mscale_all_dim}};
   } else {
     j["rope_scaling"] = nullptr;
+  }
+  if (v32) {
+    j["index_n_heads"] = index_n_heads;
+    j["index_head_dim"] = index_head_dim;
+    j["index_topk"] = index_topk;
+    json m = json::array(), lt = json::array();
+    for (int64_t l = 0; l < num_hidden_layers; ++l) {
+      m.push_back(is_moe_layer(l) ? "sparse" : "dense");
+      lt.push_back("indexed_attention");
+    }
+    j["mlp_layer_types"] = m;
+    j["layer_types"] = lt;
   }
   if (fp8)
     j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},

@@ -2,6 +2,7 @@
 // The hub config.json of a DeepSeek-V3-architecture model, parsed and validated. Field names are the hub's.
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -16,6 +17,9 @@ struct YarnConfig {
 };
 
 struct ModelConfig {
+  // Architecture: deepseek_v3 (V3/R1) or deepseek_v32 (V3 + DSA: a lightning indexer per layer choosing the
+  // top-k cached tokens each query attends to).
+  std::string model_type = "deepseek_v3";
   // Shapes.
   int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, moe_intermediate_size = 0;
   int64_t num_hidden_layers = 0, num_attention_heads = 0;
@@ -33,6 +37,12 @@ struct ModelConfig {
   bool rope_interleave = true;
   int64_t max_position_embeddings = 0;
   YarnConfig yarn;
+  // DSA lightning indexer (deepseek_v32): index_n_heads heads of width index_head_dim (rope on the first
+  // qk_rope_head_dim columns), top index_topk tokens per query.
+  int64_t index_n_heads = 0, index_head_dim = 0, index_topk = 0;
+  // Per main layer: 1 = MoE ("sparse"), 0 = dense; from mlp_layer_types when the config lists them
+  // (deepseek_v32), else empty and first_k_dense_replace / moe_layer_freq decide.
+  std::vector<uint8_t> mlp_layer_types;
   // Misc.
   int64_t num_nextn_predict_layers = 0;
   double initializer_range = 0.02;
@@ -45,11 +55,17 @@ struct ModelConfig {
   // Derived.
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   bool is_moe_layer(int64_t layer) const {
-    return n_routed_experts > 0 && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+    if (n_routed_experts <= 0) return false;
+    if (!mlp_layer_types.empty() && layer < int64_t(mlp_layer_types.size())) return mlp_layer_types[layer] != 0;
+    return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
   }
+  bool has_indexer() const { return model_type == "deepseek_v32"; }
   double softmax_scale() const;  // (dn + dr)^-0.5, times mscale(s, mscale_all_dim)^2 under YaRN
-  // Bytes per token of the MLA latent cache (c and k_pe per layer, fp32 on the CPU).
-  int64_t latent_cache_values_per_token() const { return num_hidden_layers * (kv_lora_rank + qk_rope_head_dim); }
+  // Cached values per token per layer: latent c, rotated k_pe and (DSA) the indexer key.
+  int64_t cache_values_per_token_per_layer() const {
+    return kv_lora_rank + qk_rope_head_dim + (has_indexer() ? index_head_dim : 0);
+  }
+  int64_t latent_cache_values_per_token() const { return num_hidden_layers * cache_values_per_token_per_layer(); }
 
   static ModelConfig from_json(const nlohmann::json& j);  // throws InputError naming the field
   static ModelConfig load(const std::string& path_or_dir);

@@ -10,6 +10,7 @@ KvCache::KvCache(Backend& be, const ModelConfig& cfg, int64_t capacity_tokens, i
   spec_.num_blocks = std::max<int64_t>(1, (capacity_tokens + block_size - 1) / block_size);
   spec_.kv_lora_rank = cfg.kv_lora_rank;
   spec_.rope_dim = cfg.qk_rope_head_dim;
+  spec_.index_dim = cfg.has_indexer() ? cfg.index_head_dim : 0;  // DSA indexer keys (deepseek_v32)
   pool_ = be.alloc_kv_pool(spec_);
   for (int64_t b = spec_.num_blocks - 1; b >= 0; --b) free_.push_back(int32_t(b));
 }

@@ -1,5 +1,5 @@
 #pragma once
-// The MLA latent cache: a pool of fixed-size blocks on the backend's device (see KvPoolSpec) and a block
+// The MLA latent cache (plus the DSA indexer keys of deepseek_v32): a pool of fixed-size blocks on the backend's device (see KvPoolSpec) and a block
 // allocator. A sequence is a block table plus a length; a long and a short sequence share the pool without
 // fragmenting it. One pool slot per main layer and per MTP layer.
 #include <cstdint>

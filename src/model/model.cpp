@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "model/v32_indexer.h"
+
 namespace dsv3 {
 
 struct Model::Step {
@@ -163,8 +165,9 @@ Tensor Model::attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache
   const DType at = be_.act_dtype();
   // Queries: [T, nh, dn + dr], nope part then rope part per head.
   Tensor q = be_.alloc(at, {T, nh * (dn + dr)}, "q");
+  Tensor qa;  // the normed q LoRA latent (the DSA indexer reads it too)
   if (cfg_.q_lora_rank > 0) {
-    Tensor qa = be_.alloc(at, {T, cfg_.q_lora_rank}, "q_a");
+    qa = be_.alloc(at, {T, cfg_.q_lora_rank}, "q_a");
     be_.linear(qa, h, A.q_a_proj);
     be_.rmsnorm(qa, qa, A.q_a_norm, eps);
     be_.linear(q, qa, A.q_b_proj);
@@ -178,6 +181,9 @@ Tensor Model::attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache
   const KvPoolSpec& spec = cache.spec();
   be_.kv_norm_rope_write(cache.pool(), spec, slot, st.seqs, kva, A.kv_a_norm, eps, st.pos, rope_cos_, rope_sin_,
                          cfg_.rope_interleave);
+  // DeepSeek-V3.2: the indexer picks the keys each query attends to (sel [T, index_topk]); V3 attends to all.
+  Tensor sel;
+  if (A.has_indexer) sel = dsa_select_tokens(be_, cfg_, A.indexer, h, qa, cache, slot, st.seqs, st.pos, rope_cos_, rope_sin_);
 
   Tensor out = be_.alloc(at, {T, nh * dv}, "attn_out");
   const int64_t nd = st.n_decode;
@@ -195,7 +201,8 @@ Tensor Model::attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache
     be_.mla_decode_q(q_lat, q_pe, qd, A.kv_b_proj, nh, dn, dr, dv, dpos, rope_cos_, rope_sin_, cfg_.rope_interleave);
     Tensor o_lat = be_.alloc(at, {nd, nh, r}, "o_lat");
     std::vector<SeqSlice> dseqs(st.seqs.begin(), st.seqs.begin() + nd);
-    be_.mla_decode(o_lat, q_lat, q_pe.reshape({nd, nh, dr}), cache.pool(), spec, slot, dseqs, scale);
+    if (sel) be_.mla_decode_sparse(o_lat, q_lat, q_pe.reshape({nd, nh, dr}), cache.pool(), spec, slot, dseqs, sel.rows(0, nd), scale);
+    else be_.mla_decode(o_lat, q_lat, q_pe.reshape({nd, nh, dr}), cache.pool(), spec, slot, dseqs, scale);
     Tensor od = out.rows(0, nd);
     be_.mla_absorb_out(od, o_lat, A.kv_b_proj, nh, dn, dv);
   }
@@ -208,7 +215,11 @@ Tensor Model::attention(const AttnWeights& A, const Tensor& h, Step& st, KvCache
     Tensor kv = be_.alloc(at, {n, nh * (dn + dv)}, "kv");
     be_.linear(kv, c_all, A.kv_b_proj);
     Tensor os = out.rows(s.row0, s.row0 + s.len);
-    be_.mla_attention(os, q.rows(s.row0, s.row0 + s.len), kv, kpe_all, s.pos0, nh, dn, dr, dv, scale);
+    if (sel)
+      be_.mla_attention_sparse(os, q.rows(s.row0, s.row0 + s.len), kv, kpe_all, sel.rows(s.row0, s.row0 + s.len), s.pos0,
+                               nh, dn, dr, dv, scale);
+    else
+      be_.mla_attention(os, q.rows(s.row0, s.row0 + s.len), kv, kpe_all, s.pos0, nh, dn, dr, dv, scale);
   }
   Tensor o = be_.alloc(at, {T, cfg_.hidden_size}, "o");
   be_.linear(o, out, A.o_proj);

@@ -24,12 +24,13 @@ void add_layer_specs(const ModelConfig& c, int64_t li, int64_t elo, int64_t en, 
   const std::string p = "model.layers." + std::to_string(li) + ".";
   const int64_t H = c.hidden_size, nh = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim,
                 dv = c.v_head_dim, r = c.kv_lora_rank;
-  auto add = [&](std::string n, Shape s, bool norm = false, bool bias = false) {
+  auto add = [&](std::string n, Shape s, bool norm = false, bool bias = false, bool zero = false) {
     ParamSpec ps;
     ps.name = p + n;
     ps.shape = std::move(s);
     ps.is_norm = norm;
     ps.is_bias = bias;
+    ps.init_zero = zero;
     out.push_back(ps);
   };
   add("input_layernorm.weight", {H}, true);
@@ -44,6 +45,14 @@ void add_layer_specs(const ModelConfig& c, int64_t li, int64_t elo, int64_t en, 
   add("self_attn.kv_a_layernorm.weight", {r}, true);
   add("self_attn.kv_b_proj.weight", {nh * (dn + dv), r});
   add("self_attn.o_proj.weight", {H, nh * dv});
+  if (c.has_indexer()) {
+    const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
+    add("self_attn.indexer.wq_b.weight", {nI * dI, c.q_lora_rank});
+    add("self_attn.indexer.wk.weight", {dI, H});
+    add("self_attn.indexer.k_norm.weight", {dI}, true);
+    add("self_attn.indexer.k_norm.bias", {dI}, false, false, true);
+    add("self_attn.indexer.weights_proj.weight", {nI, H});
+  }
   add("post_attention_layernorm.weight", {H}, true);
   if (c.is_moe_layer(li)) {
     const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
@@ -145,6 +154,14 @@ void bind_layer(ModelWeights& w, const ModelConfig& c, LayerWeights& L, int64_t 
   a.kv_a_norm = w.view(p + "self_attn.kv_a_layernorm.weight");
   a.kv_b_proj = w.view(p + "self_attn.kv_b_proj.weight");
   a.o_proj = w.view(p + "self_attn.o_proj.weight");
+  a.has_indexer = c.has_indexer();
+  if (a.has_indexer) {
+    a.indexer.wq_b = w.view(p + "self_attn.indexer.wq_b.weight");
+    a.indexer.wk = w.view(p + "self_attn.indexer.wk.weight");
+    a.indexer.k_norm_w = w.view(p + "self_attn.indexer.k_norm.weight");
+    a.indexer.k_norm_b = w.view(p + "self_attn.indexer.k_norm.bias");
+    a.indexer.weights_proj = w.view(p + "self_attn.indexer.weights_proj.weight");
+  }
   L.is_moe = c.is_moe_layer(li);
   if (L.is_moe) {
     auto& m = L.moe;
@@ -290,8 +307,8 @@ ModelWeights init_weights(const ModelConfig& cfg, uint64_t seed, DType dtype) {
     if (s.is_bias) continue;  // zeros
     const int64_t n = shape_numel(s.shape);
     std::vector<float> v(n);
-    if (s.is_norm) {
-      std::fill(v.begin(), v.end(), 1.f);
+    if (s.is_norm || s.init_zero) {
+      std::fill(v.begin(), v.end(), s.is_norm ? 1.f : 0.f);
     } else {
       Rng rng(hash_str(s.name.c_str(), seed * 0x9e3779b97f4a7c15ull + 1));  // per-tensor stream: order-free
       for (auto& x : v) x = float(rng.normal() * cfg.initializer_range);

@@ -21,6 +21,7 @@ struct ParamSpec {
   int64_t offset = 0;     // elements into the flat buffer it lives in
   bool is_bias = false;   // selection bias: lives in the fp32 bias buffer, not trained by gradients
   bool is_norm = false;   // RMSNorm weight: initialized to 1, no weight decay
+  bool init_zero = false; // initialized to 0 (LayerNorm bias)
   bool is_matrix() const { return shape.size() >= 2; }
 };
 
@@ -39,6 +40,14 @@ struct ParamLayout {
 // (hub names keep their global expert index).
 ParamLayout make_param_layout(const ModelConfig& cfg, int64_t expert_lo = 0, int64_t expert_n = -1);
 
+// The DSA lightning indexer of a deepseek_v32 layer (hub: self_attn.indexer.*).
+struct IndexerWeights {
+  Tensor wq_b;                    // [nI*dI, qr]: index queries from the q LoRA latent
+  Tensor wk;                      // [dI, H]
+  Tensor k_norm_w, k_norm_b;      // [dI] LayerNorm on the index key
+  Tensor weights_proj;            // [nI, H]: per-head weights of the index score
+};
+
 struct AttnWeights {
   Tensor q_proj;                  // [nh*(dn+dr), H] (q_lora_rank null)
   Tensor q_a_proj, q_a_norm;      // [qr, H], [qr]
@@ -47,6 +56,8 @@ struct AttnWeights {
   Tensor kv_a_norm;               // [r]
   Tensor kv_b_proj;               // [nh*(dn+dv), r]
   Tensor o_proj;                  // [H, nh*dv]
+  bool has_indexer = false;
+  IndexerWeights indexer;         // deepseek_v32
 };
 struct MlpWeights {
   Tensor gate, up, down;          // [I, H], [I, H], [H, I]

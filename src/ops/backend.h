@@ -24,11 +24,12 @@ namespace dsv3 {
 struct ModelConfig;
 
 // The latent KV cache of MLA in fixed-size blocks (paged): for every layer and every cached token, the
-// normalized latent c (kv_lora_rank) followed by the rotated k_pe (qk_rope_head_dim). A sequence owns a list
-// of blocks; position p of a sequence lives in block table[p / block_size] at slot p % block_size.
+// normalized latent c (kv_lora_rank) followed by the rotated k_pe (qk_rope_head_dim) and, for DeepSeek-V3.2
+// (DSA), the rotated indexer key (index_dim; 0 otherwise). A sequence owns a list of blocks; position p of a
+// sequence lives in block table[p / block_size] at slot p % block_size.
 struct KvPoolSpec {
-  int64_t layers = 0, num_blocks = 0, block_size = 64, kv_lora_rank = 0, rope_dim = 0;
-  int64_t row() const { return kv_lora_rank + rope_dim; }
+  int64_t layers = 0, num_blocks = 0, block_size = 64, kv_lora_rank = 0, rope_dim = 0, index_dim = 0;
+  int64_t row() const { return kv_lora_rank + rope_dim + index_dim; }
 };
 
 // One sequence of a forward batch: `len` new tokens at rows [row0, row0 + len) of the batch, at positions
@@ -131,6 +132,28 @@ class Backend {
   // out[b, h, :] = W_UV[h] . o_lat[b, h, :]   where W_UV[h] = kv_b_proj rows [h*(dn+dv)+dn, (h+1)*(dn+dv)) [dv, r].
   virtual void mla_absorb_out(Tensor& out, const Tensor& o_lat, const Tensor& kv_b, int64_t nh, int64_t dn,
                               int64_t dv) = 0;
+
+  // ---- DeepSeek-V3.2 sparse attention (DSA): the lightning indexer and MLA over the keys it selects
+  // out[T, D] = (x - mean(x)) / sqrt(var(x) + eps) * w + b per row (LayerNorm, biased variance); w, b [D].
+  virtual void layernorm(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& b, float eps) = 0;
+  // Write the index keys k [T, index_dim] of each sequence's new tokens into the index part of their cache rows.
+  virtual void index_key_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs,
+                               const Tensor& k) = 0;
+  // Top-k token selection. For each new token (row r of a sequence, at position p) and every cached position
+  // j <= p of that sequence: I[r, j] = sum_h (w[r, h] * w_scale) * relu((q[r, h, :] . k_j) * q_scale), with
+  // q [T, nI, index_dim], w [T, nI] fp32, k_j the cached index keys. sel [T, K] int32 gets the K = sel.dim(1)
+  // positions of highest I, best first (ties: lower position first), padded with -1 when p + 1 < K.
+  virtual void dsa_select(Tensor& sel, const Tensor& q, const Tensor& w, const Tensor& pool, const KvPoolSpec& spec,
+                          int64_t layer, const std::vector<SeqSlice>& seqs, float q_scale, float w_scale) = 0;
+  // mla_attention where query i attends only to the positions listed in sel[i, :] (sel [len, K] int32, entries
+  // -1 ignored; every listed position is causally visible).
+  virtual void mla_attention_sparse(Tensor& out, const Tensor& q, const Tensor& kv, const Tensor& kpe,
+                                    const Tensor& sel, int64_t pos0, int64_t nh, int64_t dn, int64_t dr, int64_t dv,
+                                    float scale) = 0;
+  // mla_decode where sequence b attends only to the positions in sel[b, :] (sel [B, K] int32, -1 ignored).
+  virtual void mla_decode_sparse(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const Tensor& pool,
+                                 const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs,
+                                 const Tensor& sel, float scale) = 0;
 
   // ---- DeepSeekMoE
   // From router logits [T, E] (fp32) and the selection bias [E]: expert ids [T, K] (int32) and weights

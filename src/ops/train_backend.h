@@ -110,6 +110,20 @@ class TrainBackend {
   virtual void attention_backward(float* dq, float* dkv, float* dkpe, const float* dout, const float* out,
                                   const float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
                                   int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale) = 0;
+  // DeepSeek-V3.2: attention_forward / attention_backward where each query row r attends only to the positions
+  // sel[r, 0..K) of its own sequence (-1 = none; the DSA selection, a constant of the step). The default refuses:
+  // only the CPU backend trains V3.2 so far.
+  virtual void attention_forward_sel(float* out, float* lse, const float* q, const float* kv, const float* kpe,
+                                     int64_t B, int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv,
+                                     double scale, const int32_t* sel, int64_t K) {
+    fail("attention with a DSA selection (DeepSeek-V3.2 training) is not implemented on {}", name());
+  }
+  virtual void attention_backward_sel(float* dq, float* dkv, float* dkpe, const float* dout, const float* out,
+                                      const float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
+                                      int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale,
+                                      const int32_t* sel, int64_t K) {
+    fail("attention with a DSA selection (DeepSeek-V3.2 training) is not implemented on {}", name());
+  }
   virtual void route_forward(int32_t* idx, float* w, float* scores, const float* logits, const float* bias,
                              int64_t N, const RouteParams& p) = 0;
   virtual void route_backward(float* dlogits, const float* dw, const float* dscores_extra, const float* scores,

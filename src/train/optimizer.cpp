@@ -37,6 +37,9 @@ AdamW::AdamW(TrainBackend& be, const ParamLayout& layout, AdamWConfig cfg)
   // Parameters are laid out in spec order; merge neighbours with the same decay flag into segments.
   for (auto& s : layout.specs) {
     if (s.is_bias) continue;
+    // The DeepSeek-V3.2 indexer gets no gradient (transformers runs it under no_grad, so PyTorch's AdamW skips
+    // it): no segment, no update, no weight decay.
+    if (s.name.find(".self_attn.indexer.") != std::string::npos) continue;
     const bool decay = s.is_matrix() && !s.is_norm;
     const int64_t n = shape_numel(s.shape);
     if (!segs_.empty() && segs_.back().decay == decay && segs_.back().offset + segs_.back().n == s.offset)

@@ -5,6 +5,8 @@
 #include <utility>
 #include <vector>
 
+#include "model/kv_cache.h"
+#include "model/v32_indexer.h"
 #include "train/profile.h"
 #include "train/train_model.h"
 
@@ -63,12 +65,49 @@ void TrainModel::attention_forward(const AttnWeights& A, LayerCache& c, int64_t 
   be_.rope_forward(q, N, nh, dn + dr, dn, dr, pos, cos_.data(), sin_.data(), cfg_.rope_interleave);
   be_.rope_forward(kpe, N, 1, dr, 0, dr, pos, cos_.data(), sin_.data(), cfg_.rope_interleave);
   be_.linear_forward(buf(c.kv, N * nh * (dn + dv)), c.c.data(), P(A.kv_b_proj), N, nh * (dn + dv), r);
+  if (A.has_indexer) dsa_select(A, c, B, Tq);
   {
     ProfileScope p("attn_core_fwd");
-    be_.attention_forward(buf(c.ao, N * nh * dv), buf(c.lse, B * nh * Tq), q, c.kv.data(), kpe, B, Tq, nh, dn, dr,
-                          dv, cfg_.softmax_scale());
+    if (A.has_indexer)
+      be_.attention_forward_sel(buf(c.ao, N * nh * dv), buf(c.lse, B * nh * Tq), q, c.kv.data(), kpe, B, Tq, nh, dn,
+                                dr, dv, cfg_.softmax_scale(), c.sel.data(), cfg_.index_topk);
+    else
+      be_.attention_forward(buf(c.ao, N * nh * dv), buf(c.lse, B * nh * Tq), q, c.kv.data(), kpe, B, Tq, nh, dn, dr,
+                            dv, cfg_.softmax_scale());
   }
   be_.linear_forward(out, c.ao.data(), P(A.o_proj), N, H, nh * dv);
+}
+
+void TrainModel::dsa_select(const AttnWeights& A, LayerCache& c, int64_t B, int64_t Tq) {
+  ProfileScope prof_("dsa_select");
+  const int64_t N = B * Tq, H = cfg_.hidden_size, qr = cfg_.q_lora_rank;
+  auto host = [](float* p, Shape s, const char* n) {
+    Tensor t;
+    t.name = n;
+    t.shape = std::move(s);
+    t.data = p;
+    return t;
+  };
+  Tensor h = host(c.h1.data(), {N, H}, "h1"), qa = host(c.qa_n.data(), {N, qr}, "qa_n");
+  // A scratch cache holding each sequence's index keys (the other parts of its rows stay unused).
+  const int64_t bs = 64;
+  KvCache cache(*dsa_be_, cfg_, B * ((Tq + bs - 1) / bs) * bs, bs);
+  std::vector<SeqCache> sc(static_cast<size_t>(B));
+  std::vector<SeqSlice> seqs;
+  std::vector<int32_t> pos(static_cast<size_t>(N));
+  for (int64_t b = 0; b < B; ++b) {
+    if (!cache.reserve(sc[size_t(b)], Tq)) fail("internal: DSA scratch cache too small");
+    SeqSlice s;
+    s.row0 = b * Tq;
+    s.len = Tq;
+    s.pos0 = 0;
+    s.blocks = sc[size_t(b)].blocks.data();
+    s.num_blocks = int64_t(sc[size_t(b)].blocks.size());
+    seqs.push_back(s);
+    for (int64_t t = 0; t < Tq; ++t) pos[size_t(b * Tq + t)] = int32_t(t);
+  }
+  Tensor sel = dsa_select_tokens(*dsa_be_, cfg_, A.indexer, h, qa, cache, 0, seqs, pos, dsa_cos_, dsa_sin_);
+  c.sel.assign(sel.ptr<int32_t>(), sel.ptr<int32_t>() + sel.numel());
 }
 
 // dh [N, H] (overwritten) = gradient w.r.t. the attention input h1, from dout = gradient w.r.t. o_proj's output.
@@ -83,8 +122,13 @@ void TrainModel::attention_backward(const AttnWeights& A, AttnWeights& Gw, Layer
   float* dkpe = buf(s_dkpe_, N * dr);
   {
     ProfileScope p("attn_core_bwd");
-    be_.attention_backward(dq, buf(s_dkv_, N * nh * (dn + dv)), dkpe, s_dao_.data(), c.ao.data(), c.lse.data(),
-                           c.q.data(), c.kv.data(), c.kpe.data(), B, Tq, nh, dn, dr, dv, cfg_.softmax_scale());
+    if (A.has_indexer)
+      be_.attention_backward_sel(dq, buf(s_dkv_, N * nh * (dn + dv)), dkpe, s_dao_.data(), c.ao.data(), c.lse.data(),
+                                 c.q.data(), c.kv.data(), c.kpe.data(), B, Tq, nh, dn, dr, dv, cfg_.softmax_scale(),
+                                 c.sel.data(), cfg_.index_topk);
+    else
+      be_.attention_backward(dq, buf(s_dkv_, N * nh * (dn + dv)), dkpe, s_dao_.data(), c.ao.data(), c.lse.data(),
+                             c.q.data(), c.kv.data(), c.kpe.data(), B, Tq, nh, dn, dr, dv, cfg_.softmax_scale());
   }
   be_.linear_backward(buf(s_dc_, N * r), false, G(Gw.kv_b_proj), s_dkv_.data(), c.c.data(), P(A.kv_b_proj), N,
                       nh * (dn + dv), r);

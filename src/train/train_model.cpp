@@ -18,6 +18,12 @@ TrainModel::TrainModel(TrainBackend& be, const ModelConfig& cfg, ModelWeights& p
     fail("training: unknown scoring_func '{}'", cfg_.scoring_func);
   Tensor cos, sin;
   make_rope_tables(cfg_, cfg_.max_position_embeddings, &cos, &sin);
+  if (cfg_.has_indexer()) {
+    if (!be_.is_host()) fail("training {} models (DSA indexer) is only implemented on the CPU so far", cfg_.model_type);
+    dsa_be_ = make_cpu_backend();
+    dsa_cos_ = cos;
+    dsa_sin_ = sin;
+  }
   be_.upload(buf(cos_, cos.numel()), cos.f32(), size_t(cos.numel()) * sizeof(float));
   be_.upload(buf(sin_, sin.numel()), sin.f32(), size_t(sin.numel()) * sizeof(float));
   route_ = RouteParams::from_config(cfg_);

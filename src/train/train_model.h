@@ -82,6 +82,7 @@ class TrainModel {
     TBuf<float> scores, w, dscores;                   // router: [N, E], [N, K], balance grad [N, E]
     TBuf<int32_t> idx;                                // [N, K]
     std::unique_ptr<MoeSavedState> experts;
+    std::vector<int32_t> sel;                         // DeepSeek-V3.2 DSA selection [N, index_topk] (host)
   };
   struct MtpCache {
     int64_t Tk = 0;
@@ -123,6 +124,10 @@ class TrainModel {
   double head_loss(const float* hn, const int32_t* targets, int64_t N, double scale, bool backward, float* dhn,
                    int64_t* correct);
   const int32_t* positions(int64_t B, int64_t Tq);  // [B*Tq] = t, backend memory, cached per shape
+  // DeepSeek-V3.2: the indexer's top-k selection for the layer's input (c.h1, c.qa_n) into c.sel, with the
+  // inference code (model/v32_indexer.h) on a CPU backend over the host parameters: no gradient flows through
+  // it (transformers runs the indexer under no_grad).
+  void dsa_select(const AttnWeights& A, LayerCache& c, int64_t B, int64_t Tq);
 
   TrainBackend& be_;
   ModelConfig cfg_;
@@ -131,6 +136,8 @@ class TrainModel {
   TrainMemory mem_;
   RouteParams route_;
   TBuf<float> cos_, sin_;  // RoPE tables [max_pos, dr/2]
+  std::unique_ptr<Backend> dsa_be_;  // DeepSeek-V3.2 only: runs the indexer
+  Tensor dsa_cos_, dsa_sin_;
   std::map<std::pair<int64_t, int64_t>, TBuf<int32_t>> pos_;
   std::vector<LayerCache> layers_;
   std::vector<MtpCache> mtp_;

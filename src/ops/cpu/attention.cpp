@@ -4,6 +4,9 @@
 //    Queries are processed in chunks so S stays small at long contexts.
 //  - mla_decode: absorbed form over the paged cache; one query per sequence. Each cache row is read once
 //    for all heads (scores for every head, then the weighted sum of c for every head).
+//  Both take an optional DSA selection (DeepSeek-V3.2): sel [rows, K] positions per query (-1 = none); a
+//  query then attends only to its selected positions (the others get probability exactly 0, as transformers'
+//  finfo.min mask gives).
 #include <cblas.h>
 
 #include <algorithm>
@@ -16,7 +19,7 @@
 namespace dsv3::cpu {
 
 void mla_attention(float* out, const float* q, const float* kv, const float* kpe, int64_t len, int64_t pos0,
-                   int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale) {
+                   int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale, const int32_t* sel, int64_t K) {
   const int64_t n = pos0 + len;  // keys
   const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv);
   const int64_t chunk = 256;
@@ -34,6 +37,15 @@ void mla_attention(float* out, const float* q, const float* kv, const float* kpe
       for (int64_t i = 0; i < m; ++i) {
         float* row = S.data() + i * nk;
         const int64_t last = pos0 + i0 + i;  // causal: keys 0..last
+        if (sel) {  // DSA: keys outside the selection get -inf (probability 0)
+          std::vector<uint8_t> keep(size_t(last + 1), 0);
+          for (int64_t k = 0; k < K; ++k) {
+            const int32_t j = sel[(i0 + i) * K + k];
+            if (j >= 0 && j <= last) keep[j] = 1;
+          }
+          for (int64_t j = 0; j <= last; ++j)
+            if (!keep[j]) row[j] = -std::numeric_limits<float>::infinity();
+        }
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j <= last; ++j) mx = std::max(mx, row[j]);
         double sum = 0;
@@ -52,17 +64,30 @@ void mla_attention(float* out, const float* q, const float* kv, const float* kpe
 }
 
 void mla_decode(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const Tensor& pool, const KvPoolSpec& spec,
-                int64_t layer, const std::vector<SeqSlice>& seqs, float scale) {
+                int64_t layer, const std::vector<SeqSlice>& seqs, float scale, const Tensor* sel) {
   const int64_t nh = q_lat.dim(1), r = spec.kv_lora_rank, dr = spec.rope_dim, row = spec.row(), bs = spec.block_size;
   const float* base = pool.ptr<float>() + size_t(layer) * spec.num_blocks * bs * row;
   for (size_t b = 0; b < seqs.size(); ++b) {
     const SeqSlice& sq = seqs[b];
-    const int64_t n = sq.pos0 + 1;
+    // The attended positions: all of 0..pos0 (t itself), or the selected ones (at[t]).
+    std::vector<int64_t> at;
+    if (sel) {
+      const int64_t K = sel->dim(1);
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t j = sel->ptr<int32_t>()[b * K + k];
+        if (j >= 0 && j <= sq.pos0) at.push_back(j);
+      }
+    }
+    const int64_t n = sel ? int64_t(at.size()) : sq.pos0 + 1;
+    const int64_t* atp = sel ? at.data() : nullptr;
     const float* ql = q_lat.ptr<float>() + b * nh * r;
     const float* qp = q_pe.ptr<float>() + b * nh * dr;
     float* o = out_lat.ptr<float>() + b * nh * r;
     std::vector<float> S(size_t(nh * n));
-    auto cache_row = [&](int64_t t) { return base + (size_t(sq.blocks[t / bs]) * bs + t % bs) * row; };
+    auto cache_row = [&](int64_t t) {
+      const int64_t p = atp ? atp[t] : t;
+      return base + (size_t(sq.blocks[p / bs]) * bs + p % bs) * row;
+    };
     // Scores: every cache row once, all heads.
 #pragma omp parallel for schedule(static) if (n * nh * row > 65536)
     for (int64_t t = 0; t < n; ++t) {

@@ -26,6 +26,27 @@ inline double exp_row(double* row, int64_t n, double sub) {
   return s;
 }
 
+// DSA: scores of keys outside query row r's selection become -inf; after the exponential (whose vector form
+// clamps its argument) zero_unselected sets their probabilities to exactly 0.
+template <typename T>
+void mask_unselected(T* row, int64_t i, const int32_t* sel, int64_t K, int64_t r, std::vector<uint8_t>& keep) {
+  if (!sel) return;
+  keep.assign(size_t(i + 1), 0);
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t j = sel[r * K + k];
+    if (j >= 0 && j <= i) keep[size_t(j)] = 1;
+  }
+  for (int64_t j = 0; j <= i; ++j)
+    if (!keep[size_t(j)]) row[j] = -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+void zero_unselected(T* row, int64_t i, const int32_t* sel, const std::vector<uint8_t>& keep) {
+  if (!sel) return;
+  for (int64_t j = 0; j <= i; ++j)
+    if (!keep[size_t(j)]) row[j] = T(0);
+}
+
 template <typename T>
 void scores(T* S, const T* q, const T* kv, const T* kpe, int64_t Tq, int64_t qs, int64_t ks, int64_t dn,
             int64_t dr, T scale) {
@@ -38,11 +59,12 @@ void scores(T* S, const T* q, const T* kv, const T* kpe, int64_t Tq, int64_t qs,
 // Forward: S = scale (q_nope . k_nope + q_pe . k_pe), P = softmax over keys j <= i, out = P V.
 template <typename T>
 void attention_forward(T* out, T* lse, const T* q, const T* kv, const T* kpe, int64_t B, int64_t Tq, int64_t nh,
-                       int64_t dn, int64_t dr, int64_t dv, double scale) {
+                       int64_t dn, int64_t dr, int64_t dv, double scale, const int32_t* sel, int64_t K) {
   const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv), os = nh * dv;
 #pragma omp parallel
   {
     std::vector<T> S(size_t(Tq * Tq));
+    std::vector<uint8_t> keep;
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < B * nh; ++bh) {
       const int64_t b = bh / nh, h = bh % nh, r0 = b * Tq;
@@ -52,9 +74,15 @@ void attention_forward(T* out, T* lse, const T* q, const T* kv, const T* kpe, in
       T* l = lse + bh * Tq;
       for (int64_t i = 0; i < Tq; ++i) {
         T* row = S.data() + i * Tq;
+        mask_unselected(row, i, sel, K, r0 + i, keep);
         T mx = -std::numeric_limits<T>::infinity();
         for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j]);
-        const T sum = exp_row(row, i + 1, mx);
+        T sum = exp_row(row, i + 1, mx);
+        if (sel) {
+          zero_unselected(row, i, sel, keep);
+          sum = 0;
+          for (int64_t j = 0; j <= i; ++j) sum += row[j];
+        }
         const T inv = T(1) / sum;
         for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
         for (int64_t j = i + 1; j < Tq; ++j) row[j] = T(0);
@@ -71,13 +99,14 @@ void attention_forward(T* out, T* lse, const T* q, const T* kv, const T* kpe, in
 template <typename T>
 void attention_backward(T* dq, T* dkv, T* dkpe, const T* dout, const T* out, const T* lse, const T* q, const T* kv,
                         const T* kpe, int64_t B, int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv,
-                        double scale) {
+                        double scale, const int32_t* sel, int64_t K) {
   const int64_t qs = nh * (dn + dr), ks = nh * (dn + dv), os = nh * dv;
   std::vector<T> dkpe_h(size_t(B * nh * Tq * dr));  // per-head partials of the shared key's gradient
   const T sc = T(scale);
 #pragma omp parallel
   {
     std::vector<T> P(size_t(Tq * Tq)), dP(size_t(Tq * Tq)), D(Tq);
+    std::vector<uint8_t> keep;
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < B * nh; ++bh) {
       const int64_t b = bh / nh, h = bh % nh, r0 = b * Tq;
@@ -89,7 +118,9 @@ void attention_backward(T* dq, T* dkv, T* dkpe, const T* dout, const T* out, con
       const T* l = lse + bh * Tq;
       for (int64_t i = 0; i < Tq; ++i) {
         T* row = P.data() + i * Tq;
+        mask_unselected(row, i, sel, K, r0 + i, keep);
         exp_row(row, i + 1, l[i]);
+        zero_unselected(row, i, sel, keep);
         for (int64_t j = i + 1; j < Tq; ++j) row[j] = T(0);
         T d = 0;
         for (int64_t c = 0; c < dv; ++c) d += doh[i * os + c] * oh[i * os + c];
@@ -123,14 +154,14 @@ void attention_backward(T* dq, T* dkv, T* dkpe, const T* dout, const T* out, con
 }
 
 template void attention_forward<float>(float*, float*, const float*, const float*, const float*, int64_t, int64_t,
-                                       int64_t, int64_t, int64_t, int64_t, double);
+                                       int64_t, int64_t, int64_t, int64_t, double, const int32_t*, int64_t);
 template void attention_forward<double>(double*, double*, const double*, const double*, const double*, int64_t,
-                                        int64_t, int64_t, int64_t, int64_t, int64_t, double);
+                                        int64_t, int64_t, int64_t, int64_t, int64_t, double, const int32_t*, int64_t);
 template void attention_backward<float>(float*, float*, float*, const float*, const float*, const float*,
                                         const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t, double);
+                                        int64_t, int64_t, double, const int32_t*, int64_t);
 template void attention_backward<double>(double*, double*, double*, const double*, const double*, const double*,
                                          const double*, const double*, const double*, int64_t, int64_t, int64_t,
-                                         int64_t, int64_t, int64_t, double);
+                                         int64_t, int64_t, int64_t, double, const int32_t*, int64_t);
 
 }  // namespace dsv3::cpu

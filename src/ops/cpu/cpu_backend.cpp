@@ -200,6 +200,38 @@ class CpuBackend final : public Backend {
       cpu::gemm_xwT(B, dv, r, o_lat.f32() + h * r, nh * r, w, kv_b.dtype, r, out.f32() + h * dv, nh * dv);
     }
   }
+  // DeepSeek-V3.2 sparse attention (ops/cpu/dsa.cpp, ops/cpu/attention.cpp).
+  void layernorm(Tensor& out, const Tensor& x, const Tensor& w, const Tensor& b, float eps) override {
+    const int64_t D = out.dim(-1), T = out.numel() / D;
+    cpu::layernorm(out.f32(), x.f32(), w, b, T, D, eps);
+  }
+  void index_key_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs,
+                       const Tensor& k) override {
+    DSV3_CHECK(k.dim(-1) == spec.index_dim, "index_key_write: keys {} for index_dim {}", shape_str(k.shape), spec.index_dim);
+    cpu::index_key_write(pool, spec, layer, seqs, k.f32());
+  }
+  void dsa_select(Tensor& sel, const Tensor& q, const Tensor& w, const Tensor& pool, const KvPoolSpec& spec,
+                  int64_t layer, const std::vector<SeqSlice>& seqs, float q_scale, float w_scale) override {
+    const int64_t T = sel.dim(0), nI = w.dim(1);
+    DSV3_CHECK(sel.dtype == DType::I32 && q.numel() == T * nI * spec.index_dim && w.numel() == T * nI,
+               "dsa_select: sel {} q {} w {}", shape_str(sel.shape), shape_str(q.shape), shape_str(w.shape));
+    cpu::dsa_select(sel.ptr<int32_t>(), sel.dim(1), q.f32(), w.f32(), nI, pool, spec, layer, seqs, q_scale, w_scale);
+  }
+  void mla_attention_sparse(Tensor& out, const Tensor& q, const Tensor& kv, const Tensor& kpe, const Tensor& sel,
+                            int64_t pos0, int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale) override {
+    DSV3_CHECK(sel.dtype == DType::I32 && sel.dim(0) == q.dim(0), "mla_attention_sparse: sel {} for q {}",
+               shape_str(sel.shape), shape_str(q.shape));
+    cpu::mla_attention(out.f32(), q.f32(), kv.f32(), kpe.f32(), q.dim(0), pos0, nh, dn, dr, dv, scale,
+                       sel.ptr<int32_t>(), sel.dim(1));
+  }
+  void mla_decode_sparse(Tensor& out_lat, const Tensor& q_lat, const Tensor& q_pe, const Tensor& pool,
+                         const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs, const Tensor& sel,
+                         float scale) override {
+    DSV3_CHECK(sel.dtype == DType::I32 && sel.dim(0) == int64_t(seqs.size()), "mla_decode_sparse: sel {} for {} sequences",
+               shape_str(sel.shape), seqs.size());
+    cpu::mla_decode(out_lat, q_lat, q_pe, pool, spec, layer, seqs, scale, &sel);
+  }
+
   void moe_route(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const Tensor& bias,
                  const RouteParams& p) override {
     cpu::moe_route(topk_idx.ptr<int32_t>(), topk_w.f32(), logits.f32(), bias ? bias.f32() : nullptr, logits.dim(0), p);

@@ -110,6 +110,18 @@ class CpuTrainBackend : public TrainBackend {
                           int64_t dn, int64_t dr, int64_t dv, double scale) override {
     cpu::attention_backward(dq, dkv, dkpe, dout, out, lse, q, kv, kpe, B, Tq, nh, dn, dr, dv, scale);
   }
+  void attention_forward_sel(float* out, float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
+                             int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale,
+                             const int32_t* sel, int64_t K) override {
+    cpu::attention_forward(out, lse, q, kv, kpe, B, Tq, nh, dn, dr, dv, scale, sel, K);
+  }
+  void attention_backward_sel(float* dq, float* dkv, float* dkpe, const float* dout, const float* out,
+                              const float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
+                              int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale,
+                              const int32_t* sel, int64_t K) override {
+    cpu::attention_backward(dq, dkv, dkpe, dout, out, lse, q, kv, kpe, B, Tq, nh, dn, dr, dv, scale, sel, K);
+  }
+
   void route_forward(int32_t* idx, float* w, float* scores, const float* logits, const float* bias, int64_t N,
                      const RouteParams& p) override {
     cpu::route_forward(idx, w, scores, logits, bias, N, p);

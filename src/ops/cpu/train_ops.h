@@ -50,14 +50,16 @@ double cross_entropy_forward_backward(T* dlogits, const T* logits, const int32_t
 // ---- backward_attention.cpp: causal MLA attention core over B sequences of Tq tokens
 // q [B*Tq, nh, dn + dr] (rotated), kv [B*Tq, nh, dn + dv] (k_nope, v), kpe [B*Tq, dr] shared by the heads.
 // out [B*Tq, nh, dv]; lse [B, nh, Tq] (log-sum-exp of each score row, saved for the backward).
+// sel (DeepSeek-V3.2 DSA, optional): [B*Tq, K] positions within the sequence each query may attend to (-1 =
+// none); the other keys get probability 0 in the forward and no gradient in the backward.
 template <typename T>
 void attention_forward(T* out, T* lse, const T* q, const T* kv, const T* kpe, int64_t B, int64_t Tq, int64_t nh,
-                       int64_t dn, int64_t dr, int64_t dv, double scale);
+                       int64_t dn, int64_t dr, int64_t dv, double scale, const int32_t* sel = nullptr, int64_t K = 0);
 // dq, dkv, dkpe are overwritten.
 template <typename T>
 void attention_backward(T* dq, T* dkv, T* dkpe, const T* dout, const T* out, const T* lse, const T* q, const T* kv,
                         const T* kpe, int64_t B, int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv,
-                        double scale);
+                        double scale, const int32_t* sel = nullptr, int64_t K = 0);
 
 // ---- backward_moe.cpp: router and routed experts
 // scores[N, E] = sigmoid(logits) (or softmax); idx/w [N, K] as moe_route (selection with bias, weights from

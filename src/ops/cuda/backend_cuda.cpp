@@ -718,6 +718,27 @@ class CudaBackend final : public Backend {
                                                  CUBLAS_GEMM_DEFAULT));
   }
 
+  // ---- DeepSeek-V3.2 sparse attention: CPU only for now (the model runs on the CPU reference backend).
+  [[noreturn]] static void no_dsa(const char* op) {
+    fail("{} (DeepSeek-V3.2 sparse attention) is not implemented on cuda yet; run this model with --device cpu", op);
+  }
+  void layernorm(Tensor&, const Tensor&, const Tensor&, const Tensor&, float) override { no_dsa("layernorm"); }
+  void index_key_write(Tensor&, const KvPoolSpec&, int64_t, const std::vector<SeqSlice>&, const Tensor&) override {
+    no_dsa("index_key_write");
+  }
+  void dsa_select(Tensor&, const Tensor&, const Tensor&, const Tensor&, const KvPoolSpec&, int64_t,
+                  const std::vector<SeqSlice>&, float, float) override {
+    no_dsa("dsa_select");
+  }
+  void mla_attention_sparse(Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
+                            int64_t, int64_t, int64_t, float) override {
+    no_dsa("mla_attention_sparse");
+  }
+  void mla_decode_sparse(Tensor&, const Tensor&, const Tensor&, const Tensor&, const KvPoolSpec&, int64_t,
+                         const std::vector<SeqSlice>&, const Tensor&, float) override {
+    no_dsa("mla_decode_sparse");
+  }
+
   // ---- DeepSeekMoE
   void moe_route(Tensor& topk_idx, Tensor& topk_w, const Tensor& logits, const Tensor& bias,
                  const RouteParams& p) override {

@@ -1,0 +1,266 @@
+#include "model/v4_weights.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "io/safetensors.h"
+#include "ops/backend.h"
+
+namespace dsv3 {
+
+namespace {
+
+struct SpecAdder {
+  ParamLayout& L;
+  std::vector<V4Store>& store;
+  void operator()(std::string name, Shape s, V4Store st = V4Store::Plain, bool norm = false, bool bias = false) {
+    ParamSpec p;
+    p.name = std::move(name);
+    p.shape = std::move(s);
+    p.is_norm = norm;
+    p.is_bias = bias;
+    L.specs.push_back(p);
+    store.push_back(st);
+  }
+};
+
+}  // namespace
+
+// Shapes (d hidden, N hc_mult, H heads, c head_dim, d_c q_lora_rank, g o_groups, d_g o_lora_rank, F expert width,
+// E experts, m / m' compression rates, c_I / H_I indexer width / heads): see the spec's checkpoint table.
+ParamLayout make_v4_param_layout(const V4Config& c, std::vector<V4Store>* store_out) {
+  ParamLayout L;
+  std::vector<V4Store> store;
+  SpecAdder add{L, store};
+  const int64_t d = c.hidden_size, N = c.hc_mult, H = c.num_attention_heads, hd = c.head_dim, dc = c.q_lora_rank,
+                g = c.o_groups, dg = c.o_lora_rank, F = c.moe_intermediate_size, E = c.n_routed_experts,
+                cI = c.index_head_dim, HI = c.index_n_heads, V = c.vocab_size;
+  const int64_t mix = (2 + N) * N;  // mHC rows: N pre, N post, N*N residual
+  add("embed.weight", {V, d});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    add(p + "attn_norm.weight", {d}, V4Store::Plain, true);
+    add(p + "ffn_norm.weight", {d}, V4Store::Plain, true);
+    for (const char* hc : {"hc_attn_", "hc_ffn_"}) {
+      add(p + hc + "fn", {mix, N * d});
+      add(p + hc + "base", {mix});
+      add(p + hc + "scale", {3});
+    }
+    add(p + "attn.attn_sink", {H});
+    add(p + "attn.wq_a.weight", {dc, d}, V4Store::Fp8);
+    add(p + "attn.q_norm.weight", {dc}, V4Store::Plain, true);
+    add(p + "attn.wq_b.weight", {H * hd, dc}, V4Store::Fp8);
+    add(p + "attn.wkv.weight", {hd, d}, V4Store::Fp8);
+    add(p + "attn.kv_norm.weight", {hd}, V4Store::Plain, true);
+    add(p + "attn.wo_a.weight", {g * dg, H * hd / g}, V4Store::Fp8);
+    add(p + "attn.wo_b.weight", {d, g * dg}, V4Store::Fp8);
+    const V4Attn t = c.layer_types[size_t(l)];
+    if (t != V4Attn::Sliding) {
+      const bool csa = t == V4Attn::CSA;
+      const int64_t m = c.compress_rate(l), w = csa ? 2 * hd : hd;  // CSA: overlapped windows, two halves
+      add(p + "attn.compressor.wkv.weight", {w, d});
+      add(p + "attn.compressor.wgate.weight", {w, d});
+      add(p + "attn.compressor.ape", {m, w});
+      add(p + "attn.compressor.norm.weight", {hd}, V4Store::Plain, true);
+      if (csa) {
+        add(p + "attn.indexer.wq_b.weight", {HI * cI, dc}, V4Store::Fp8);
+        add(p + "attn.indexer.weights_proj.weight", {HI, d});
+        add(p + "attn.indexer.compressor.wkv.weight", {2 * cI, d});
+        add(p + "attn.indexer.compressor.wgate.weight", {2 * cI, d});
+        add(p + "attn.indexer.compressor.ape", {m, 2 * cI});
+        add(p + "attn.indexer.compressor.norm.weight", {cI}, V4Store::Plain, true);
+      }
+    }
+    add(p + "ffn.gate.weight", {E, d});
+    if (c.mlp_layer_types[size_t(l)] == V4Mlp::Moe) add(p + "ffn.gate.bias", {E}, V4Store::Plain, false, true);
+    for (const char* w : {"w1", "w3", "w2"})  // experts of one kind contiguous: grouped [E, F, d] / [E, d, F]
+      for (int64_t e = 0; e < E; ++e)
+        add(p + "ffn.experts." + std::to_string(e) + "." + w + ".weight", std::string(w) == "w2" ? Shape{d, F} : Shape{F, d},
+            V4Store::Expert);
+    add(p + "ffn.shared_experts.w1.weight", {F, d}, V4Store::Fp8);
+    add(p + "ffn.shared_experts.w3.weight", {F, d}, V4Store::Fp8);
+    add(p + "ffn.shared_experts.w2.weight", {d, F}, V4Store::Fp8);
+  }
+  add("norm.weight", {d}, V4Store::Plain, true);
+  add("hc_head_fn", {N, N * d});
+  add("hc_head_base", {N});
+  add("hc_head_scale", {1});
+  add("head.weight", {V, d});
+  for (size_t i = 0; i < L.specs.size(); ++i) {
+    auto& s = L.specs[i];
+    int64_t& counter = s.is_bias ? L.num_bias : L.num_params;
+    s.offset = counter;
+    counter += shape_numel(s.shape);
+    L.index[s.name] = i;
+  }
+  if (store_out) *store_out = std::move(store);
+  return L;
+}
+
+namespace {
+
+// The names a tensor may have in a checkpoint: the release name, then transformers' save_pretrained spelling.
+std::vector<std::string> candidate_names(const std::string& n) {
+  std::vector<std::string> out = {n};
+  if (n == "embed.weight") out.push_back("model.embed_tokens.weight");
+  else if (n == "norm.weight") out.push_back("model.norm.weight");
+  else if (n == "head.weight") out.push_back("lm_head.weight");
+  else if (n.rfind("hc_head_", 0) == 0) out.push_back("model.hc_head.hc_" + n.substr(8));
+  else out.push_back("model." + n);
+  const std::string kv = ".attn.kv_norm.weight";
+  if (n.size() > kv.size() && n.compare(n.size() - kv.size(), kv.size(), kv) == 0) {
+    const std::string alt = n.substr(0, n.size() - kv.size()) + ".attn.norm.weight";
+    out.push_back(alt);
+    out.push_back("model." + alt);
+  }
+  return out;
+}
+
+// Scale tensor names of a quantized weight X.weight: the release's X.scale or X.weight_scale_inv.
+std::vector<std::string> scale_names(const std::string& found) {
+  const std::string w = ".weight";
+  std::string base = found.size() > w.size() ? found.substr(0, found.size() - w.size()) : found;
+  return {base + ".scale", found + "_scale_inv"};
+}
+
+std::vector<float> scale_values(const Tensor& sc, const std::string& name, const std::string& dir) {
+  if (sc.dtype != DType::F8E8M0 && sc.dtype != DType::F32 && sc.dtype != DType::BF16 && sc.dtype != DType::F16)
+    fail("tensor {} in {} has dtype {}; expected F8_E8M0 or a float type", name, dir, dtype_name(sc.dtype));
+  std::vector<float> v(size_t(sc.numel()));
+  convert_to_f32(sc.dtype, sc.data, v.data(), v.size());
+  for (float x : v)
+    if (!(x > 0) || !std::isfinite(x)) fail("tensor {} in {} holds a scale that is not a positive finite number", name, dir);
+  return v;
+}
+
+}  // namespace
+
+void dequant_fp4_e2m1(float* out, const uint8_t* packed, const float* scale, int64_t N, int64_t K, int64_t block) {
+  const int64_t sk = (K + block - 1) / block;
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t c = 0; c < K; ++c) {
+      const uint8_t b = packed[r * (K / 2) + c / 2];
+      out[r * K + c] = fp4e2m1_to_f32(c % 2 ? uint8_t(b >> 4) : uint8_t(b & 15)) * scale[r * sk + c / block];
+    }
+}
+
+Tensor V4Weights::view(const std::string& name) const {
+  const ParamSpec& s = layout.at(name);
+  const Tensor& base = s.is_bias ? bias_flat : flat;
+  Tensor t = base;
+  t.name = name;
+  t.shape = s.shape;
+  t.data = static_cast<char*>(base.data) + size_t(s.offset) * dtype_size(base.dtype);
+  return t;
+}
+
+V4Weights load_v4_weights(const V4Config& c, const std::string& dir, bool dequantize) {
+  WeightSet ws(dir);
+  V4Weights w;
+  w.cfg = c;
+  w.layout = make_v4_param_layout(c, &w.store);
+  if (dequantize) {
+    w.flat = Tensor::zeros(DType::F32, {w.layout.num_params}, "v4_params");
+    w.bias_flat = Tensor::zeros(DType::F32, {std::max<int64_t>(w.layout.num_bias, 1)}, "v4_biases");
+  }
+  auto find = [&](const std::string& n) -> std::string {
+    for (const auto& cand : candidate_names(n))
+      if (ws.has(cand)) return cand;
+    return "";
+  };
+  std::vector<std::string> errors;
+  auto put = [&](size_t i) {
+    const ParamSpec& s = w.layout.specs[i];
+    const std::string src = find(s.name);
+    if (src.empty()) fail("missing tensor {} in {} (expected shape {})", s.name, dir, shape_str(s.shape));
+    Tensor t = ws.get(src);
+    Tensor& dst = s.is_bias ? w.bias_flat : w.flat;
+    float* out = dequantize ? dst.ptr<float>() + s.offset : nullptr;
+    const int64_t n = shape_numel(s.shape);
+    if (t.dtype == DType::F8E4M3 || t.dtype == DType::I8) {
+      const bool fp4 = t.dtype == DType::I8;
+      if (s.shape.size() != 2 || w.store[i] == V4Store::Plain)
+        fail("tensor {} in {} is stored as {} but this parameter is never quantized", src, dir, dtype_name(t.dtype));
+      if (fp4 && w.store[i] != V4Store::Expert)
+        fail("tensor {} in {} is FP4 (I8) but only routed experts are stored in FP4", src, dir);
+      const int64_t N = s.shape[0], K = s.shape[1];
+      const Shape want = fp4 ? Shape{N, K / 2} : s.shape;
+      if (fp4 && K % 2) fail("tensor {}: FP4 needs an even number of columns, got {}", s.name, K);
+      if (t.shape != want)
+        fail("tensor {} in {}: expected shape {} ({} of {}), got {}", src, dir, shape_str(want), fp4 ? "FP4 pairs" : "FP8",
+             shape_str(s.shape), shape_str(t.shape));
+      std::string sn;
+      for (const auto& cand : scale_names(src))
+        if (ws.has(cand)) sn = cand;
+      if (sn.empty()) fail("quantized tensor {} has no scale ({}) in {}", src, scale_names(src)[0], dir);
+      Tensor sc = ws.get(sn);
+      const int64_t bn = fp4 ? 1 : c.fp8_block_n, bk = fp4 ? 32 : c.fp8_block_k;
+      const Shape sw = {(N + bn - 1) / bn, (K + bk - 1) / bk};
+      if (sc.shape != sw)
+        fail("tensor {} in {}: expected shape {} for {} weight {} with {}x{} blocks, got {}", sn, dir, shape_str(sw),
+             fp4 ? "FP4" : "FP8", shape_str(s.shape), bn, bk, shape_str(sc.shape));
+      std::vector<float> scale = scale_values(sc, sn, dir);
+      if (!dequantize) return;
+      if (fp4) {
+        dequant_fp4_e2m1(out, static_cast<const uint8_t*>(t.data), scale.data(), N, K);
+      } else {
+        write_weights_fp8_host(dst, s.offset, static_cast<const uint8_t*>(t.data), scale.data(), N, K, bn, bk);
+      }
+      return;
+    }
+    if (t.dtype != DType::F32 && t.dtype != DType::BF16 && t.dtype != DType::F16)
+      fail("tensor {} in {} has dtype {}; expected a float type", src, dir, dtype_name(t.dtype));
+    if (t.shape != s.shape)
+      fail("tensor {} in {}: expected shape {} from config.json, got {}", src, dir, shape_str(s.shape), shape_str(t.shape));
+    if (dequantize) convert_to_f32(t.dtype, t.data, out, size_t(n));
+  };
+#pragma omp parallel for schedule(dynamic)
+  for (size_t i = 0; i < w.layout.specs.size(); ++i) {
+    try {
+      put(i);
+    } catch (const std::exception& e) {
+#pragma omp critical
+      errors.push_back(e.what());
+    }
+  }
+  if (!errors.empty()) {
+    std::sort(errors.begin(), errors.end());
+    throw InputError(errors.front());
+  }
+  // Hash-routing tables: tid2eid [V, K] integer expert ids, each in [0, E).
+  w.tid2eid.resize(size_t(c.num_hidden_layers));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (c.mlp_layer_types[size_t(l)] != V4Mlp::Hash) continue;
+    const std::string n = "layers." + std::to_string(l) + ".ffn.gate.tid2eid";
+    const std::string src = find(n);
+    if (src.empty()) fail("missing tensor {} in {} (hash_moe layer {} routes by it)", n, dir, l);
+    Tensor t = ws.get(src);
+    const Shape want = {c.vocab_size, c.num_experts_per_tok};
+    if (t.shape != want) fail("tensor {} in {}: expected shape {}, got {}", src, dir, shape_str(want), shape_str(t.shape));
+    if (t.dtype != DType::I64 && t.dtype != DType::I32)
+      fail("tensor {} in {} has dtype {}; expected I64 or I32", src, dir, dtype_name(t.dtype));
+    auto& ids = w.tid2eid[size_t(l)];
+    ids.resize(size_t(t.numel()));
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      const int64_t e = t.dtype == DType::I64 ? t.ptr<int64_t>()[i] : t.ptr<int32_t>()[i];
+      if (e < 0 || e >= c.n_routed_experts)
+        fail("tensor {} in {}: expert id {} at token {} is outside [0, {})", src, dir, e, i / c.num_experts_per_tok,
+             c.n_routed_experts);
+      ids[size_t(i)] = int32_t(e);
+    }
+  }
+  return w;
+}
+
+int64_t v4_total_params(const V4Config& c) {
+  ParamLayout L = make_v4_param_layout(c);
+  return L.num_params;
+}
+
+int64_t v4_active_params(const V4Config& c) {
+  const int64_t idle = c.num_hidden_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 *
+                       c.moe_intermediate_size * c.hidden_size;
+  return v4_total_params(c) - idle - (c.vocab_size - 1) * c.hidden_size;
+}
+
+}  // namespace dsv3

@@ -5,9 +5,9 @@
 #include <sstream>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "dist/parallel.h"
 #include "dist/runtime.h"
-#include "cli/common.h"
 #include "io/safetensors.h"
 #include "model/generate.h"
 #include "model/loader.h"

@@ -294,3 +294,18 @@ def test_commands_that_do_not_split_are_refused_under_mpirun(model, dsv3_bin):
     r = run(mpi(2, dsv3_bin, "info", "--model", model / "m"), timeout=60)
     assert r.returncode != 0
     assert "info does not run under mpirun with several ranks" in r.stderr, r.stderr
+
+
+def test_bench_train_under_mpirun_has_the_single_process_loss(model, dsv3_bin):
+    args = ["bench-train", "--config", model / "config.json", "--batch", "4", "--seq", "32", "--steps", "2",
+            "--warmup", "1", "--json"]
+    r1 = run([dsv3_bin, *args])
+    assert r1.returncode == 0, r1.stderr
+    r2 = run(mpi(2, dsv3_bin, *args, "--ep", "2"))
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert r2.stdout.count("tokens_per_s") == 1  # one report, from rank 0
+    j1, j2 = json.loads(r1.stdout), json.loads(r2.stdout)
+    assert (j2["ranks"], j2["ep"], j2["dp"]) == (2, 2, 1)
+    assert j2["total_params"] == j1["total_params"] and j2["active_params_per_token"] == j1["active_params_per_token"]
+    assert j2["tokens_per_s"] > 0
+    assert abs(j2["last_loss"] - j1["last_loss"]) <= 1e-5 * j1["last_loss"]

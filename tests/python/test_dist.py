@@ -235,7 +235,8 @@ def test_expert_parallel_generate_matches_single_greedy(model, dsv3_bin, test_da
     assert got == ref
 
 
-def test_expert_parallel_serve_matches_single_process(tmp_path, dsv3_bin, test_data):
+@pytest.mark.parametrize("spec", ["none", "mtp"])
+def test_expert_parallel_serve_matches_single_process(tmp_path, dsv3_bin, test_data, spec):
     """rank 0 serves HTTP and schedules; 2 ranks hold 4 experts each. Concurrent greedy requests (batched
     prefill + decode steps, replayed on rank 1) return the single-process server's texts."""
     import socket
@@ -274,8 +275,8 @@ def test_expert_parallel_serve_matches_single_process(tmp_path, dsv3_bin, test_d
 
     prompts = ["The quick brown fox", "Once upon a time there was", "1 2 3"]
     out = {}
-    for name, cmd in [("single", [dsv3_bin, "serve", "--model", tmp_path / "m", "--served-model-name", "m"]),
-                      ("ep2", mpi(2, dsv3_bin, "serve", "--model", tmp_path / "m", "--served-model-name", "m"))]:
+    opts = ["--model", tmp_path / "m", "--served-model-name", "m", "--speculative", spec]  # mtp: MTP passes replay too
+    for name, cmd in [("single", [dsv3_bin, "serve", *opts]), ("ep2", mpi(2, dsv3_bin, "serve", *opts))]:
         p, base = start(cmd)
         try:
             with ThreadPoolExecutor(3) as ex:

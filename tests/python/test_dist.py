@@ -178,6 +178,7 @@ def test_killed_rank_ends_the_job(tmp_path, dsv3_bin, corpus):
         rest = p.communicate(timeout=60)[0]
         assert time.time() - t0 < 60
         assert p.returncode != 0, rest
+        assert "exited on signal 9" in rest, rest  # mpirun names the rank that died
     finally:
         if p.poll() is None:
             p.kill()

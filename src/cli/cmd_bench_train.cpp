@@ -11,6 +11,10 @@
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "core/rng.h"
+#include "dist/expert_shard.h"
+#include "dist/parallel.h"
+#include "dist/runtime.h"
+#include "dist/zero.h"
 #include "model/weights.h"
 #include "train/flops.h"
 #include "train/optimizer.h"
@@ -32,6 +36,7 @@ void add_bench_train(CLI::App& app) {
     double peak_tflops = -1;
     uint64_t seed = 0;
     bool json = false;
+    int ep = 0, dp = 0;
   };
   auto a = std::make_shared<Args>();
   c->add_option("--config", a->config, "Model config.json (random weights made in memory)")->required();
@@ -44,6 +49,8 @@ void add_bench_train(CLI::App& app) {
                 "Peak TFLOP/s for the utilisation (default 989, dense bf16 of an H100/H200, on cuda; none on cpu)");
   c->add_option("--seed", a->seed, "Seed for weights and tokens")->capture_default_str();
   c->add_flag("--json", a->json, "Print one JSON object");
+  c->add_option("--ep", a->ep, "Under mpirun: expert-parallel ranks (each owns E/ep routed experts)");
+  c->add_option("--dp", a->dp, "Under mpirun: data-parallel degree (ep x dp = ranks); --batch is the global batch");
   c->footer("Model FLOPs per token = 6 x active parameters: every matrix and norm except the embedding, lm_head\n"
             "included, routed experts only for the top-k chosen plus the shared experts; with MTP each module adds\n"
             "its own active parameters and lm_head again. Attention scores are not counted.");
@@ -57,10 +64,31 @@ void add_bench_train(CLI::App& app) {
     const double peak = a->peak_tflops >= 0 ? a->peak_tflops : (be->is_host() ? 0.0 : 989.0);
 
     ModelWeights params = init_weights(cfg, a->seed, DType::F32);
-    ModelWeights grads = alloc_weights(cfg, DType::F32);
+    const ParamLayout full_layout = params.layout;
+    // Under mpirun: the layout of `dsv3 train` (each rank its slice of the batch and of the experts, ZeRO-1).
+    Communicator& world = dist::world();
+    Parallel par = make_parallel(world, a->ep, a->dp, cfg);
+    if (par.distributed()) {
+      check_same_on_all_ranks(world, cfg.to_json().dump() + fmt::format("{} {} {} {} {}", a->batch, a->seq, a->steps,
+                                                                        a->warmup, a->seed), "config or options");
+      if (a->batch % par.size() != 0) fail("--batch {} must be a multiple of the {} ranks", a->batch, par.size());
+      if (!be->is_host()) fail("distributed bench-train runs on CPU ranks (--device cpu), got --device {}", a->device);
+    }
+    if (par.ep > 1) params = slice_experts(params, par.expert_lo, par.expert_n);
+    ModelWeights grads = alloc_weights(cfg, DType::F32, true, params.layout.expert_lo,
+                                       par.ep > 1 ? params.layout.expert_n : -1);
     ParamMemory mem(*be, params, grads);
-    AdamW adam(*be, params.layout, AdamWConfig{});
+    std::unique_ptr<AdamW> adam;
+    std::unique_ptr<ShardedAdamW> zero;
+    if (par.distributed()) zero = std::make_unique<ShardedAdamW>(*be, params.layout, par, AdamWConfig{});
+    else adam = std::make_unique<AdamW>(*be, params.layout, AdamWConfig{});
     TrainModel tm(*be, cfg, params, grads, mem.view());
+    std::unique_ptr<ExpertParallel> ep;
+    if (par.ep > 1) {
+      ep = std::make_unique<ExpertParallel>(*par.ep_group, cfg.n_routed_experts);
+      tm.set_expert_parallel(ep.get());
+    }
+    const double ranks = double(par.size());
     LossOptions opt;  // as `dsv3 train` by default
     opt.mtp = cfg.num_nextn_predict_layers > 0;
     opt.mtp_lambda = 0.3;
@@ -74,19 +102,26 @@ void add_bench_train(CLI::App& app) {
       for (auto& x : ids) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
       const auto t0 = clk::now();
       mem.zero_grads();
-      loss = tm.run(ids.data(), a->batch, a->seq, opt, 1.0, true).total;
-      adam.step(mem.params(), mem.grads(), 1e-4);
+      loss = tm.run(ids.data() + par.batch_first(a->batch) * a->seq, par.batch_count(a->batch), a->seq, opt,
+                    1.0 / ranks, true).total;
+      if (zero) zero->step(mem.params(), mem.grads(), 1e-4);
+      else adam->step(mem.params(), mem.grads(), 1e-4);
       be->synchronize();
+      if (par.distributed()) loss = world.sum(loss) / ranks;  // also the step's end on every rank
       if (s >= a->warmup) measured += std::chrono::duration<double>(clk::now() - t0).count();
     }
     const double tokens = double(a->batch * a->seq), tok_s = tokens * double(a->steps) / measured;
-    const int64_t active = train_active_params(cfg, params.layout, opt.mtp);
+    const int64_t active = train_active_params(cfg, full_layout, opt.mtp);
+    if (!par.is_root()) return;
     const double tflops = 6.0 * double(active) * tok_s / 1e12;
     json j = {{"device", be->name()},
               {"batch", a->batch},
               {"seq", a->seq},
               {"steps", a->steps},
-              {"total_params", params.layout.num_params},
+              {"total_params", full_layout.num_params},
+              {"ranks", par.size()},
+              {"ep", par.ep},
+              {"dp", par.dp},
               {"active_params_per_token", active},
               {"mtp", opt.mtp},
               {"tokens_per_s", tok_s},
@@ -102,7 +137,7 @@ void add_bench_train(CLI::App& app) {
       std::printf("%s\n", j.dump().c_str());
       return;
     }
-    std::printf("model     %s params, %s active per token%s, device %s\n", human(params.layout.num_params).c_str(),
+    std::printf("model     %s params, %s active per token%s, device %s\n", human(full_layout.num_params).c_str(),
                 human(active).c_str(), opt.mtp ? " (MTP included)" : "", be->name().c_str());
     std::printf("train     batch %lld x seq %lld: %.0f tokens/s, %.1f ms/step (%lld steps after %lld warmup)\n",
                 (long long)a->batch, (long long)a->seq, tok_s, 1e3 * measured / double(a->steps),

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "dist/parallel.h"
 #include "dist/runtime.h"
 #include "cli/common.h"

@@ -47,8 +47,10 @@ int main(int argc, char** argv) {
     // repeat the same job on every rank and write the same files at once).
     if (dsv3::dist::world().size() > 1 && argc > 1) {
       const std::string cmd = argv[1];
-      if (cmd != "train" && cmd != "grads" && cmd != "generate" && cmd != "serve" && cmd.rfind("-", 0) != 0)
-        dsv3::fail("{} does not run under mpirun with several ranks (distributed: train, grads, generate, serve)", cmd);
+      if (cmd != "train" && cmd != "grads" && cmd != "generate" && cmd != "serve" && cmd != "bench-train" &&
+          cmd.rfind("-", 0) != 0)
+        dsv3::fail("{} does not run under mpirun with several ranks (distributed: train, grads, bench-train, "
+                   "generate, serve)", cmd);
     }
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -9,10 +9,10 @@ namespace {
 bool is_routed_expert(const std::string& name) { return name.find(".mlp.experts.") != std::string::npos; }
 
 void add_piece(ParamGroup& g, int64_t off, int64_t n, bool decay) {
-  if (!g.pieces.empty() && g.pieces.back().decay == decay && g.pieces.back().offset + g.pieces.back().n == off)
-    g.pieces.back().n += n;
-  else
-    g.pieces.push_back({off, n, decay});
+  if (!g.pieces.empty() && g.pieces.back().offset + g.pieces.back().n == off) g.pieces.back().n += n;
+  else g.pieces.push_back({off, n});
+  if (!g.decay.empty() && g.decay.back().decay == decay) g.decay.back().n += n;
+  else g.decay.push_back({g.n, n, decay});
   g.n += n;
 }
 

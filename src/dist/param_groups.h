@@ -15,16 +15,22 @@ namespace dsv3 {
 
 struct ParamPiece {
   int64_t offset, n;  // elements of the flat parameter buffer
-  bool decay;         // AdamW weight decay applies (matrices that are not norms)
+};
+struct DecaySpan {
+  int64_t at, n;  // packed elements [at, at + n) of the group
+  bool decay;     // AdamW weight decay applies (matrices that are not norms)
 };
 
 struct ParamGroup {
   Communicator* comm = nullptr;
-  std::vector<ParamPiece> pieces;
+  std::vector<ParamPiece> pieces;   // contiguous runs of the flat buffer, merged
+  std::vector<DecaySpan> decay;     // the decay flag along the packed order
   int64_t n = 0;                // elements in the group
   std::vector<int64_t> counts;  // ZeRO shard of each rank of comm (even_counts)
   int64_t shard_lo = 0;         // this rank's shard: packed elements [shard_lo, shard_lo + counts[rank])
   int64_t shard_n() const { return counts[comm->rank()]; }
+  // One run of the flat buffer (no expert parallelism): collectives can use the flat buffer in place.
+  bool contiguous() const { return pieces.size() == 1; }
 };
 
 std::vector<ParamGroup> make_param_groups(const ParamLayout& layout, const Parallel& par);

@@ -14,7 +14,8 @@ ShardedAdamW::ShardedAdamW(TrainBackend& be, const ParamLayout& layout, const Pa
   for (size_t i = 0; i < groups_.size(); ++i) {
     const int64_t n = groups_[i].shard_n();
     shards_[i].m.assign(n, 0.f), shards_[i].v.assign(n, 0.f);
-    shards_[i].g.resize(n), shards_[i].p.resize(n), shards_[i].packed.resize(groups_[i].n);
+    shards_[i].g.resize(n), shards_[i].p.resize(n);
+    if (!groups_[i].contiguous()) shards_[i].packed.resize(groups_[i].n);
   }
 }
 
@@ -29,8 +30,9 @@ double ShardedAdamW::step(float* params, float* grads, double lr) {
   for (size_t i = 0; i < groups_.size(); ++i) {
     const ParamGroup& g = groups_[i];
     Shard& s = shards_[i];
-    pack(g, grads, s.packed.data());
-    g.comm->reduce_scatter_sum(s.g.data(), s.packed.data(), g.counts, CommType::F32);
+    const float* in = g.contiguous() ? grads + g.pieces[0].offset : s.packed.data();
+    if (!g.contiguous()) pack(g, grads, s.packed.data());
+    g.comm->reduce_scatter_sum(s.g.data(), in, g.counts, CommType::F32);
     sq += be_.sum_squares(s.g.data(), int64_t(s.g.size()));
   }
   sq = par_.world->sum(sq);
@@ -45,19 +47,25 @@ double ShardedAdamW::step(float* params, float* grads, double lr) {
     const ParamGroup& g = groups_[i];
     Shard& s = shards_[i];
     const int64_t lo = g.shard_lo, hi = g.shard_lo + g.shard_n();
-    pack(g, params, s.packed.data());
-    std::copy(s.packed.begin() + lo, s.packed.begin() + hi, s.p.begin());
-    // The pieces overlapping the shard, each with its decay flag.
-    int64_t at = 0;
-    for (const ParamPiece& pc : g.pieces) {
-      const int64_t a = std::max(at, lo), b = std::min(at + pc.n, hi);
+    if (g.contiguous()) {
+      std::copy_n(params + g.pieces[0].offset + lo, hi - lo, s.p.begin());
+    } else {
+      pack(g, params, s.packed.data());
+      std::copy(s.packed.begin() + lo, s.packed.begin() + hi, s.p.begin());
+    }
+    // The decay spans overlapping the shard.
+    for (const DecaySpan& d : g.decay) {
+      const int64_t a = std::max(d.at, lo), b = std::min(d.at + d.n, hi);
       if (a < b)
         be_.adamw_update(s.p.data() + (a - lo), s.g.data() + (a - lo), s.m.data() + (a - lo), s.v.data() + (a - lo),
-                         0, b - a, b1, b2, eps, gs, pc.decay ? decay_on : 1.f, step_size, inv_sqrt_bc2);
-      at += pc.n;
+                         0, b - a, b1, b2, eps, gs, d.decay ? decay_on : 1.f, step_size, inv_sqrt_bc2);
     }
-    g.comm->all_gather(s.packed.data(), s.p.data(), g.counts, CommType::F32);
-    unpack(g, s.packed.data(), params);
+    if (g.contiguous()) {
+      g.comm->all_gather(params + g.pieces[0].offset, s.p.data(), g.counts, CommType::F32);
+    } else {
+      g.comm->all_gather(s.packed.data(), s.p.data(), g.counts, CommType::F32);
+      unpack(g, s.packed.data(), params);
+    }
   }
   return norm;
 }
@@ -67,10 +75,11 @@ void ShardedAdamW::get_moments(std::vector<float>& m, std::vector<float>& v) {
   for (size_t i = 0; i < groups_.size(); ++i) {
     const ParamGroup& g = groups_[i];
     Shard& s = shards_[i];
-    g.comm->all_gather(s.packed.data(), s.m.data(), g.counts, CommType::F32);
-    unpack(g, s.packed.data(), m.data());
-    g.comm->all_gather(s.packed.data(), s.v.data(), g.counts, CommType::F32);
-    unpack(g, s.packed.data(), v.data());
+    std::vector<float> packed(g.n);
+    g.comm->all_gather(packed.data(), s.m.data(), g.counts, CommType::F32);
+    unpack(g, packed.data(), m.data());
+    g.comm->all_gather(packed.data(), s.v.data(), g.counts, CommType::F32);
+    unpack(g, packed.data(), v.data());
   }
 }
 
@@ -81,10 +90,11 @@ void ShardedAdamW::set_moments(const std::vector<float>& m, const std::vector<fl
     const ParamGroup& g = groups_[i];
     Shard& s = shards_[i];
     const int64_t lo = g.shard_lo, n = g.shard_n();
-    pack(g, m.data(), s.packed.data());
-    std::copy_n(s.packed.begin() + lo, n, s.m.begin());
-    pack(g, v.data(), s.packed.data());
-    std::copy_n(s.packed.begin() + lo, n, s.v.begin());
+    std::vector<float> packed(g.n);
+    pack(g, m.data(), packed.data());
+    std::copy_n(packed.begin() + lo, n, s.m.begin());
+    pack(g, v.data(), packed.data());
+    std::copy_n(packed.begin() + lo, n, s.v.begin());
   }
 }
 

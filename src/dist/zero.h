@@ -7,6 +7,8 @@
 //      with moments of the shard's size;
 //   4. all-gathers the updated shards into every rank's parameters.
 // With one rank this is the plain AdamW of train/optimizer.h (same update, same clipping). Host backends.
+// Memory per rank: the parameters and gradients, plus 4 x the shard (moments, reduced gradient, updated
+// parameters); without expert parallelism the collectives work in place on the flat buffers.
 #include <cstdint>
 #include <vector>
 
@@ -31,7 +33,8 @@ class ShardedAdamW {
 
  private:
   struct Shard {
-    std::vector<float> m, v, g, p, packed;  // [shard_n] moments, gradient, parameters; packed [group n]
+    std::vector<float> m, v, g, p;  // [shard_n] moments, gradient, parameters
+    std::vector<float> packed;      // [group n] staging, only for a group of several runs (expert parallelism)
   };
   TrainBackend& be_;
   const Parallel& par_;

@@ -98,7 +98,7 @@ void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const Model
   }
 }
 
-Checkpoint load_checkpoint(const std::string& dir) {
+Checkpoint load_checkpoint(const std::string& dir, int64_t expert_lo, int64_t expert_n) {
   if (!is_checkpoint(dir)) fail("{} is not a training checkpoint (no trainer_state.json)", dir);
   Checkpoint c;
   nlohmann::json j;
@@ -115,14 +115,24 @@ Checkpoint load_checkpoint(const std::string& dir) {
   c.cfg = ModelConfig::load(dir);
   LoadOptions lo;
   lo.dtype = "f32";
+  lo.expert_lo = expert_lo, lo.expert_n = expert_n;
   c.params = load_weights(c.cfg, dir, lo);
+  const ParamLayout full = make_param_layout(c.cfg);
   SafetensorsFile f((fs::path(dir) / "trainer_state.safetensors").string());
+  // The flat arrays are stored in the full layout; a slice copies only its own tensors out of the mapping.
   auto get = [&](const char* name, std::vector<float>& out) {
     if (!f.has(name)) fail("{}/trainer_state.safetensors has no {}", dir, name);
     Tensor t = f.get(name);
-    if (t.dtype != DType::F32 || t.numel() != c.params.layout.num_params)
-      fail("{}/trainer_state.safetensors: {} must be f32 [{}]", dir, name, c.params.layout.num_params);
-    out.assign(t.ptr<float>(), t.ptr<float>() + t.numel());
+    if (t.dtype != DType::F32 || t.numel() != full.num_params)
+      fail("{}/trainer_state.safetensors: {} must be f32 [{}]", dir, name, full.num_params);
+    const float* src = t.ptr<float>();
+    if (c.params.layout.num_params == full.num_params) {
+      out.assign(src, src + t.numel());
+      return;
+    }
+    out.resize(size_t(c.params.layout.num_params));
+    for (auto& s : c.params.layout.specs)
+      if (!s.is_bias) std::copy_n(src + full.at(s.name).offset, shape_numel(s.shape), out.data() + s.offset);
   };
   get("adam.m", c.adam_m);
   get("adam.v", c.adam_v);

@@ -36,7 +36,9 @@ struct Checkpoint {
   std::vector<float> adam_m, adam_v;
   TrainerState state;
 };
-Checkpoint load_checkpoint(const std::string& dir);
+// expert_lo / expert_n: load only that slice of every MoE layer's routed experts (an expert-parallel rank;
+// make_param_layout), parameters and moments alike, straight from the mmap'd files; -1: the whole model.
+Checkpoint load_checkpoint(const std::string& dir, int64_t expert_lo = 0, int64_t expert_n = -1);
 bool is_checkpoint(const std::string& dir);  // has trainer_state.json
 nlohmann::json load_checkpoint_args(const std::string& dir);  // the saved run's options
 

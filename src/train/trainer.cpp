@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 #include "dist/expert_shard.h"
 #include "dist/parallel.h"
@@ -130,8 +131,15 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
   ModelWeights params;
   TrainerState state;
   std::vector<float> adam_m, adam_v;
+  // Under mpirun with --ep, each rank reads only its slice of the experts (the parameters, the moments).
+  Communicator& world = dist::world();
+  auto slice_of = [&](const ModelConfig& c) {
+    Parallel p = make_parallel(world, a.ep, a.dp, c);
+    return std::make_pair(p.expert_lo, p.expert_n);
+  };
   if (!a.resume.empty()) {
-    Checkpoint ck = load_checkpoint(a.resume);
+    const auto [elo, en] = slice_of(ModelConfig::load(a.resume));
+    Checkpoint ck = load_checkpoint(a.resume, elo, en);
     cfg = ck.cfg;
     params = std::move(ck.params);
     adam_m = std::move(ck.adam_m);
@@ -141,6 +149,7 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
     cfg = ModelConfig::load(a.init_from);
     LoadOptions lo;
     lo.dtype = "f32";
+    std::tie(lo.expert_lo, lo.expert_n) = slice_of(cfg);
     params = load_weights(cfg, a.init_from, lo);
   } else if (!a.config.empty()) {
     cfg = ModelConfig::load(a.config);
@@ -152,7 +161,6 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
     fail("--seq {} exceeds the model's max_position_embeddings {}", a.seq, cfg.max_position_embeddings);
 
   // ---- distribution: one rank (as before) or ep x dp ranks under mpirun
-  Communicator& world = dist::world();
   Parallel par = make_parallel(world, a.ep, a.dp, cfg);
   const bool distributed = par.distributed();
   if (distributed) {
@@ -162,14 +170,9 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
       fail("--batch {} (the global batch) must be a multiple of the {} ranks", a.batch, par.size());
     if (!be->is_host()) fail("distributed training runs on CPU ranks for now (--device cpu), got --device {}", a.device);
   }
-  const ParamLayout full_layout = params.layout;
-  if (par.ep > 1) {  // keep this rank's expert slice only (the checkpoint has all of them: resharding on load)
-    params = slice_experts(params, par.expert_lo, par.expert_n);
-    if (!adam_m.empty()) {
-      adam_m = slice_flat(full_layout, adam_m, params.layout);
-      adam_v = slice_flat(full_layout, adam_v, params.layout);
-    }
-  }
+  // Random init makes the whole model (the same on every rank); keep this rank's slice. A loaded model or
+  // checkpoint is already the slice (the checkpoint has every expert: resharding on load).
+  if (par.ep > 1 && params.layout.expert_n != par.expert_n) params = slice_experts(params, par.expert_lo, par.expert_n);
   // The host params keep the layout and the checkpoint copy; mem holds what the backend trains.
   ModelWeights grads = alloc_weights(cfg, DType::F32, true, params.layout.expert_lo,
                                      par.ep > 1 ? params.layout.expert_n : -1);

@@ -8,7 +8,6 @@
 #include "cli/common.h"
 #include "dist/parallel.h"
 #include "dist/runtime.h"
-#include "cli/common.h"
 #include "cli/info_v4.h"
 #include "io/safetensors.h"
 #include "model/generate.h"

@@ -32,6 +32,15 @@ TokenLogprob score_token(const float* l, int64_t V, int32_t id, int64_t k) {
   return t;
 }
 
+// The last event of a sequence that ends without output (cancelled, failed).
+static EngineEvent final_event(const char* reason, const std::string& error) {
+  EngineEvent ev;
+  ev.done = true;
+  ev.finish_reason = reason;
+  ev.error = error;
+  return ev;
+}
+
 bool RequestStream::next(EngineEvent* ev, std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> g(mu_);
   if (!cv_.wait_for(g, timeout, [&] { return !q_.empty(); })) return false;
@@ -228,7 +237,7 @@ void Engine::loop() {
       while (!waiting_.empty() && int64_t(running.size()) < cfg_.max_batch) {
         Seq& s = *waiting_.front();
         if (s.out->cancelled()) {
-          s.out->push({"", 0, true, "cancelled", ""});
+          s.out->push(final_event("cancelled", ""));
           ++m_.requests_cancelled;
           waiting_.pop_front();
           continue;
@@ -254,7 +263,7 @@ void Engine::loop() {
       step(running);
     } catch (const std::exception& e) {
       for (auto& s : running) {
-        s->out->push({"", 0, true, "error", e.what()});
+        s->out->push(final_event("error", e.what()));
         s->done = true;
         cache_->release(s->cache);
         cache_->release(s->mtp_cache);
@@ -262,7 +271,7 @@ void Engine::loop() {
     }
     running.erase(std::remove_if(running.begin(), running.end(), [](auto& s) { return s->done; }), running.end());
   }
-  for (auto& s : running) s->out->push({"", 0, true, "cancelled", "server shutting down"});
+  for (auto& s : running) s->out->push(final_event("cancelled", "server shutting down"));
 }
 
 bool Engine::accept_token(Seq& s, int32_t tok) {

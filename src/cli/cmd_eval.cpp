@@ -26,7 +26,7 @@ namespace {
 
 struct EvalArgs {
   std::string dir, device = "cpu", dtype = "auto", tokenizer, output, samples_out, name;
-  int64_t max_batch = 16, limit = 0, context = 0;
+  int64_t max_batch = 16, limit = 0, context = 0, kv_tokens = 0;
   bool no_bos = false, progress = false;
 };
 
@@ -34,7 +34,8 @@ void add_common(CLI::App* c, EvalArgs& a) {
   add_model_options(c, a.dir, a.device, a.dtype);
   c->add_option("--tokenizer", a.tokenizer, "Tokenizer file or directory (default: the model's, else the bundled one)");
   c->add_option("--max-batch", a.max_batch, "Sequences the engine runs together");
-  c->add_option("--context", a.context, "Longest sequence scored or generated (0: the model's context)");
+  c->add_option("--context", a.context, "Longest sequence scored or generated (0: the model's context, at most 4096)");
+  c->add_option("--kv-cache-tokens", a.kv_tokens, "Latent KV-cache capacity (0: max-batch x (context + 1))");
   c->add_option("--output,-o", a.output, "Write the results JSON here too (it is always printed)");
   c->add_option("--log-samples", a.samples_out, "Write per-document results as JSONL here");
   c->add_option("--limit", a.limit, "Only the first N documents of each file (0: all)");
@@ -65,11 +66,14 @@ struct Session {
     if (int64_t(tok.vocab_size()) > mc.vocab_size)
       fail("tokenizer {} has {} tokens but the model's vocab_size is {}; pass the model's own with --tokenizer", tok.source(),
            tok.vocab_size(), mc.vocab_size);
-    context = a.context > 0 ? std::min<int64_t>(a.context, mc.max_position_embeddings) : mc.max_position_embeddings;
+    // The cache holds max_batch whole sequences; a 128K-token context would reserve far more than evaluations use.
+    context = std::min<int64_t>(a.context > 0 ? a.context : 4096, mc.max_position_embeddings);
     if (context < 2) fail("--context must be >= 2");
     EngineConfig ec;
     ec.max_batch = a.max_batch;
-    ec.kv_cache_tokens = a.max_batch * (context + 1);
+    if (a.kv_tokens < 0) fail("--kv-cache-tokens must be >= 0");
+    ec.kv_cache_tokens = a.kv_tokens > 0 ? a.kv_tokens : a.max_batch * (context + 1);
+    if (ec.kv_cache_tokens < context + 1) fail("--kv-cache-tokens must hold one whole sequence ({} tokens)", context + 1);
     ec.max_queue = 4 * a.max_batch;
     engine = std::make_unique<Engine>(*lm.model, tok, ec);
     scorer = std::make_unique<Scorer>(*engine, 2 * a.max_batch);

@@ -4,10 +4,12 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -43,8 +45,8 @@ bool probe_unshare(bool root) {
   return WIFEXITED(st) && WEXITSTATUS(st) == 0;
 }
 
-void set_limit(int what, rlim_t v) {
-  rlimit r{v, v};
+void set_limit(int what, rlim_t v, rlim_t hard = 0) {
+  rlimit r{v, hard ? hard : v};
   setrlimit(what, &r);
 }
 
@@ -83,7 +85,9 @@ SandboxResult run_python(const std::string& program, const SandboxLimits& lim) {
     if (devnull >= 0) dup2(devnull, 0);
     for (int fd = 3; fd < 1024; ++fd) close(fd);
     if (chdir(dir.c_str()) != 0) _exit(126);
-    set_limit(RLIMIT_CPU, rlim_t(std::max(1.0, lim.cpu_seconds)));
+    // SIGXCPU at the soft limit, SIGKILL a second later should the program catch it.
+    const rlim_t cpu = rlim_t(std::max(1.0, std::ceil(lim.cpu_seconds)));
+    set_limit(RLIMIT_CPU, cpu, cpu + 1);
     set_limit(RLIMIT_AS, rlim_t(lim.memory_bytes));
     set_limit(RLIMIT_FSIZE, rlim_t(lim.file_bytes));
     set_limit(RLIMIT_NOFILE, 64);
@@ -103,6 +107,7 @@ SandboxResult run_python(const std::string& program, const SandboxLimits& lim) {
   fcntl(pipefd[0], F_SETFL, O_NONBLOCK);
   SandboxResult r;
   int st = 0;
+  rusage usage{};
   bool exited = false;
   char buf[4096];
   for (;;) {
@@ -119,7 +124,7 @@ SandboxResult run_python(const std::string& program, const SandboxLimits& lim) {
       if (int64_t(r.output.size()) < lim.output_bytes)
         r.output.append(buf, size_t(std::min<int64_t>(n, lim.output_bytes - int64_t(r.output.size()))));
     }
-    if (!exited && waitpid(pid, &st, WNOHANG) == pid) exited = true;
+    if (!exited && wait4(pid, &st, WNOHANG, &usage) == pid) exited = true;
     if (exited) break;
   }
   kill(-pid, SIGKILL);  // whatever the program left running
@@ -131,7 +136,9 @@ SandboxResult run_python(const std::string& program, const SandboxLimits& lim) {
     r.passed = r.exit_code == 0 && !r.timed_out;
   } else if (WIFSIGNALED(st)) {
     r.signal = WTERMSIG(st);
-    if (r.signal == SIGXCPU) r.timed_out = true;
+    const double cpu_used = double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+                            1e-6 * double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+    if (r.signal == SIGXCPU || (r.signal == SIGKILL && cpu_used >= std::floor(lim.cpu_seconds))) r.timed_out = true;
   }
   return r;
 }

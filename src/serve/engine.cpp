@@ -22,7 +22,10 @@ TokenLogprob score_token(const float* l, int64_t V, int32_t id, int64_t k) {
   t.id = id;
   t.logprob = id >= 0 ? float(double(l[id]) - lse) : std::numeric_limits<float>::quiet_NaN();
   k = std::min<int64_t>(k, V);
-  if (k > 0) {
+  if (k == 1) {  // the common case (is the token greedy?): one pass, no index array
+    const int32_t best = Sampler::argmax(l, V);
+    t.top.push_back({best, float(double(l[best]) - lse)});
+  } else if (k > 1) {
     std::vector<int32_t> ix(V);
     std::iota(ix.begin(), ix.end(), 0);
     std::partial_sort(ix.begin(), ix.begin() + k, ix.end(),
@@ -30,6 +33,15 @@ TokenLogprob score_token(const float* l, int64_t V, int32_t id, int64_t k) {
     for (int64_t i = 0; i < k; ++i) t.top.push_back({ix[i], float(double(l[ix[i]]) - lse)});
   }
   return t;
+}
+
+// The last event of a sequence that ends without output (cancelled, failed).
+static EngineEvent final_event(const char* reason, const std::string& error) {
+  EngineEvent ev;
+  ev.done = true;
+  ev.finish_reason = reason;
+  ev.error = error;
+  return ev;
 }
 
 bool RequestStream::next(EngineEvent* ev, std::chrono::milliseconds timeout) {
@@ -228,7 +240,7 @@ void Engine::loop() {
       while (!waiting_.empty() && int64_t(running.size()) < cfg_.max_batch) {
         Seq& s = *waiting_.front();
         if (s.out->cancelled()) {
-          s.out->push({"", 0, true, "cancelled", ""});
+          s.out->push(final_event("cancelled", ""));
           ++m_.requests_cancelled;
           waiting_.pop_front();
           continue;
@@ -254,7 +266,7 @@ void Engine::loop() {
       step(running);
     } catch (const std::exception& e) {
       for (auto& s : running) {
-        s->out->push({"", 0, true, "error", e.what()});
+        s->out->push(final_event("error", e.what()));
         s->done = true;
         cache_->release(s->cache);
         cache_->release(s->mtp_cache);
@@ -262,7 +274,7 @@ void Engine::loop() {
     }
     running.erase(std::remove_if(running.begin(), running.end(), [](auto& s) { return s->done; }), running.end());
   }
-  for (auto& s : running) s->out->push({"", 0, true, "cancelled", "server shutting down"});
+  for (auto& s : running) s->out->push(final_event("cancelled", "server shutting down"));
 }
 
 bool Engine::accept_token(Seq& s, int32_t tok) {
@@ -395,8 +407,14 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
       if (s.req.prompt_logprobs) {
         // Row j of the chunk predicts prompt token fed0 + j + 1; the last row of the prompt predicts the output.
         if (fed0 == 0) s.prompt_lp.push_back(score_token(logits, V, -1, 0)), s.prompt_lp.back().id = s.req.prompt[0];
-        for (int64_t j = 0; j < n && fed0 + j + 1 < s.req.prompt.size(); ++j)
-          s.prompt_lp.push_back(score_token(logits + j * V, V, s.req.prompt[fed0 + j + 1], std::max<int64_t>(s.req.logprobs, 0)));
+        // Rows are independent: score them on every core (a log-softmax over V each).
+        const int64_t rows = std::min<int64_t>(n, int64_t(s.req.prompt.size()) - int64_t(fed0) - 1);
+        const size_t base = s.prompt_lp.size();
+        s.prompt_lp.resize(base + size_t(std::max<int64_t>(rows, 0)));
+#pragma omp parallel for schedule(static)
+        for (int64_t j = 0; j < rows; ++j)
+          s.prompt_lp[base + size_t(j)] =
+              score_token(logits + j * V, V, s.req.prompt[fed0 + j + 1], std::max<int64_t>(s.req.logprobs, 0));
         logits += (n - 1) * V;  // the sampler reads the last row
         if (s.fed == s.req.prompt.size()) {
           EngineEvent ev;

@@ -165,8 +165,8 @@ def test_code_pass_at_k_in_the_sandbox(dsv3_bin, steered, tmp_path):
     task = tmp_path / "he.jsonl"
     task.write_text("".join(json.dumps(x) + "\n" for x in (good, wrong, hang)))
     ref = run_eval(dsv3_bin, "code", "--model", steered, "--task", task, "--references", "--timeout", "3",
-                   "--cpu-seconds", "2")
-    assert abs(ref["pass@1"] - 1 / 3) < 1e-9 and ref["timeouts"] == 1
+                   "--cpu-seconds", "2", "--log-samples", tmp_path / "ref.jsonl")
+    assert abs(ref["pass@1"] - 1 / 3) < 1e-9 and ref["timeouts"] == 1, (tmp_path / "ref.jsonl").read_text()
     # Generated: the steered model writes "    return a + b" for every sample (temperature 0 via logit margin).
     r = run_eval(dsv3_bin, "code", "--model", steered, "--task", task, "--samples", "2", "--k", "1", "2",
                  "--temperature", "0", "--log-samples", tmp_path / "s.jsonl")

@@ -323,3 +323,24 @@ def test_reasoning_parser(dsv3_bin, steered):
         assert reason == "hmm" and content == "ok"
     finally:
         stop_server(p)
+
+
+def test_disconnect_with_n_choices_frees_every_sequence(server):
+    import socket
+    import time
+    from test_server import metric
+    port = int(server.rsplit(":", 1)[1])
+    before = metric(server, "dsv3_requests_cancelled_total")
+    s = socket.create_connection(("127.0.0.1", port))
+    body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 900, "stream": True, "ignore_eos": True, "n": 3,
+                       "logprobs": 2})
+    s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    s.recv(4096)
+    s.close()
+    for _ in range(200):
+        if metric(server, "dsv3_requests_cancelled_total") >= before + 3 and metric(server, "dsv3_kv_cache_blocks_used") == 0:
+            break
+        time.sleep(0.05)
+    assert metric(server, "dsv3_requests_cancelled_total") >= before + 3
+    assert metric(server, "dsv3_kv_cache_blocks_used") == 0

@@ -21,6 +21,10 @@ struct ParamSpec {
   int64_t offset = 0;     // elements into the flat buffer it lives in
   bool is_bias = false;   // selection bias: lives in the fp32 bias buffer, not trained by gradients
   bool is_norm = false;   // RMSNorm weight: initialized to 1, no weight decay
+  // FP8 layout only (--dtype fp8): a block-quantized matrix. offset then counts bytes into flat8 and
+  // scale_offset fp32 elements into scale_flat (its [tiles(N), tiles(K)] grid of 128x128 block scales).
+  bool fp8 = false;
+  int64_t scale_offset = 0;
   bool is_matrix() const { return shape.size() >= 2; }
 };
 
@@ -29,10 +33,21 @@ struct ParamLayout {
   std::map<std::string, size_t> index;  // name -> specs position
   int64_t num_params = 0;               // elements of the parameter buffer
   int64_t num_bias = 0;                 // elements of the bias buffer
+  bool fp8 = false;                     // FP8 layout: quantized matrices in flat8/scale_flat, not in flat
+  int64_t num_fp8 = 0;                  // bytes of flat8 (FP8 layout)
+  int64_t num_scales = 0;               // fp32 elements of scale_flat (FP8 layout)
   const ParamSpec& at(const std::string& name) const;
 };
 
-ParamLayout make_param_layout(const ModelConfig& cfg);
+// fp8: the FP8 inference layout (fp8_quantized() matrices get the flat8/scale_flat places).
+ParamLayout make_param_layout(const ModelConfig& cfg, bool fp8 = false);
+// Whether a parameter is kept as FP8 in the FP8 inference layout: every Linear the DeepSeek-V3 release quantizes
+// except kv_b_proj (the absorbed decode reads per-head slices of it, which do not align with 128x128 blocks),
+// i.e. attention q/q_a/q_b/kv_a/o, dense MLP, shared and routed experts, MTP eh_proj. Not: embed_tokens,
+// lm_head, the router (mlp.gate), norms, biases.
+bool fp8_inference_quantized(const std::string& name, const Shape& shape);
+// Whether the release checkpoint stores a parameter as FP8 (dsv3 quantize): the above plus kv_b_proj.
+bool fp8_release_quantized(const std::string& name, const Shape& shape);
 
 struct AttnWeights {
   Tensor q_proj;                  // [nh*(dn+dr), H] (q_lora_rank null)
@@ -72,6 +87,8 @@ struct ModelWeights {
   ModelConfig cfg;
   ParamLayout layout;
   Tensor flat;                    // [num_params] F32 or BF16, on the backend's device
+  Tensor flat8;                   // FP8 layout: [num_fp8] F8E4M3 codes of the quantized matrices
+  Tensor scale_flat;              // FP8 layout: [num_scales] F32 block scales (views point into it)
   Tensor bias_flat;               // [num_bias] F32
   Tensor embed, final_norm, lm_head;  // [V, H], [H], [V, H]
   std::vector<LayerWeights> layers;
@@ -82,7 +99,9 @@ struct ModelWeights {
 };
 
 struct LoadOptions {
-  std::string dtype = "auto";  // auto (bf16 if every float tensor is bf16, else f32) | f32 | bf16
+  // auto (bf16 if every float tensor is bf16, else f32) | f32 | bf16 | fp8 (quantized matrices as F8E4M3 +
+  // 128x128 block scales: fp8 checkpoints keep their codes and scales, others are quantized at load; the rest bf16)
+  std::string dtype = "auto";
 };
 
 // Reads config.json + safetensors of a hub directory, checks every expected tensor by name and shape,
@@ -90,11 +109,18 @@ struct LoadOptions {
 // device backend as target, straight in its memory (each tensor converted there from the mmap'd file).
 ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt = {},
                           Backend* target = nullptr);
+// The --dtype fp8 form of load_weights (model/weights_fp8.cpp): the FP8 layout, buffers allocated by target (a
+// CPU backend when null) and filled through it (write_raw for codes and scales).
+ModelWeights load_weights_fp8(const ModelConfig& cfg, const std::string& dir, Backend* target);
+// The same from F32/BF16 weights in host memory (bench --config --dtype fp8).
+ModelWeights quantize_weights_fp8(ModelWeights& host, Backend* target);
 // Random weights: normal(0, initializer_range) for matrices and embeddings, ones for norms, zero biases.
 ModelWeights init_weights(const ModelConfig& cfg, uint64_t seed, DType dtype);
 // Allocates zeroed flat buffers of a dtype for a config (used for gradients and optimizer state too).
 // allocate_flat false leaves flat empty for the caller to place (the loader's device path).
 ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_flat = true);
+// Bytes of weights in memory (flat + flat8 + scale_flat).
+size_t weight_bytes(const ModelWeights& w);
 // Writes a hub directory: config.json and model.safetensors with hub names (experts split, MTP copies of
 // embed_tokens and shared_head.head included), in dtype. Atomic per file.
 void save_weights(const ModelConfig& cfg, const ModelWeights& w, const std::string& dir, DType dtype);

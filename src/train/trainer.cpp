@@ -34,7 +34,7 @@ json TrainArgs::to_json() const {
           {"weight-decay", adam.weight_decay}, {"clip", adam.clip}, {"bias-gamma", bias_gamma},
           {"balance-alpha", balance_alpha}, {"mtp-lambda", mtp_lambda}, {"eval-every", eval_every},
           {"eval-batches", eval_batches}, {"save-every", save_every}, {"log-every", log_every}, {"seed", seed},
-          {"device", device}};
+          {"device", device}, {"precision", precision}};
 }
 
 TrainArgs TrainArgs::from_json(const json& j) {
@@ -50,7 +50,7 @@ TrainArgs TrainArgs::from_json(const json& j) {
   get("weight-decay", a.adam.weight_decay), get("clip", a.adam.clip), get("bias-gamma", a.bias_gamma);
   get("balance-alpha", a.balance_alpha), get("mtp-lambda", a.mtp_lambda), get("eval-every", a.eval_every);
   get("eval-batches", a.eval_batches), get("save-every", a.save_every), get("log-every", a.log_every);
-  get("seed", a.seed), get("device", a.device);
+  get("seed", a.seed), get("device", a.device), get("precision", a.precision);
   return a;
 }
 
@@ -108,7 +108,9 @@ void run_training(const TrainArgs& a_in) {
   a.sched.validate();
 
   // ---- backend, model, optimizer state
+  const TrainBackend::Precision precision = parse_precision(a.precision);
   std::unique_ptr<TrainBackend> be = make_train_backend(a.device);
+  be->set_precision(precision);
   ModelConfig cfg;
   ModelWeights params;
   TrainerState state;

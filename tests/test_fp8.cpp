@@ -272,7 +272,7 @@ TEST(Fp8Load, QuantizesAtLoad) {
 // Measured (relative logit error / top-1 agreement): tiny-fp32 0.13 / 0.79, tiny-bf16-yarn 0.25 / 0.68,
 // tiny-fp8 0.084 / 0.92 (weights exact, activations quantized), tiny-mtp 0.16 / 0.75. The bounds below sit
 // above those; the exact check of the FP8 function is the transformers fake-quantization test
-// (tests/python/test_fp8_quantize.py) and the op tests above. The 5e-2 / 98% is measured on a trained
+// (tests/python/test_fp8_inference.py, 4e-5) and the op tests above. The 5e-2 / 98% is measured on a trained
 // model instead (README).
 class Fp8Fixture : public ::testing::TestWithParam<std::string> {};
 

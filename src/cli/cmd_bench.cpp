@@ -22,6 +22,33 @@ namespace dsv3::cli {
 
 using json = nlohmann::json;
 
+namespace {
+
+// Weight bytes one decode step reads: active parameters at their in-memory width (fp8 layout: 1 byte per
+// quantized weight plus its share of a 128x128 block's fp32 scale; routed experts at top-k / E).
+double active_weight_bytes(const Model& m) {
+  const ModelWeights& w = m.weights();
+  const double base = double(dtype_size(w.flat.dtype));
+  if (!w.layout.fp8) return double(m.active_params()) * base;
+  const ModelConfig& c = m.config();
+  double fp8_active = 0;
+  for (const ParamSpec& s : w.layout.specs) {
+    if (!s.fp8 || s.name.rfind("model.layers.", 0) != 0 || std::stoll(s.name.substr(13)) >= c.num_hidden_layers) continue;
+    double n = double(shape_numel(s.shape));
+    if (s.name.find(".mlp.experts.") != std::string::npos) n *= double(c.num_experts_per_tok) / double(c.n_routed_experts);
+    fp8_active += n;
+  }
+  return fp8_active * (1.0 + 4.0 / 16384.0) + (double(m.active_params()) - fp8_active) * base;
+}
+
+std::string weights_label(const Model& m) {
+  const ModelWeights& w = m.weights();
+  return w.layout.fp8 ? std::string("fp8 (e4m3 + 128x128 scales; others ") + dtype_name(w.flat.dtype) + ")"
+                      : std::string(dtype_name(w.flat.dtype));
+}
+
+}  // namespace
+
 void add_bench(CLI::App& app) {
   auto* c = app.add_subcommand("bench", "Prefill and decode tokens/s, decode against the memory roofline");
   struct Args {
@@ -33,7 +60,7 @@ void add_bench(CLI::App& app) {
   auto a = std::make_shared<Args>();
   c->add_option("--model", a->dir, "Model directory");
   c->add_option("--config", a->config, "Or: a config.json, random weights made in memory");
-  c->add_option("--dtype", a->dtype, "weights for --config: bf16 | f32; for --model: auto | bf16 | f32");
+  c->add_option("--dtype", a->dtype, "weights for --config: bf16 | f32 | fp8; for --model: auto | bf16 | f32 | fp8");
   c->add_option("--device", a->device, "cpu | cuda");
   c->add_option("--prefill-tokens", a->prefill, "Prompt length of the prefill measurement");
   c->add_option("--prompt", a->prompt, "Prompt length before the decode measurement");
@@ -50,8 +77,11 @@ void add_bench(CLI::App& app) {
     } else {
       ModelConfig cfg = ModelConfig::load(a->config);
       lm.backend = make_backend(a->device);
+      if (a->dtype != "f32" && a->dtype != "bf16" && a->dtype != "fp8") fail("--dtype for --config: bf16, f32 or fp8");
       DType dt = a->dtype == "f32" ? DType::F32 : DType::BF16;
-      lm.model = std::make_unique<Model>(cfg, upload_weights(init_weights(cfg, a->seed, dt), *lm.backend), *lm.backend);
+      ModelWeights w = init_weights(cfg, a->seed, dt);
+      w = a->dtype == "fp8" ? quantize_weights_fp8(w, lm.backend.get()) : upload_weights(std::move(w), *lm.backend);
+      lm.model = std::make_unique<Model>(cfg, std::move(w), *lm.backend);
     }
     Model& m = *lm.model;
     const ModelConfig& cfg = m.config();
@@ -96,13 +126,13 @@ void add_bench(CLI::App& app) {
     }
     std::sort(steps.begin(), steps.end());
     const double step = steps[steps.size() / 2];
-    const double wbytes = double(m.active_params()) * double(dtype_size(m.weights().flat.dtype));
+    const double wbytes = active_weight_bytes(m);
     const bool cpu = lm.backend->device() == Device::CPU;
     const double bw = cpu ? measure_copy_bandwidth() : 0, rbw = cpu ? measure_read_bandwidth() : 0;
     const double roof = bw > 0 ? bw / wbytes : 0;
     const double dec = double(a->batch) / step;
     json j = {{"device", lm.backend->name()},
-              {"weights_dtype", dtype_name(m.weights().flat.dtype)},
+              {"weights_dtype", weights_label(m)},
               {"total_params", m.total_params()},
               {"active_params", m.active_params()},
               {"prefill_tokens", a->prefill},
@@ -123,7 +153,7 @@ void add_bench(CLI::App& app) {
       return;
     }
     std::printf("model        %s params, %s active per token, weights %s, device %s\n", human(m.total_params()).c_str(),
-                human(m.active_params()).c_str(), dtype_name(m.weights().flat.dtype), lm.backend->name().c_str());
+                human(m.active_params()).c_str(), weights_label(m).c_str(), lm.backend->name().c_str());
     std::printf("prefill      %lld tokens: %.1f tokens/s\n", (long long)a->prefill, double(a->prefill) / prefill_s);
     std::printf("decode       batch %lld at context %lld: %.2f tokens/s (%.2f ms/step)\n", (long long)a->batch,
                 (long long)a->prompt, dec, step * 1e3);

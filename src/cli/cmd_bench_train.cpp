@@ -31,7 +31,7 @@ void add_bench_train(CLI::App& app) {
   auto* c = app.add_subcommand("bench-train", "Training tokens/s and model FLOP utilisation (forward + backward + "
                                               "AdamW on random weights and tokens)");
   struct Args {
-    std::string config, device = "cpu";
+    std::string config, device = "cpu", precision = "default";
     int64_t batch = 8, seq = 1024, steps = 10, warmup = 2;
     double peak_tflops = -1;
     uint64_t seed = 0;
@@ -41,6 +41,8 @@ void add_bench_train(CLI::App& app) {
   auto a = std::make_shared<Args>();
   c->add_option("--config", a->config, "Model config.json (random weights made in memory)")->required();
   c->add_option("--device", a->device, "cpu | cuda | cuda:N")->capture_default_str();
+  c->add_option("--precision", a->precision, "default | fp8 (FP8 products for every linear layer and expert)")
+      ->capture_default_str();
   c->add_option("--batch", a->batch, "Sequences per step")->capture_default_str();
   c->add_option("--seq", a->seq, "Tokens per sequence")->capture_default_str();
   c->add_option("--steps", a->steps, "Steps measured")->capture_default_str();
@@ -57,7 +59,9 @@ void add_bench_train(CLI::App& app) {
   c->callback([=] {
     if (a->batch < 1 || a->seq < 2 || a->steps < 1 || a->warmup < 0)
       fail("--batch >= 1, --seq >= 2, --steps >= 1 and --warmup >= 0 are required");
+    const TrainBackend::Precision precision = parse_precision(a->precision);
     std::unique_ptr<TrainBackend> be = make_train_backend(a->device);
+    be->set_precision(precision);
     const ModelConfig cfg = ModelConfig::load(a->config);
     if (a->seq > cfg.max_position_embeddings)
       fail("--seq {} exceeds the model's max_position_embeddings {}", a->seq, cfg.max_position_embeddings);
@@ -115,6 +119,7 @@ void add_bench_train(CLI::App& app) {
     if (!par.is_root()) return;
     const double tflops = 6.0 * double(active) * tok_s / 1e12;
     json j = {{"device", be->name()},
+              {"precision", a->precision},
               {"batch", a->batch},
               {"seq", a->seq},
               {"steps", a->steps},

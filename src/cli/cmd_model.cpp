@@ -24,11 +24,15 @@ void add_info(CLI::App& app) {
   auto dir = std::make_shared<std::string>();
   auto as_json = std::make_shared<bool>(false);
   c->add_option("--model", *dir, "Model directory (config.json + safetensors)")->required();
+  auto dtype = std::make_shared<std::string>("auto");
   c->add_flag("--json", *as_json, "Print one JSON object");
+  c->add_option("--dtype", *dtype, "weights in memory: auto | f32 | bf16 | fp8 (for the reported weight bytes)");
   c->callback([=] {
     if (config_model_type(*dir) == "deepseek_v4") return print_v4_info(*dir, *as_json);
     ModelConfig cfg = ModelConfig::load(*dir);
-    ModelWeights w = load_weights(cfg, *dir);
+    LoadOptions lo;
+    lo.dtype = *dtype;
+    ModelWeights w = load_weights(cfg, *dir, lo);
     auto be = make_cpu_backend();
     Model m(cfg, std::move(w), *be);
     const int64_t lat = cfg.cache_values_per_token_per_layer();  // latent + rope key (+ DSA index key)
@@ -49,7 +53,8 @@ void add_info(CLI::App& app) {
               {"yarn", cfg.yarn.enabled},
               {"mtp_modules", cfg.num_nextn_predict_layers},
               {"fp8_checkpoint", cfg.fp8},
-              {"weights_dtype", dtype_name(m.weights().flat.dtype)},
+              {"weights_dtype", m.weights().layout.fp8 ? std::string("fp8") : std::string(dtype_name(m.weights().flat.dtype))},
+              {"weight_bytes", weight_bytes(m.weights())},
               {"total_params", m.total_params()},
               {"active_params_per_token", m.active_params()},
               {"mtp_params", m.mtp_params()},
@@ -90,7 +95,13 @@ void add_info(CLI::App& app) {
     std::printf("mtp modules      %lld (%s params)\n", (long long)cfg.num_nextn_predict_layers, human(m.mtp_params()).c_str());
     std::printf("parameters       %s total, %s active per token\n", human(m.total_params()).c_str(),
                 human(m.active_params()).c_str());
-    std::printf("weights          %s in memory%s\n", dtype_name(m.weights().flat.dtype), cfg.fp8 ? " (fp8 checkpoint, dequantized)" : "");
+    if (m.weights().layout.fp8)
+      std::printf("weights          fp8 in memory: e4m3 matrices with 128x128 scales, others %s; %s bytes%s\n",
+                  dtype_name(m.weights().flat.dtype), human(int64_t(weight_bytes(m.weights()))).c_str(),
+                  cfg.fp8 ? " (fp8 checkpoint, codes kept)" : " (quantized at load)");
+    else
+      std::printf("weights          %s in memory, %s bytes%s\n", dtype_name(m.weights().flat.dtype),
+                  human(int64_t(weight_bytes(m.weights()))).c_str(), cfg.fp8 ? " (fp8 checkpoint, dequantized)" : "");
     std::printf("kv cache         %lld values per token per layer (latent %lld + rope key %lld%s): %lld bytes/token in bf16,"
                 " %lld in fp32 (full per-head K/V would be %lld bytes/token in bf16, %.1fx more)\n",
                 (long long)lat, (long long)cfg.kv_lora_rank, (long long)cfg.qk_rope_head_dim,

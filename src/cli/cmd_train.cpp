@@ -19,7 +19,7 @@ namespace {
 void add_grads(CLI::App& app) {
   auto* c = app.add_subcommand("grads", "Loss and the gradient of every trainable tensor for int32 input_ids [B,T]");
   struct Args {
-    std::string dir, in, out, device = "cpu";
+    std::string dir, in, out, device = "cpu", precision = "default";
     bool mtp = false;
     double mtp_lambda = 0.3, alpha = 0.0;
     int ep = 0, dp = 0;
@@ -29,6 +29,7 @@ void add_grads(CLI::App& app) {
   c->add_option("--input", a->in, "safetensors with int32 input_ids [B,T]")->required();
   c->add_option("--output", a->out, "safetensors to write: loss [1] and grad.<tensor name>")->required();
   c->add_option("--device", a->device, "cpu | cuda | cuda:N (GPU index)")->capture_default_str();
+  c->add_option("--precision", a->precision, "default | fp8 (gradients of the FP8-recipe products)")->capture_default_str();
   c->add_flag("--mtp", a->mtp, "Add the MTP loss lambda/D sum_k CE_k (default: main-model loss only)");
   c->add_option("--mtp-lambda", a->mtp_lambda, "MTP loss weight lambda (with --mtp)");
   c->add_option("--balance-alpha", a->alpha, "Add the sequence-wise balance loss with this alpha (default 0: off)");
@@ -46,7 +47,9 @@ void add_grads(CLI::App& app) {
     std::vector<int32_t> flat(B * T);
     for (int64_t i = 0; i < B * T; ++i)
       flat[i] = ids.dtype == DType::I32 ? ids.ptr<int32_t>()[i] : int32_t(ids.ptr<int64_t>()[i]);
+    const TrainBackend::Precision precision = parse_precision(a->precision);
     std::unique_ptr<TrainBackend> be = make_train_backend(a->device);
+    be->set_precision(precision);
     ModelConfig cfg = ModelConfig::load(a->dir);
     LoadOptions lo;
     lo.dtype = "f32";  // bf16/fp8 checkpoints are computed in fp32 from their stored values

@@ -19,6 +19,8 @@ void add_train_run(CLI::App& app) {
   c->add_option("--resume", a->resume, "Continue a run from its checkpoint directory (OUT/checkpoint) exactly");
   c->add_option("--data", a->data, "Data directory made by dsv3 prepare-data");
   c->add_option("--device", a->device, "cpu | cuda | cuda:N (GPU index): where the model trains")->capture_default_str();
+  c->add_option("--precision", a->precision, "default (fp32 on the CPU, bf16 tensor cores on cuda) | fp8 (the "
+                "DeepSeek-V3 FP8 recipe for every linear layer and expert; kept in a resumed run)")->capture_default_str();
   c->add_option("--out", a->out, "Output directory: checkpoint/, metrics.jsonl, report.html")->capture_default_str();
   c->add_option("--batch", a->batch, "Sequences per micro-batch")->capture_default_str();
   c->add_option("--seq", a->seq, "Tokens per sequence")->capture_default_str();

@@ -11,6 +11,7 @@ void add_logits(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_bench(CLI::App& app);
 void add_bench_train(CLI::App& app);        // training tokens/s and MFU
+void add_quantize(CLI::App& app);           // quantize (FP8 hub layout)
 void add_tokenizer_commands(CLI::App& app);  // tokenize, detokenize, chat-template, train-tokenizer
 void add_train_commands(CLI::App& app);      // grads, train, prepare-data, plot
 void add_serve_commands(CLI::App& app);      // serve, chat

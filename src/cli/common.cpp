@@ -55,7 +55,7 @@ void copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir
 void add_model_options(CLI::App* c, std::string& dir, std::string& device, std::string& dtype) {
   c->add_option("--model", dir, "Model directory")->required();
   c->add_option("--device", device, "cpu | cuda | cuda:N");
-  c->add_option("--dtype", dtype, "weights in memory: auto | f32 | bf16");
+  c->add_option("--dtype", dtype, "weights in memory: auto | f32 | bf16 | fp8 (block-scaled e4m3 matrices, the rest bf16)");
 }
 
 void add_sampling_options(CLI::App* c, SamplingParams& sp) {

@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
   dsv3::cli::add_generate(app);
   dsv3::cli::add_bench(app);
   dsv3::cli::add_bench_train(app);
+  dsv3::cli::add_quantize(app);
   dsv3::cli::add_tokenizer_commands(app);
   dsv3::cli::add_train_commands(app);
   dsv3::cli::add_serve_commands(app);

@@ -1,8 +1,11 @@
 #include "model/weights.h"
 
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "core/fp8.h"
 #include "core/rng.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
@@ -77,8 +80,24 @@ void add_layer_specs(const ModelConfig& c, int64_t li, int64_t elo, int64_t en, 
 
 }  // namespace
 
-ParamLayout make_param_layout(const ModelConfig& c, int64_t expert_lo, int64_t expert_n) {
+bool fp8_release_quantized(const std::string& name, const Shape& shape) {
+  if (shape.size() != 2) return false;
+  auto ends = [&](const char* suf) {
+    const size_t n = std::strlen(suf);
+    return name.size() >= n && name.compare(name.size() - n, n, suf) == 0;
+  };
+  // Kept in higher precision by the release: embedding, output head, router; everything else 2-D is fp8.
+  return !(ends("embed_tokens.weight") || ends("lm_head.weight") || ends("shared_head.head.weight") ||
+           ends("mlp.gate.weight"));
+}
+
+bool fp8_inference_quantized(const std::string& name, const Shape& shape) {
+  return fp8_release_quantized(name, shape) && name.find("kv_b_proj") == std::string::npos;
+}
+
+ParamLayout make_param_layout(const ModelConfig& c, int64_t expert_lo, int64_t expert_n, bool fp8) {
   ParamLayout L;
+  L.fp8 = fp8;
   if (expert_n < 0) expert_lo = 0, expert_n = c.n_routed_experts;
   if (expert_lo < 0 || expert_lo + expert_n > c.n_routed_experts)
     fail("internal: expert slice [{}, {}) outside the {} routed experts", expert_lo, expert_lo + expert_n,
@@ -100,6 +119,16 @@ ParamLayout make_param_layout(const ModelConfig& c, int64_t expert_lo, int64_t e
   }
   for (size_t i = 0; i < L.specs.size(); ++i) {
     auto& s = L.specs[i];
+    if (fp8 && !s.is_bias && fp8_inference_quantized(s.name, s.shape)) {
+      // Specs come in layout order, so a layer's experts (and their scale grids) stay contiguous here too.
+      s.fp8 = true;
+      s.offset = L.num_fp8;
+      s.scale_offset = L.num_scales;
+      L.num_fp8 += shape_numel(s.shape);
+      L.num_scales += fp8::tiles(s.shape[0]) * fp8::tiles(s.shape[1]);
+      L.index[s.name] = i;
+      continue;
+    }
     int64_t& counter = s.is_bias ? L.num_bias : L.num_params;
     s.offset = counter;
     counter += shape_numel(s.shape);
@@ -110,6 +139,14 @@ ParamLayout make_param_layout(const ModelConfig& c, int64_t expert_lo, int64_t e
 
 Tensor ModelWeights::view(const std::string& name) {
   const ParamSpec& s = layout.at(name);
+  if (s.fp8) {
+    Tensor t = flat8;
+    t.name = name;
+    t.shape = s.shape;
+    t.data = static_cast<char*>(flat8.data) + size_t(s.offset);
+    t.scale = static_cast<const float*>(scale_flat.data) + s.scale_offset;
+    return t;
+  }
   Tensor& base = s.is_bias ? bias_flat : flat;
   Tensor t = base;
   t.name = name;
@@ -215,7 +252,10 @@ ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_fl
   return w;
 }
 
+size_t weight_bytes(const ModelWeights& w) { return w.flat.nbytes() + w.flat8.nbytes() + w.scale_flat.nbytes(); }
+
 ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt, Backend* target) {
+  if (opt.dtype == "fp8") return load_weights_fp8(cfg, dir, target);
   WeightSet ws(dir);
   ParamLayout layout = make_param_layout(cfg, opt.expert_lo, opt.expert_n);
   // Decide the buffer dtype: bf16 only if every parameter is stored as bf16 (then it stays bf16 in memory).
@@ -228,7 +268,7 @@ ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const 
   }
   if (opt.dtype == "f32") dt = DType::F32;
   else if (opt.dtype == "bf16") dt = DType::BF16;
-  else if (opt.dtype != "auto") fail("unknown --dtype '{}' (auto, f32 or bf16)", opt.dtype);
+  else if (opt.dtype != "auto") fail("unknown --dtype '{}' (auto, f32, bf16 or fp8)", opt.dtype);
   // A device backend gets its parameter buffer directly: every tensor goes from the mmap'd file to the device
   // (converted there), so the host never holds the whole model. Biases are small: host first, then uploaded.
   const bool device = target && target->device() != Device::CPU;
@@ -328,7 +368,13 @@ void save_weights(const ModelConfig& cfg, const ModelWeights& w, const std::stri
     Tensor t = Tensor::empty(odt, s.shape, name);
     const int64_t n = t.numel();
     std::vector<float> v(n);
-    convert_to_f32(base.dtype, static_cast<const char*>(base.data) + size_t(s.offset) * dtype_size(base.dtype), v.data(), n);
+    if (s.fp8) {  // FP8 layout: code x block scale, exactly
+      DSV3_CHECK(w.flat8.device == Device::CPU, "save_weights needs CPU weights");
+      fp8::dequantize_128x128(v.data(), static_cast<const uint8_t*>(w.flat8.data) + s.offset,
+                              w.scale_flat.f32() + s.scale_offset, s.shape[0], s.shape[1]);
+    } else {
+      convert_to_f32(base.dtype, static_cast<const char*>(base.data) + size_t(s.offset) * dtype_size(base.dtype), v.data(), n);
+    }
     if (odt == DType::F32) std::copy(v.begin(), v.end(), t.ptr<float>());
     else for (int64_t i = 0; i < n; ++i) t.ptr<uint16_t>()[i] = f32_to_bf16(v[i]);
     out.push_back(std::move(t));

@@ -22,6 +22,10 @@ struct ParamSpec {
   bool is_bias = false;   // selection bias: lives in the fp32 bias buffer, not trained by gradients
   bool is_norm = false;   // RMSNorm weight: initialized to 1, no weight decay
   bool init_zero = false; // initialized to 0 (LayerNorm bias)
+  // FP8 layout only (--dtype fp8): a block-quantized matrix. offset then counts bytes into flat8 and
+  // scale_offset fp32 elements into scale_flat (its [tiles(N), tiles(K)] grid of 128x128 block scales).
+  bool fp8 = false;
+  int64_t scale_offset = 0;
   bool is_matrix() const { return shape.size() >= 2; }
 };
 
@@ -30,6 +34,9 @@ struct ParamLayout {
   std::map<std::string, size_t> index;  // name -> specs position
   int64_t num_params = 0;               // elements of the parameter buffer
   int64_t num_bias = 0;                 // elements of the bias buffer
+  bool fp8 = false;                     // FP8 layout: quantized matrices in flat8/scale_flat, not in flat
+  int64_t num_fp8 = 0;                  // bytes of flat8 (FP8 layout)
+  int64_t num_scales = 0;               // fp32 elements of scale_flat (FP8 layout)
   // Routed experts present in this layout: [expert_lo, expert_lo + expert_n) of every MoE layer (an
   // expert-parallel rank holds a slice, dist/expert_shard.h); the full model has 0 and n_routed_experts.
   int64_t expert_lo = 0, expert_n = 0;
@@ -37,8 +44,10 @@ struct ParamLayout {
 };
 
 // expert_n < 0: all routed experts; otherwise only experts [expert_lo, expert_lo + expert_n) of each MoE layer
-// (hub names keep their global expert index).
-ParamLayout make_param_layout(const ModelConfig& cfg, int64_t expert_lo = 0, int64_t expert_n = -1);
+// (hub names keep their global expert index). fp8: the FP8 inference layout (fp8_inference_quantized() matrices
+// get the flat8/scale_flat places); make_fp8_param_layout says so by name.
+ParamLayout make_param_layout(const ModelConfig& cfg, int64_t expert_lo = 0, int64_t expert_n = -1, bool fp8 = false);
+inline ParamLayout make_fp8_param_layout(const ModelConfig& cfg) { return make_param_layout(cfg, 0, -1, true); }
 
 // The DSA lightning indexer of a deepseek_v32 layer (hub: self_attn.indexer.*).
 struct IndexerWeights {
@@ -47,6 +56,14 @@ struct IndexerWeights {
   Tensor k_norm_w, k_norm_b;      // [dI] LayerNorm on the index key
   Tensor weights_proj;            // [nI, H]: per-head weights of the index score
 };
+
+// Whether a parameter is kept as FP8 in the FP8 inference layout: every Linear the DeepSeek-V3 release quantizes
+// except kv_b_proj (the absorbed decode reads per-head slices of it, which do not align with 128x128 blocks),
+// i.e. attention q/q_a/q_b/kv_a/o, dense MLP, shared and routed experts, MTP eh_proj. Not: embed_tokens,
+// lm_head, the router (mlp.gate), norms, biases.
+bool fp8_inference_quantized(const std::string& name, const Shape& shape);
+// Whether the release checkpoint stores a parameter as FP8 (dsv3 quantize): the above plus kv_b_proj.
+bool fp8_release_quantized(const std::string& name, const Shape& shape);
 
 struct AttnWeights {
   Tensor q_proj;                  // [nh*(dn+dr), H] (q_lora_rank null)
@@ -88,6 +105,8 @@ struct ModelWeights {
   ModelConfig cfg;
   ParamLayout layout;
   Tensor flat;                    // [num_params] F32 or BF16, on the backend's device
+  Tensor flat8;                   // FP8 layout: [num_fp8] F8E4M3 codes of the quantized matrices
+  Tensor scale_flat;              // FP8 layout: [num_scales] F32 block scales (views point into it)
   Tensor bias_flat;               // [num_bias] F32
   Tensor embed, final_norm, lm_head;  // [V, H], [H], [V, H]
   std::vector<LayerWeights> layers;
@@ -98,7 +117,9 @@ struct ModelWeights {
 };
 
 struct LoadOptions {
-  std::string dtype = "auto";  // auto (bf16 if every float tensor is bf16, else f32) | f32 | bf16
+  // auto (bf16 if every float tensor is bf16, else f32) | f32 | bf16 | fp8 (quantized matrices as F8E4M3 +
+  // 128x128 block scales: fp8 checkpoints keep their codes and scales, others are quantized at load; the rest bf16)
+  std::string dtype = "auto";
   // Routed experts to load (an expert-parallel rank's slice, make_param_layout); -1: all of them.
   int64_t expert_lo = 0, expert_n = -1;
 };
@@ -108,6 +129,11 @@ struct LoadOptions {
 // device backend as target, straight in its memory (each tensor converted there from the mmap'd file).
 ModelWeights load_weights(const ModelConfig& cfg, const std::string& dir, const LoadOptions& opt = {},
                           Backend* target = nullptr);
+// The --dtype fp8 form of load_weights (model/weights_fp8.cpp): the FP8 layout, buffers allocated by target (a
+// CPU backend when null) and filled through it (write_raw for codes and scales).
+ModelWeights load_weights_fp8(const ModelConfig& cfg, const std::string& dir, Backend* target);
+// The same from F32/BF16 weights in host memory (bench --config --dtype fp8).
+ModelWeights quantize_weights_fp8(ModelWeights& host, Backend* target);
 // Random weights: normal(0, initializer_range) for matrices and embeddings, ones for norms, zero biases.
 ModelWeights init_weights(const ModelConfig& cfg, uint64_t seed, DType dtype);
 // Allocates zeroed flat buffers of a dtype for a config (used for gradients and optimizer state too).
@@ -115,6 +141,8 @@ ModelWeights init_weights(const ModelConfig& cfg, uint64_t seed, DType dtype);
 // expert_lo/expert_n as make_param_layout (an expert-parallel slice).
 ModelWeights alloc_weights(const ModelConfig& cfg, DType dtype, bool allocate_flat = true, int64_t expert_lo = 0,
                            int64_t expert_n = -1);
+// Bytes of weights in memory (flat + flat8 + scale_flat).
+size_t weight_bytes(const ModelWeights& w);
 // Writes a hub directory: config.json and model.safetensors with hub names (experts split, MTP copies of
 // embed_tokens and shared_head.head included), in dtype. Atomic per file.
 void save_weights(const ModelConfig& cfg, const ModelWeights& w, const std::string& dir, DType dtype);

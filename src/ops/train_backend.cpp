@@ -20,6 +20,12 @@ std::unique_ptr<TrainBackend> make_train_backend(const std::string& device) {
   fail("unknown device '{}': use cpu, cuda or cuda:N (N = GPU index)", device);
 }
 
+TrainBackend::Precision parse_precision(const std::string& s) {
+  if (s == "default") return TrainBackend::Precision::Default;
+  if (s == "fp8") return TrainBackend::Precision::FP8;
+  fail("unknown --precision '{}' (default or fp8)", s);
+}
+
 void TrainBackend::fp8_linear_forward(float*, const float*, const float*, int64_t, int64_t, int64_t) {
   fail("FP8 training products are not available on the {} training backend", name());
 }

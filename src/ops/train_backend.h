@@ -155,6 +155,9 @@ class TrainBackend {
   Precision precision_ = Precision::Default;
 };
 
+// --precision default | fp8 (dsv3 train, bench-train, grads); throws InputError otherwise.
+TrainBackend::Precision parse_precision(const std::string& s);
+
 // make_train_backend("cpu") or ("cuda", "cuda:N"); throws InputError with a one-line reason when the device
 // is unknown or unavailable (no GPU, a build without CUDA).
 std::unique_ptr<TrainBackend> make_train_backend(const std::string& device);

@@ -25,10 +25,10 @@ const int32_t* TrainModel::positions(int64_t B, int64_t Tq) {
 void TrainModel::mlp_forward(const MlpWeights& M, Mlp& m, const float* h, int64_t N, float* out) {
   ProfileScope prof_("mlp_fwd");
   const int64_t H = cfg_.hidden_size, I = M.gate.dim(0);
-  be_.linear_forward(buf(m.g, N * I), h, P(M.gate), N, I, H);
-  be_.linear_forward(buf(m.u, N * I), h, P(M.up), N, I, H);
+  be_.qlinear_forward(buf(m.g, N * I), h, P(M.gate), N, I, H);
+  be_.qlinear_forward(buf(m.u, N * I), h, P(M.up), N, I, H);
   be_.swiglu_forward(buf(m.act, N * I), m.g.data(), m.u.data(), N * I);
-  be_.linear_forward(out, m.act.data(), P(M.down), N, H, I);
+  be_.qlinear_forward(out, m.act.data(), P(M.down), N, H, I);
 }
 
 // dh += d/dh of down(silu(gate h) * up h); weight gradients +=.
@@ -36,10 +36,10 @@ void TrainModel::mlp_backward(const MlpWeights& M, MlpWeights& Gw, Mlp& m, const
                               const float* dout, float* dh) {
   ProfileScope prof_("mlp_bwd");
   const int64_t H = cfg_.hidden_size, I = M.gate.dim(0);
-  be_.linear_backward(buf(s_dact_, N * I), false, G(Gw.down), dout, m.act.data(), P(M.down), N, H, I);
+  be_.qlinear_backward(buf(s_dact_, N * I), false, G(Gw.down), dout, m.act.data(), P(M.down), N, H, I);
   be_.swiglu_backward(buf(s_dg_, N * I), buf(s_du_, N * I), s_dact_.data(), m.g.data(), m.u.data(), N * I);
-  be_.linear_backward(dh, true, G(Gw.gate), s_dg_.data(), h, P(M.gate), N, I, H);
-  be_.linear_backward(dh, true, G(Gw.up), s_du_.data(), h, P(M.up), N, I, H);
+  be_.qlinear_backward(dh, true, G(Gw.gate), s_dg_.data(), h, P(M.gate), N, I, H);
+  be_.qlinear_backward(dh, true, G(Gw.up), s_du_.data(), h, P(M.up), N, I, H);
 }
 
 // out [N, H] (overwritten) = o_proj(MLA(c.h1)).
@@ -51,20 +51,20 @@ void TrainModel::attention_forward(const AttnWeights& A, LayerCache& c, int64_t 
   const int32_t* pos = positions(B, Tq);
   float* q = buf(c.q, N * nh * (dn + dr));
   if (qr > 0) {
-    be_.linear_forward(buf(c.qa, N * qr), c.h1.data(), P(A.q_a_proj), N, qr, H);
+    be_.qlinear_forward(buf(c.qa, N * qr), c.h1.data(), P(A.q_a_proj), N, qr, H);
     be_.rmsnorm_forward(buf(c.qa_n, N * qr), buf(c.rstd_qa, N), c.qa.data(), qr, P(A.q_a_norm), N, qr, eps);
-    be_.linear_forward(q, c.qa_n.data(), P(A.q_b_proj), N, nh * (dn + dr), qr);
+    be_.qlinear_forward(q, c.qa_n.data(), P(A.q_b_proj), N, nh * (dn + dr), qr);
   } else {
-    be_.linear_forward(q, c.h1.data(), P(A.q_proj), N, nh * (dn + dr), H);
+    be_.qlinear_forward(q, c.h1.data(), P(A.q_proj), N, nh * (dn + dr), H);
   }
   float* kva = buf(c.kva, N * (r + dr));  // [N, r + dr] = [c_raw | k_pe_raw]
-  be_.linear_forward(kva, c.h1.data(), P(A.kv_a_proj), N, r + dr, H);
+  be_.qlinear_forward(kva, c.h1.data(), P(A.kv_a_proj), N, r + dr, H);
   be_.rmsnorm_forward(buf(c.c, N * r), buf(c.rstd_kv, N), kva, r + dr, P(A.kv_a_norm), N, r, eps);
   float* kpe = buf(c.kpe, N * dr);  // [N, dr]: the rope columns of kva, rotated below
   be_.copy_2d(kpe, dr, kva + r, r + dr, N, dr, false);
   be_.rope_forward(q, N, nh, dn + dr, dn, dr, pos, cos_.data(), sin_.data(), cfg_.rope_interleave);
   be_.rope_forward(kpe, N, 1, dr, 0, dr, pos, cos_.data(), sin_.data(), cfg_.rope_interleave);
-  be_.linear_forward(buf(c.kv, N * nh * (dn + dv)), c.c.data(), P(A.kv_b_proj), N, nh * (dn + dv), r);
+  be_.qlinear_forward(buf(c.kv, N * nh * (dn + dv)), c.c.data(), P(A.kv_b_proj), N, nh * (dn + dv), r);
   if (A.has_indexer) dsa_select(A, c, B, Tq);
   {
     ProfileScope p("attn_core_fwd");
@@ -75,7 +75,7 @@ void TrainModel::attention_forward(const AttnWeights& A, LayerCache& c, int64_t 
       be_.attention_forward(buf(c.ao, N * nh * dv), buf(c.lse, B * nh * Tq), q, c.kv.data(), kpe, B, Tq, nh, dn, dr,
                             dv, cfg_.softmax_scale());
   }
-  be_.linear_forward(out, c.ao.data(), P(A.o_proj), N, H, nh * dv);
+  be_.qlinear_forward(out, c.ao.data(), P(A.o_proj), N, H, nh * dv);
 }
 
 void TrainModel::dsa_select(const AttnWeights& A, LayerCache& c, int64_t B, int64_t Tq) {
@@ -117,7 +117,7 @@ void TrainModel::attention_backward(const AttnWeights& A, AttnWeights& Gw, Layer
   const int64_t N = B * Tq, H = cfg_.hidden_size, nh = cfg_.num_attention_heads, dn = cfg_.qk_nope_head_dim,
                 dr = cfg_.qk_rope_head_dim, dv = cfg_.v_head_dim, r = cfg_.kv_lora_rank, qr = cfg_.q_lora_rank;
   const int32_t* pos = positions(B, Tq);
-  be_.linear_backward(buf(s_dao_, N * nh * dv), false, G(Gw.o_proj), dout, c.ao.data(), P(A.o_proj), N, H, nh * dv);
+  be_.qlinear_backward(buf(s_dao_, N * nh * dv), false, G(Gw.o_proj), dout, c.ao.data(), P(A.o_proj), N, H, nh * dv);
   float* dq = buf(s_dq_, N * nh * (dn + dr));
   float* dkpe = buf(s_dkpe_, N * dr);
   {
@@ -130,7 +130,7 @@ void TrainModel::attention_backward(const AttnWeights& A, AttnWeights& Gw, Layer
       be_.attention_backward(dq, buf(s_dkv_, N * nh * (dn + dv)), dkpe, s_dao_.data(), c.ao.data(), c.lse.data(),
                              c.q.data(), c.kv.data(), c.kpe.data(), B, Tq, nh, dn, dr, dv, cfg_.softmax_scale());
   }
-  be_.linear_backward(buf(s_dc_, N * r), false, G(Gw.kv_b_proj), s_dkv_.data(), c.c.data(), P(A.kv_b_proj), N,
+  be_.qlinear_backward(buf(s_dc_, N * r), false, G(Gw.kv_b_proj), s_dkv_.data(), c.c.data(), P(A.kv_b_proj), N,
                       nh * (dn + dv), r);
   be_.rope_backward(dkpe, N, 1, dr, 0, dr, pos, cos_.data(), sin_.data(), cfg_.rope_interleave);
   be_.rope_backward(dq, N, nh, dn + dr, dn, dr, pos, cos_.data(), sin_.data(), cfg_.rope_interleave);
@@ -140,16 +140,16 @@ void TrainModel::attention_backward(const AttnWeights& A, AttnWeights& Gw, Layer
   be_.rmsnorm_backward(dkva, r + dr, G(Gw.kv_a_norm), s_dc_.data(), c.kva.data(), r + dr, c.rstd_kv.data(),
                        P(A.kv_a_norm), N, r);
   if (qr > 0) {
-    be_.linear_backward(buf(s_dqa_n_, N * qr), false, G(Gw.q_b_proj), dq, c.qa_n.data(), P(A.q_b_proj), N,
+    be_.qlinear_backward(buf(s_dqa_n_, N * qr), false, G(Gw.q_b_proj), dq, c.qa_n.data(), P(A.q_b_proj), N,
                         nh * (dn + dr), qr);
     float* dqa = zeros(s_dqa_, N * qr);
     be_.rmsnorm_backward(dqa, qr, G(Gw.q_a_norm), s_dqa_n_.data(), c.qa.data(), qr, c.rstd_qa.data(), P(A.q_a_norm),
                          N, qr);
-    be_.linear_backward(dh, false, G(Gw.q_a_proj), dqa, c.h1.data(), P(A.q_a_proj), N, qr, H);
+    be_.qlinear_backward(dh, false, G(Gw.q_a_proj), dqa, c.h1.data(), P(A.q_a_proj), N, qr, H);
   } else {
-    be_.linear_backward(dh, false, G(Gw.q_proj), dq, c.h1.data(), P(A.q_proj), N, nh * (dn + dr), H);
+    be_.qlinear_backward(dh, false, G(Gw.q_proj), dq, c.h1.data(), P(A.q_proj), N, nh * (dn + dr), H);
   }
-  be_.linear_backward(dh, true, G(Gw.kv_a_proj), dkva, c.h1.data(), P(A.kv_a_proj), N, r + dr, H);
+  be_.qlinear_backward(dh, true, G(Gw.kv_a_proj), dkva, c.h1.data(), P(A.kv_a_proj), N, r + dr, H);
 }
 
 void TrainModel::layer_forward(const LayerWeights& L, LayerCache& c, TBuf<float>& xb, int64_t B, int64_t Tq,

@@ -147,7 +147,7 @@ StepStats TrainModel::run(const int32_t* ids_host, int64_t B, int64_t T, const L
     float* cat = buf(m.cat, Nk * 2 * H);
     be_.copy_2d(cat, 2 * H, en, H, Nk, H, false);
     be_.copy_2d(cat + H, 2 * H, hpn, H, Nk, H, false);
-    be_.linear_forward(buf(m.x_out, Nk * H), cat, P(W.eh_proj), Nk, H, 2 * H);
+    be_.qlinear_forward(buf(m.x_out, Nk * H), cat, P(W.eh_proj), Nk, H, 2 * H);
     layer_forward(W.layer, m.layer, m.x_out, B, Tk, opt, grad_scale, moe_row, &st.balance_loss);
     if (W.layer.is_moe) ++moe_row;
     be_.rmsnorm_forward(buf(m.hn, Nk * H), buf(m.rstd_hn, Nk), m.x_out.data(), H, P(W.head_norm), Nk, H, eps);
@@ -182,7 +182,7 @@ StepStats TrainModel::run(const int32_t* ids_host, int64_t B, int64_t T, const L
                          Nk, H);
     layer_backward(W.layer, GW.layer, m.layer, dx, B, Tk);
     float* dcat = buf(s_dcat_, Nk * 2 * H);
-    be_.linear_backward(dcat, false, G(GW.eh_proj), dx, m.cat.data(), P(W.eh_proj), Nk, H, 2 * H);
+    be_.qlinear_backward(dcat, false, G(GW.eh_proj), dx, m.cat.data(), P(W.eh_proj), Nk, H, 2 * H);
     // Split dcat [Nk, 2H] into its embedding half and its hidden half (the norm backward wants dense rows).
     float* dcat_e = buf(s_dcat_e_, Nk * H);
     float* dcat_h = buf(s_dcat_h_, Nk * H);

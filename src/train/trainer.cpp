@@ -39,7 +39,7 @@ json TrainArgs::to_json() const {
           {"weight-decay", adam.weight_decay}, {"clip", adam.clip}, {"bias-gamma", bias_gamma},
           {"balance-alpha", balance_alpha}, {"mtp-lambda", mtp_lambda}, {"eval-every", eval_every},
           {"eval-batches", eval_batches}, {"save-every", save_every}, {"log-every", log_every}, {"seed", seed},
-          {"device", device}, {"ep", ep}, {"dp", dp}};
+          {"device", device}, {"ep", ep}, {"dp", dp}, {"precision", precision}};
 }
 
 TrainArgs TrainArgs::from_json(const json& j) {
@@ -55,7 +55,7 @@ TrainArgs TrainArgs::from_json(const json& j) {
   get("weight-decay", a.adam.weight_decay), get("clip", a.adam.clip), get("bias-gamma", a.bias_gamma);
   get("balance-alpha", a.balance_alpha), get("mtp-lambda", a.mtp_lambda), get("eval-every", a.eval_every);
   get("eval-batches", a.eval_batches), get("save-every", a.save_every), get("log-every", a.log_every);
-  get("seed", a.seed), get("device", a.device), get("ep", a.ep), get("dp", a.dp);
+  get("seed", a.seed), get("device", a.device), get("ep", a.ep), get("dp", a.dp), get("precision", a.precision);
   return a;
 }
 
@@ -126,7 +126,9 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
   a.sched.validate();
 
   // ---- backend, model, optimizer state
+  const TrainBackend::Precision precision = parse_precision(a.precision);
   std::unique_ptr<TrainBackend> be = make_train_backend(a.device);
+  be->set_precision(precision);
   ModelConfig cfg;
   ModelWeights params;
   TrainerState state;

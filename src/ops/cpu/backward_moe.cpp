@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "ops/cpu/blas.h"
+#include "ops/cpu/fp8_linear.h"
 #include "ops/cpu/train_ops.h"
 
 namespace dsv3::cpu {
@@ -155,9 +157,25 @@ double balance_loss(T* dscores, const T* scores, const int32_t* idx, int64_t B, 
   return total;
 }
 
+// FP8 expert products (fp8 = true, float only): every expert's three products with the recipe's tiles
+// (cpu/fp8_linear.h); the 128x1 Wgrad tiles run over that expert's tokens.
+template <typename T>
+void expert_linear_forward(bool fp8, T* y, const T* x, const T* W, int64_t M, int64_t N, int64_t K) {
+  if constexpr (std::is_same_v<T, float>)
+    if (fp8) return fp8_linear_forward(y, x, W, M, N, K);
+  linear_forward(y, x, W, M, N, K);
+}
+template <typename T>
+void expert_linear_backward(bool fp8, T* dx, bool acc, T* dW, const T* dy, const T* x, const T* W, int64_t M,
+                            int64_t N, int64_t K) {
+  if constexpr (std::is_same_v<T, float>)
+    if (fp8) return fp8_linear_backward(dx, acc, dW, dy, x, W, M, N, K);
+  linear_backward(dx, acc, dW, dy, x, W, M, N, K);
+}
+
 template <typename T>
 void experts_forward(T* out, MoeSaved<T>& s, const T* x, const int32_t* idx, const T* w, const T* Wg, const T* Wu,
-                     const T* Wd, int64_t N, int64_t K, int64_t H, int64_t I, int64_t E) {
+                     const T* Wd, int64_t N, int64_t K, int64_t H, int64_t I, int64_t E, bool fp8) {
   const int64_t NK = N * K;
   s.offsets.assign(E + 1, 0);
   for (int64_t i = 0; i < NK; ++i) s.offsets[idx[i] + 1]++;
@@ -184,10 +202,10 @@ void experts_forward(T* out, MoeSaved<T>& s, const T* x, const int32_t* idx, con
       for (int64_t i = 0; i < n; ++i) std::copy_n(x + (s.order[o + i] / K) * H, H, xe.data() + i * H);
       T* G = s.G.data() + o * I;
       T* U = s.U.data() + o * I;
-      linear_forward(G, xe.data(), Wg + e * I * H, n, I, H);
-      linear_forward(U, xe.data(), Wu + e * I * H, n, I, H);
+      expert_linear_forward(fp8, G, xe.data(), Wg + e * I * H, n, I, H);
+      expert_linear_forward(fp8, U, xe.data(), Wu + e * I * H, n, I, H);
       swiglu_forward(a.data(), G, U, n * I);
-      linear_forward(s.Y.data() + o * H, a.data(), Wd + e * H * I, n, H, I);
+      expert_linear_forward(fp8, s.Y.data() + o * H, a.data(), Wd + e * H * I, n, H, I);
     }
   }
 #pragma omp parallel for schedule(static)
@@ -207,7 +225,7 @@ void experts_forward(T* out, MoeSaved<T>& s, const T* x, const int32_t* idx, con
 template <typename T>
 void experts_backward(T* dx, T* dw, T* dWg, T* dWu, T* dWd, const T* dout, MoeSaved<T>& s, const T* x,
                       const int32_t* idx, const T* w, const T* Wg, const T* Wu, const T* Wd, int64_t N, int64_t K,
-                      int64_t H, int64_t I, int64_t E) {
+                      int64_t H, int64_t I, int64_t E, bool fp8) {
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t)
     for (int64_t k = 0; k < K; ++k) {
@@ -241,10 +259,10 @@ void experts_backward(T* dx, T* dw, T* dWg, T* dWu, T* dWd, const T* dout, MoeSa
       const T* G = s.G.data() + o * I;
       const T* U = s.U.data() + o * I;
       swiglu_forward(a.data(), G, U, n * I);
-      linear_backward(da.data(), false, dWd + e * H * I, dy.data(), a.data(), Wd + e * H * I, n, H, I);
+      expert_linear_backward(fp8, da.data(), false, dWd + e * H * I, dy.data(), a.data(), Wd + e * H * I, n, H, I);
       swiglu_backward(dg.data(), du.data(), da.data(), G, U, n * I);
-      linear_backward(DX + o * H, false, dWg + e * I * H, dg.data(), xe.data(), Wg + e * I * H, n, I, H);
-      linear_backward(DX + o * H, true, dWu + e * I * H, du.data(), xe.data(), Wu + e * I * H, n, I, H);
+      expert_linear_backward(fp8, DX + o * H, false, dWg + e * I * H, dg.data(), xe.data(), Wg + e * I * H, n, I, H);
+      expert_linear_backward(fp8, DX + o * H, true, dWu + e * I * H, du.data(), xe.data(), Wu + e * I * H, n, I, H);
     }
   }
 #pragma omp parallel for schedule(static)
@@ -263,10 +281,10 @@ void experts_backward(T* dx, T* dw, T* dWg, T* dWu, T* dWd, const T* dout, MoeSa
   template double balance_loss<T>(T*, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, double,     \
                                   double);                                                                      \
   template void experts_forward<T>(T*, MoeSaved<T>&, const T*, const int32_t*, const T*, const T*, const T*,    \
-                                   const T*, int64_t, int64_t, int64_t, int64_t, int64_t);                      \
+                                   const T*, int64_t, int64_t, int64_t, int64_t, int64_t, bool);                \
   template void experts_backward<T>(T*, T*, T*, T*, T*, const T*, MoeSaved<T>&, const T*, const int32_t*,       \
                                     const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, \
-                                    int64_t);
+                                    int64_t, bool);
 DSV3_INSTANTIATE(float)
 DSV3_INSTANTIATE(double)
 #undef DSV3_INSTANTIATE

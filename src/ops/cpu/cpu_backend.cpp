@@ -4,6 +4,7 @@
 #include <map>
 #include <mutex>
 
+#include "core/fp8.h"
 #include "ops/cpu/cpu_ops.h"
 #include "ops/cpu/gemm.h"
 
@@ -123,6 +124,11 @@ class CpuBackend final : public Backend {
     const int64_t K = w.dim(1), N = w.dim(0), M = x.numel() / K;
     DSV3_CHECK(x.numel() == M * K && y.numel() == M * N, "linear {}: x {} y {} w {}", w.name, shape_str(x.shape),
                shape_str(y.shape), shape_str(w.shape));
+    if (w.dtype == DType::F8E4M3) {
+      Tensor xq = fp8_activation(x, M, K);
+      cpu::gemm_xwT_fp8(M, N, K, xq.f32(), K, w.ptr<uint8_t>(), fp8_scales(w), y.f32(), N);
+      return;
+    }
     cpu::gemm_xwT(M, N, K, x.f32(), K, w.data, w.dtype, K, y.f32(), N);
   }
   void rope(Tensor& x, int64_t n, int64_t stride, int64_t off, const std::vector<int32_t>& pos, const Tensor& cos,
@@ -165,6 +171,7 @@ class CpuBackend final : public Backend {
     // q_lat[b, h, :] = sum_d q[b, h, d] W_UK[h][d, :]: a row-combination of W_UK[h] per query. One parallel
     // pass over heads (each head's [dn, r] block is read once for all B queries).
     const int64_t B = q.dim(0), r = kv_b.dim(1);
+    DSV3_CHECK(kv_b.dtype != DType::F8E4M3, "mla_absorb_q: kv_b_proj must not be fp8 (kept dequantized)");
     const bool bf = kv_b.dtype == DType::BF16;
 #pragma omp parallel for schedule(static)
     for (int64_t h = 0; h < nh; ++h) {
@@ -186,6 +193,7 @@ class CpuBackend final : public Backend {
   void mla_absorb_out(Tensor& out, const Tensor& o_lat, const Tensor& kv_b, int64_t nh, int64_t dn,
                       int64_t dv) override {
     const int64_t B = o_lat.dim(0), r = kv_b.dim(1);
+    DSV3_CHECK(kv_b.dtype != DType::F8E4M3, "mla_absorb_out: kv_b_proj must not be fp8 (kept dequantized)");
     const size_t es = dtype_size(kv_b.dtype);
     if (B <= cpu::kSmallM) {  // decode: every head's W_UV in one parallel pass
       std::vector<cpu::GemvJob> jobs;
@@ -245,8 +253,17 @@ class CpuBackend final : public Backend {
   // Fused ops: the compositions backend.h defines them by (the reference the device kernels are tested against).
   void linear_swiglu(Tensor& out, const Tensor& x, const Tensor& gate, const Tensor& up) override {
     Tensor u = alloc(DType::F32, out.shape, "swiglu_up");
-    linear(out, x, gate);
-    linear(u, x, up);
+    if (gate.dtype == DType::F8E4M3 && up.dtype == DType::F8E4M3) {  // x quantized once for both products
+      const int64_t K = gate.dim(1), N = gate.dim(0), M = x.numel() / K;
+      DSV3_CHECK(x.numel() == M * K && out.numel() == M * N && up.shape == gate.shape, "linear_swiglu {}: x {} out {}",
+                 gate.name, shape_str(x.shape), shape_str(out.shape));
+      Tensor xq = fp8_activation(x, M, K);
+      cpu::gemm_xwT_fp8(M, N, K, xq.f32(), K, gate.ptr<uint8_t>(), fp8_scales(gate), out.f32(), N);
+      cpu::gemm_xwT_fp8(M, N, K, xq.f32(), K, up.ptr<uint8_t>(), fp8_scales(up), u.f32(), N);
+    } else {
+      linear(out, x, gate);
+      linear(u, x, up);
+    }
     silu_mul(out, out, u);
   }
   void kv_norm_rope_write(Tensor& pool, const KvPoolSpec& spec, int64_t layer, const std::vector<SeqSlice>& seqs,
@@ -274,6 +291,17 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // The FP8 activation operand: x [M, K] quantized in 1x128 tiles and dequantized (values code x tile scale).
+  Tensor fp8_activation(const Tensor& x, int64_t M, int64_t K) {
+    Tensor xq = alloc(DType::F32, {M, K}, "x_fp8");
+    std::memcpy(xq.data, x.data, size_t(M * K) * 4);
+    fp8::round_trip_1x128(xq.f32(), M, K, K);
+    return xq;
+  }
+  static const float* fp8_scales(const Tensor& w) {
+    DSV3_CHECK(w.scale, "fp8 weight {} has no block scales", w.name);
+    return w.scale;
+  }
   std::shared_ptr<BufferPool> pool_ = std::make_shared<BufferPool>();
 };
 

@@ -8,6 +8,7 @@
 #include <new>
 
 #include "ops/cpu/blas.h"
+#include "ops/cpu/fp8_linear.h"
 #include "ops/cpu/train_ops.h"
 #include "ops/train_backend.h"
 
@@ -141,13 +142,22 @@ class CpuTrainBackend : public TrainBackend {
   void experts_forward(float* out, MoeSavedState& s, const float* x, const int32_t* idx, const float* w,
                        const float* Wg, const float* Wu, const float* Wd, int64_t N, int64_t K, int64_t H, int64_t I,
                        int64_t E) override {
-    cpu::experts_forward(out, saved(s), x, idx, w, Wg, Wu, Wd, N, K, H, I, E);
+    cpu::experts_forward(out, saved(s), x, idx, w, Wg, Wu, Wd, N, K, H, I, E, precision() == Precision::FP8);
   }
   void experts_backward(float* dx, float* dw, float* dWg, float* dWu, float* dWd, const float* dout,
                         MoeSavedState& s, const float* x, const int32_t* idx, const float* w, const float* Wg,
                         const float* Wu, const float* Wd, int64_t N, int64_t K, int64_t H, int64_t I,
                         int64_t E) override {
-    cpu::experts_backward(dx, dw, dWg, dWu, dWd, dout, saved(s), x, idx, w, Wg, Wu, Wd, N, K, H, I, E);
+    cpu::experts_backward(dx, dw, dWg, dWu, dWd, dout, saved(s), x, idx, w, Wg, Wu, Wd, N, K, H, I, E,
+                          precision() == Precision::FP8);
+  }
+
+  void fp8_linear_forward(float* y, const float* x, const float* W, int64_t M, int64_t N, int64_t K) override {
+    cpu::fp8_linear_forward(y, x, W, M, N, K);
+  }
+  void fp8_linear_backward(float* dx, bool dx_accumulate, float* dW, const float* dy, const float* x, const float* W,
+                           int64_t M, int64_t N, int64_t K) override {
+    cpu::fp8_linear_backward(dx, dx_accumulate, dW, dy, x, W, M, N, K);
   }
 
   // fp64 partial sums over fixed 64K-element chunks, added in chunk order: independent of the thread count.

@@ -106,6 +106,7 @@ inline void dot_rows8_bf16(const uint16_t* w, int64_t K, const float* x, int64_t
 // Rows [n0, n1) of one job. Rows of x go in blocks of 8: the weight row comes from memory once and from L1
 // for later blocks.
 void gemv_rows(const GemvJob& g, int64_t n0, int64_t n1) {
+  if (g.wt == DType::F8E4M3) return gemv_rows_fp8(g, n0, n1);
   if (g.wt == DType::BF16 && g.M == 1) {  // the decode case, kept as a tight loop
     const uint16_t* W = static_cast<const uint16_t*>(g.W);
     for (int64_t n = n0; n < n1; ++n) {

@@ -32,8 +32,23 @@ struct GemvJob {
   float* y;        // [M, N] with leading dimension ldy
   int64_t ldy;
   int64_t M;
+  // F8E4M3 weights: the [tiles(N), tiles(K)] block scales of W (row n of W lies in block row n / 128; ldw == K).
+  // x must already hold fake-quantized activations (fp8::round_trip_1x128), see gemm_xwT_fp8.
+  const float* scale = nullptr;
 };
 void gemv_multi(const std::vector<GemvJob>& jobs);
+
+// ---- FP8 (core/fp8.h): W F8E4M3 [N, K] (dense, ldw = K) with 128x128 block scales, A [M, K] already
+// fake-quantized in 1x128 tiles (each value code * tile scale, exact in fp32). C = A (code_w * scale_w)^T in fp32:
+// for M <= kSmallM the weights are dequantized inside the GEMV (1 byte per weight from memory), above in panels
+// of rows for sgemm. Equal to the per-128-block promoted FP8 product up to fp32 summation order.
+void gemm_xwT_fp8(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint8_t* W, const float* scale,
+                  float* C, int64_t ldc);
+// Rows [n0, n1) of an F8E4M3 GemvJob (called by gemv_multi).
+void gemv_rows_fp8(const GemvJob& g, int64_t n0, int64_t n1);
+// dst[r, :] = W[n0 + r, :] dequantized (code x block scale), r < rows; W [N, K] F8E4M3 with scales as above.
+void dequant_rows_fp8(float* dst, int64_t ld_dst, const uint8_t* W, const float* scale, int64_t K, int64_t n0,
+                      int64_t rows);
 
 // Widen rows of a bf16/f32 matrix to fp32: dst[r, :] = src[r, :cols] for r < rows.
 void widen_rows(float* dst, int64_t ld_dst, const void* src, DType t, int64_t ld_src, int64_t rows, int64_t cols);

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <vector>
 
+#include "core/fp8.h"
 #include "ops/cpu/cpu_ops.h"
 #include "ops/cpu/gemm.h"
 
@@ -85,6 +86,25 @@ void moe_route(int32_t* idx, float* w, const float* logits, const float* bias, i
 void moe_experts_acc(float* out, const float* x, const int32_t* idx, const float* w, int64_t T, int64_t K,
                      int64_t H, const Tensor& gate, const Tensor& up, const Tensor& down) {
   const int64_t E = gate.dim(0), I = gate.dim(1);
+  // FP8 experts (F8E4M3 codes with per-expert 128x128 scale grids): the token rows are quantized in 1x128 tiles
+  // once for the gate and up products, the SwiGLU output once before the down product (rows are independent,
+  // so quantizing them before or after bucketing is the same).
+  const bool f8 = gate.dtype == DType::F8E4M3;
+  DSV3_CHECK(up.dtype == gate.dtype && down.dtype == gate.dtype, "moe_experts_acc: mixed expert dtypes");
+  std::vector<float> xq;
+  if (f8) {
+    DSV3_CHECK(gate.scale && up.scale && down.scale, "fp8 experts {} have no block scales", gate.name);
+    xq.assign(x, x + T * H);
+    fp8::round_trip_1x128(xq.data(), T, H, H);
+    x = xq.data();
+  }
+  auto scales = [&](const Tensor& g, int64_t e) -> const float* {
+    return f8 ? g.scale + e * fp8::tiles(g.dim(1)) * fp8::tiles(g.dim(2)) : nullptr;
+  };
+  auto product = [&](int64_t n, int64_t N, int64_t Kd, const float* A, const Tensor& g, int64_t e, float* C) {
+    if (f8) gemm_xwT_fp8(n, N, Kd, A, Kd, static_cast<const uint8_t*>(expert_slice(g, e)), scales(g, e), C, N);
+    else gemm_xwT(n, N, Kd, A, Kd, expert_slice(g, e), g.dtype, Kd, C, N);
+  };
   // Bucket (token, slot) pairs by expert, in token order, so accumulation order is deterministic.
   std::vector<int64_t> count(E + 1, 0);
   for (int64_t i = 0; i < T * K; ++i) count[idx[i] + 1]++;
@@ -105,16 +125,20 @@ void moe_experts_acc(float* out, const float* x, const int32_t* idx, const float
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = count[e + 1] - count[e], o = count[e];
       if (n == 0) continue;
-      jobs.push_back({expert_slice(gate, e), gate.dtype, I, H, H, xs.data() + o * H, H, gs.data() + o * I, I, n});
-      jobs.push_back({expert_slice(up, e), up.dtype, I, H, H, xs.data() + o * H, H, us.data() + o * I, I, n});
+      jobs.push_back({expert_slice(gate, e), gate.dtype, I, H, H, xs.data() + o * H, H, gs.data() + o * I, I, n,
+                      scales(gate, e)});
+      jobs.push_back({expert_slice(up, e), up.dtype, I, H, H, xs.data() + o * H, H, us.data() + o * I, I, n,
+                      scales(up, e)});
     }
     gemv_multi(jobs);
     for (int64_t i = 0; i < T * K * I; ++i) gs[i] = gs[i] / (1.f + std::exp(-gs[i])) * us[i];
+    if (f8) fp8::round_trip_1x128(gs.data(), T * K, I, I);
     jobs.clear();
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = count[e + 1] - count[e], o = count[e];
       if (n == 0) continue;
-      jobs.push_back({expert_slice(down, e), down.dtype, H, I, I, gs.data() + o * I, I, ys.data() + o * H, H, n});
+      jobs.push_back({expert_slice(down, e), down.dtype, H, I, I, gs.data() + o * I, I, ys.data() + o * H, H, n,
+                      scales(down, e)});
     }
     gemv_multi(jobs);
     for (int64_t i = 0; i < T * K; ++i) {
@@ -131,10 +155,11 @@ void moe_experts_acc(float* out, const float* x, const int32_t* idx, const float
     if (n == 0) continue;  // experts without tokens cost nothing
     const int64_t* rows = order.data() + count[e];
     for (int64_t i = 0; i < n; ++i) std::copy(x + (rows[i] / K) * H, x + (rows[i] / K + 1) * H, xe.data() + i * H);
-    gemm_xwT(n, I, H, xe.data(), H, expert_slice(gate, e), gate.dtype, H, g.data(), I);
-    gemm_xwT(n, I, H, xe.data(), H, expert_slice(up, e), up.dtype, H, u.data(), I);
+    product(n, I, H, xe.data(), gate, e, g.data());
+    product(n, I, H, xe.data(), up, e, u.data());
     for (int64_t i = 0; i < n * I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    gemm_xwT(n, H, I, g.data(), I, expert_slice(down, e), down.dtype, I, y.data(), H);
+    if (f8) fp8::round_trip_1x128(g.data(), n, I, I);
+    product(n, H, I, g.data(), down, e, y.data());
     for (int64_t i = 0; i < n; ++i) {
       float* o = out + (rows[i] / K) * H;
       const float wk = w[rows[i]];

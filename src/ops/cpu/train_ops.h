@@ -89,14 +89,14 @@ struct MoeSaved {
   std::vector<T> G, U;           // [N*K, I] gate and up projections, sorted order
   std::vector<T> Y;              // [N*K, H] expert outputs before weighting, sorted order
 };
-// out[N, H] += sum_k w[t, k] * Expert_{idx[t, k]}(x[t]).
+// out[N, H] += sum_k w[t, k] * Expert_{idx[t, k]}(x[t]). fp8 (float only): FP8-emulated products (fp8_linear.h).
 template <typename T>
 void experts_forward(T* out, MoeSaved<T>& s, const T* x, const int32_t* idx, const T* w, const T* Wg, const T* Wu,
-                     const T* Wd, int64_t N, int64_t K, int64_t H, int64_t I, int64_t E);
+                     const T* Wd, int64_t N, int64_t K, int64_t H, int64_t I, int64_t E, bool fp8 = false);
 // dx[N, H] +=, dw[N, K] overwritten, dWg/dWu/dWd +=. Consumes s (Y is reused as scratch).
 template <typename T>
 void experts_backward(T* dx, T* dw, T* dWg, T* dWu, T* dWd, const T* dout, MoeSaved<T>& s, const T* x,
                       const int32_t* idx, const T* w, const T* Wg, const T* Wu, const T* Wd, int64_t N, int64_t K,
-                      int64_t H, int64_t I, int64_t E);
+                      int64_t H, int64_t I, int64_t E, bool fp8 = false);
 
 }  // namespace dsv3::cpu

@@ -46,7 +46,7 @@ struct DeviceInfo {
 };
 DeviceInfo device_info(Backend& be);
 
-// Ceilings measured on the device (METHOD.md): device-to-device copy (bytes read + written per second) and a
+// Ceilings measured on the device: device-to-device copy (bytes read + written per second) and a
 // large bf16 GEMM through cuBLAS (FLOP/s); each the median of `reps` timed runs after warm-up.
 double measure_copy_bandwidth(Backend& be, size_t bytes, int reps);
 double measure_gemm_flops(Backend& be, int m, int n, int k, int reps);

@@ -68,13 +68,21 @@ void add_train_run(CLI::App& app) {
     run_training(args);
   });
 
-  auto* p = app.add_subcommand("plot", "Draw a training run's metrics.jsonl as a self-contained HTML report");
-  auto metrics = std::make_shared<std::string>();
+  auto* p = app.add_subcommand("plot", "Draw a training run's metrics.jsonl as a self-contained HTML report "
+                                       "(several files: the runs side by side)");
+  auto metrics = std::make_shared<std::vector<std::string>>();
+  auto labels = std::make_shared<std::vector<std::string>>();
   auto out = std::make_shared<std::string>();
-  p->add_option("--metrics", *metrics, "metrics.jsonl written by dsv3 train")->required();
+  p->add_option("--metrics", *metrics, "metrics.jsonl written by dsv3 train (two or more: a comparison)")->required();
+  p->add_option("--labels", *labels, "Names of the compared runs, one per metrics file");
   p->add_option("--output", *out, "HTML file to write")->required();
   p->callback([=] {
-    write_report(*metrics, *out);
+    if (metrics->size() == 1) {
+      if (!labels->empty()) fail("--labels names compared runs: give two or more --metrics files");
+      write_report(metrics->front(), *out);
+    } else {
+      write_comparison(*metrics, *labels, *out);
+    }
     std::fprintf(stderr, "wrote %s\n", out->c_str());
   });
 }

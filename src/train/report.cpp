@@ -213,4 +213,53 @@ void write_report(const std::string& metrics_path, const std::string& out_path) 
   write_file_atomic(out_path, h.str());
 }
 
+void write_comparison(const std::vector<std::string>& paths, std::vector<std::string> labels, const std::string& out_path) {
+  if (paths.size() < 2) fail("a comparison needs at least two metrics files, got {}", paths.size());
+  if (!labels.empty() && labels.size() != paths.size())
+    fail("--labels gives {} names for {} metrics files", labels.size(), paths.size());
+  if (labels.empty())
+    for (auto& p : paths) labels.push_back(p);
+  std::vector<Series> train, val;
+  std::vector<double> last_val;
+  std::vector<int64_t> last_step;
+  for (size_t r = 0; r < paths.size(); ++r) {
+    std::ifstream in(paths[r]);
+    if (!in) fail("cannot read metrics file {}", paths[r]);
+    Series t{labels[r] + " train", kColors[r % 8]}, v{labels[r] + " validation", kColors[r % 8]};
+    v.dots = true;
+    std::string line;
+    int64_t lineno = 0, step_max = 0;
+    while (std::getline(in, line)) {
+      ++lineno;
+      if (line.empty()) continue;
+      json j;
+      try {
+        j = json::parse(line);
+      } catch (const json::exception& e) {
+        fail("{}:{}: not a JSON line ({})", paths[r], lineno, e.what());
+      }
+      const double step = j.value("step", 0.0);
+      if (j.value("type", "") == "train") t.x.push_back(step), t.y.push_back(j.value("loss", NAN));
+      if (j.value("type", "") == "val") v.x.push_back(step), v.y.push_back(j.value("val_loss", NAN));
+      step_max = std::max(step_max, int64_t(step));
+    }
+    if (v.y.empty()) fail("{} has no validation records (train with --eval-every)", paths[r]);
+    last_val.push_back(v.y.back());
+    last_step.push_back(int64_t(v.x.back()));
+    train.push_back(std::move(t));
+    val.push_back(std::move(v));
+  }
+  std::ostringstream h;
+  h << "<!DOCTYPE html><html><head><meta charset='utf-8'><title>dsv3 run comparison</title>"
+       "<style>body{font-family:sans-serif;margin:24px;color:#222} .row{display:flex;flex-wrap:wrap;gap:12px}"
+       " td,th{padding:2px 10px;text-align:right}</style></head><body><h1>dsv3 run comparison</h1>";
+  h << "<table><tr><th>run</th><th>last validation step</th><th>validation loss</th><th>vs first run</th></tr>";
+  for (size_t r = 0; r < paths.size(); ++r)
+    h << fmt::format("<tr><td>{}</td><td>{}</td><td>{:.4f}</td><td>{:+.3f}%</td></tr>", esc(labels[r]), last_step[r],
+                     last_val[r], 100.0 * (last_val[r] - last_val[0]) / last_val[0]);
+  h << "</table><div class='row'>" << line_chart("Train loss", "cross-entropy (nats)", train)
+    << line_chart("Validation loss", "cross-entropy (nats)", val) << "</div></body></html>\n";
+  write_file_atomic(out_path, h.str());
+}
+
 }  // namespace dsv3

@@ -277,6 +277,33 @@ def test_plot_command(tmp_path, dsv3_bin, corpus):
     assert html.count("<svg") >= 4 and "MaxVio" in html and "Expert load" in html
 
 
+def test_plot_compares_runs(tmp_path, dsv3_bin):
+    # Two hand-written metrics files: the table must hold each run's last validation loss and the relative
+    # difference to the first (computed here independently).
+    runs = {"bf16": [4.0, 3.0], "fp8": [4.1, 3.03]}
+    paths = []
+    for name, vals in runs.items():
+        p = tmp_path / f"{name}.jsonl"
+        lines = []
+        for i, v in enumerate(vals):
+            lines.append(json.dumps({"type": "train", "step": 10 * (i + 1), "loss": v + 0.1}))
+            lines.append(json.dumps({"type": "val", "step": 10 * (i + 1), "val_loss": v, "val_acc": 0.1}))
+        p.write_text("\n".join(lines) + "\n")
+        paths.append(p)
+    out = tmp_path / "cmp.html"
+    r = run([dsv3_bin, "plot", "--metrics", *paths, "--labels", "bf16", "fp8", "--output", out])
+    assert r.returncode == 0, r.stderr
+    html = out.read_text()
+    assert html.count("<svg") == 2 and "bf16 validation" in html and "fp8 train" in html
+    assert "3.0300" in html and f"{100 * (3.03 - 3.0) / 3.0:+.3f}%" in html
+    for bad in (["--labels", "only-one"], []):
+        if not bad:
+            r = run([dsv3_bin, "plot", "--metrics", paths[0], "--labels", "x", "--output", out])
+        else:
+            r = run([dsv3_bin, "plot", "--metrics", *paths, *bad, "--output", out])
+        assert r.returncode == 1 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_unknown_device_is_a_one_line_error(tmp_path, dsv3_bin, corpus):
     for cmd in (["train", *TRAIN, "--data", corpus, "--steps", "2", "--out", tmp_path / "o"],
                 ["bench-train", "--config", TINY, "--batch", "1", "--seq", "8"]):

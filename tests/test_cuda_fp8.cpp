@@ -25,24 +25,14 @@
 
 #include "ops/cuda/device.h"
 #include "ops/cuda/fp8.h"
+#include "cuda_memory_helpers.h"
 
 using namespace dsv3;
 
 namespace {
 
-template <typename T>
-T* dev_copy(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
-}
-template <typename T>
-std::vector<T> host_copy(const T* d, size_t n) {
-  std::vector<T> h(n);
-  EXPECT_EQ(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return h;
-}
+using test::dev_copy;
+using test::host_copy;
 std::vector<float> randn(size_t n, double scale, uint64_t seed, bool bf16_round = true) {
   Rng r(seed);
   std::vector<float> v(n);

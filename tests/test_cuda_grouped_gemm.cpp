@@ -16,25 +16,15 @@
 #include <cuda_runtime.h>
 
 #include "ops/cuda/grouped_gemm.h"
+#include "cuda_memory_helpers.h"
 
 using namespace dsv3;
 using cuda::bf16;
 
 namespace {
 
-template <typename T>
-T* dev_copy(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
-}
-template <typename T>
-std::vector<T> host_copy(const T* d, size_t n) {
-  std::vector<T> h(n);
-  EXPECT_EQ(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return h;
-}
+using test::dev_copy;
+using test::host_copy;
 float bf16_round(float x) {
   const uint16_t b = f32_to_bf16(x);
   float y;

@@ -1394,8 +1394,9 @@ void CudaBackend::moe_experts_fp8(Tensor& out, const Tensor& x, const Tensor& to
   int* sorted_xrow = n_active + 1;
   int* pair_pos = sorted_xrow + P;
   if (small) {
-    // Decode sizes: gate and up in one pass per active expert (x quantized in the block, SwiGLU in the epilogue),
-    // then down on the SwiGLU output (quantized in the block too) into fp32 per-pair rows: two launches.
+    // Decode sizes: gate and up in one pass per active expert (SwiGLU in the epilogue), then down on the SwiGLU
+    // output into fp32 per-pair rows; x and the SwiGLU output are quantized by a launch each before their product
+    // (or inside the skinny kernel with DSV3_CUDA_FP8_QUANT=in-block).
     cuda::Fp8SkinnyArgs a;
     a.stride_w = I * H;
     a.stride_sw = ki * kh;

@@ -17,6 +17,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/fp8.h"
+#include "ops/cuda/sm90/grouped.h"
 #include "ops/cuda/step_graph.h"
 
 namespace dsv3 {
@@ -87,6 +88,10 @@ class CudaBackend final : public Backend {
     // launch it saves), so separate is the default.
     const char* fq = std::getenv("DSV3_CUDA_FP8_QUANT");
     fp8_quant_in_block_ = fq && std::string(fq) == "in-block";
+    // DSV3_CUDA_GROUPED=cublas: prefill's routed experts on cuBLAS' grouped GEMM (bf16) and the mma.sync kernel
+    // (fp8) instead of the sm90 wgmma/TMA kernels (sm90/grouped.h), which are the default where built.
+    const char* gr = std::getenv("DSV3_CUDA_GROUPED");
+    sm90_grouped_ = cuda::sm90::available() && !(gr && std::string(gr) == "cublas");
   }
   ~CudaBackend() override {
     try {
@@ -975,6 +980,23 @@ class CudaBackend final : public Backend {
   // owner's lifetime so a freed and reused address is not mistaken.
   const Tensor& bf16_weight(const Tensor& w) { return weight_as(w, DType::BF16, wcache_); }
   const Tensor& f32_weight(const Tensor& w) { return weight_as(w, DType::F32, wcache32_); }
+  // The 128x128 block scales of fp8 expert weights w [E, N, K] as [E][tiles(K)][tiles(N)], the layout the sm90
+  // grouped kernel reads (sm90::transpose_block_scales), made once per weight.
+  const float* scales_transposed(const Tensor& w) {
+    auto it = scale_t_cache_.find(w.data);
+    if (it != scale_t_cache_.end()) {
+      const WeightCopy& c = it->second;
+      const bool same_owner = !c.owner.expired() && !c.owner.owner_before(w.storage) && !w.storage.owner_before(c.owner);
+      if (same_owner && c.numel == w.numel()) return c.copy.f32();
+    }
+    const int64_t E = w.dim(0), nt = fp8::tiles(w.dim(1)), kt = fp8::tiles(w.dim(2));
+    WeightCopy c;
+    c.owner = w.storage;
+    c.numel = w.numel();
+    c.copy = cuda::device_tensor(ctx_, DType::F32, {E * nt * kt}, "scale_t");
+    cuda::sm90::transpose_block_scales(c.copy.f32(), w.scale, E, nt, kt, ctx_.stream);
+    return (scale_t_cache_[w.data] = std::move(c)).copy.f32();
+  }
   const Tensor& weight_as(const Tensor& w, DType want, std::unordered_map<const void*, WeightCopy>& cache) {
     DSV3_CHECK(w.dtype == DType::F32 || w.dtype == DType::BF16, "weight {} has dtype {}; expected F32 or BF16", w.name,
                dtype_name(w.dtype));
@@ -1031,9 +1053,10 @@ class CudaBackend final : public Backend {
 
   int dev_;
   DeviceContext& ctx_;
-  bool skinny_ = true, profiling_ = false;
+  bool skinny_ = true, profiling_ = false, sm90_grouped_ = false;
   UploadSlot slots_[kSlotCount];
   std::unordered_map<const void*, WeightCopy> wcache_, wcache32_;
+  std::unordered_map<const void*, WeightCopy> scale_t_cache_;  // transposed fp8 block scales (sm90 grouped form)
   DType act_ = DType::BF16;
   std::vector<ProfPending> prof_pending_;
   std::vector<cudaEvent_t> prof_free_;
@@ -1152,8 +1175,10 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
   int* n_active = active + E;
   int* sorted_xrow = n_active + 1;
   int* pair_pos = sorted_xrow + P;
+  // The sm90 kernels read the expert offsets on the device: no wait for the counts (except to profile).
+  const bool sm90 = !small && !f32 && sm90_grouped_ && H % 8 == 0 && I % 8 == 0;
   std::vector<int> cnt;
-  if (!small || profiling_) cnt = counts_to_host(counts, E);  // to plan the grouped GEMM, or for the profile
+  if ((!small && !sm90) || profiling_) cnt = counts_to_host(counts, E);  // to plan cuBLAS' grouped GEMM, or to profile
   double eb = 0;  // bytes of the active experts' weights (profiling only)
   if (profiling_) {
     int na = 0, mx = 0;
@@ -1219,6 +1244,32 @@ void CudaBackend::moe_experts_acc(Tensor& out, const Tensor& x, const Tensor& to
   {
     ProfScope ps(*this, "moe.gather");
     cuda::copy_rows(xs.data, nullptr, H * es, x.data, sorted_xrow, H * es, P, H * es, ctx_.stream);
+  }
+  if (sm90) {
+    // gate and up in one launch (2E groups), then down: sm90/grouped.h's expert form over the plan's offsets.
+    cuda::sm90::ExpertGemm g;
+    g.A = xs.data, g.lda = H, g.W[0] = gate.data, g.W[1] = up.data, g.w_stride = I * H;
+    g.D[0] = gbuf.data, g.D[1] = ubuf.data, g.ldd = I, g.offsets = offsets;
+    g.E = int(E), g.N = int(I), g.K = int(H), g.sets = 2;
+    const size_t wsb = cuda::sm90::expert_workspace_bytes(int(2 * E), false);
+    Tensor ws = alloc(DType::U8, {int64_t(wsb)}, "sm90_workspace");
+    {
+      ProfScope ps(*this, "moe.gate_up", 2 * eb);
+      cuda::sm90::expert_gemm_bf16(g, ws.data, wsb, ctx_.stream);
+    }
+    {
+      ProfScope ps(*this, "moe.silu_mul");
+      cuda::silu_mul(gbuf.data, gbuf.data, ubuf.data, P * I, act_, ctx_.stream);
+    }
+    g.A = gbuf.data, g.lda = I, g.W[0] = down.data, g.W[1] = nullptr, g.w_stride = H * I;
+    g.D[0] = y.data, g.D[1] = nullptr, g.ldd = H, g.N = int(H), g.K = int(I), g.sets = 1;
+    {
+      ProfScope ps(*this, "moe.down", eb);
+      cuda::sm90::expert_gemm_bf16(g, ws.data, wsb, ctx_.stream);
+    }
+    ProfScope ps(*this, "moe.combine");
+    cuda::moe_combine(out.ptr<bf16>(), y.data, false, topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
+    return;
   }
   std::vector<int64_t> off(size_t(E) + 1, 0);
   for (int64_t e = 0; e < E; ++e) off[size_t(e) + 1] = off[size_t(e)] + cnt[size_t(e)];
@@ -1437,6 +1488,41 @@ void CudaBackend::moe_experts_fp8(Tensor& out, const Tensor& x, const Tensor& to
   }
   auto [xq, sx] = quantize_act(x, T, H);
   Tensor g = alloc(act_, {P, I}, "moe_g"), u = alloc(act_, {P, I}, "moe_u");
+  if (act_ == DType::BF16 && sm90_grouped_) {
+    // sm90/grouped.h's fp8 expert form: rows in sorted-pair order with their scales regrouped per expert, gate
+    // and up in one launch, SwiGLU, the SwiGLU output quantized and regrouped, down; no host round trip.
+    Tensor xs = alloc(DType::U8, {P, H}, "moe_x_fp8"), sxs = alloc(DType::F32, {P, kh}, "moe_x_scale");
+    Tensor sxg = alloc(DType::F32, {P * kh}, "moe_x_scale_grouped"), y = alloc(act_, {P, H}, "moe_y");
+    const size_t wsb = cuda::sm90::expert_workspace_bytes(int(2 * E), true);
+    Tensor ws = alloc(DType::U8, {int64_t(wsb)}, "sm90_workspace");
+    const float *gs = scales_transposed(gate), *us = scales_transposed(up), *ds = scales_transposed(down);
+    if (skip()) return;
+    cuda::copy_rows(xs.data, nullptr, H, xq.data, sorted_xrow, H, P, H, ctx_.stream);
+    cuda::copy_rows(sxs.data, nullptr, kh * 4, sx.data, sorted_xrow, kh * 4, P, kh * 4, ctx_.stream);
+    cuda::sm90::regroup_act_scales(sxg.f32(), sxs.f32(), offsets, int(E), P, kh, ctx_.stream);
+    cuda::sm90::ExpertGemm eg;
+    eg.A = xs.data, eg.lda = H, eg.W[0] = gate.data, eg.W[1] = up.data, eg.w_stride = I * H;
+    eg.D[0] = g.data, eg.D[1] = u.data, eg.ldd = I, eg.offsets = offsets;
+    eg.E = int(E), eg.N = int(I), eg.K = int(H), eg.sets = 2, eg.sa = sxg.f32(), eg.sw[0] = gs, eg.sw[1] = us;
+    {
+      ProfScope ps(*this, "moe.fp8.gate_up");
+      cuda::sm90::expert_gemm_fp8(eg, ws.data, wsb, ctx_.stream);
+      cuda::silu_mul(g.data, g.data, u.data, P * I, act_, ctx_.stream);
+    }
+    auto [aq, sa] = quantize_act(g, P, I);
+    Tensor sag = alloc(DType::F32, {P * ki}, "moe_act_scale_grouped");
+    cuda::sm90::regroup_act_scales(sag.f32(), sa.f32(), offsets, int(E), P, ki, ctx_.stream);
+    eg.A = aq.data, eg.lda = I, eg.W[0] = down.data, eg.W[1] = nullptr, eg.w_stride = H * I;
+    eg.D[0] = y.data, eg.D[1] = nullptr, eg.ldd = H, eg.N = int(H), eg.K = int(I), eg.sets = 1;
+    eg.sa = sag.f32(), eg.sw[0] = ds, eg.sw[1] = nullptr;
+    {
+      ProfScope ps(*this, "moe.fp8.down");
+      cuda::sm90::expert_gemm_fp8(eg, ws.data, wsb, ctx_.stream);
+    }
+    ProfScope ps(*this, "moe.combine");
+    cuda::moe_combine(out.ptr<bf16>(), y.data, false, topk_w.f32(), pair_pos, int(T), int(K), int(H), ctx_.stream);
+    return;
+  }
   // Prefill: the quantized rows in sorted-pair order, then one grouped launch per projection over the active experts.
   const std::vector<int> cnt = counts_to_host(counts, E);
   Tensor xs = alloc(DType::U8, {P, H}, "moe_x_fp8"), sxs = alloc(DType::F32, {P, kh}, "moe_x_scale");

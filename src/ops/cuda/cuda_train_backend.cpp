@@ -21,6 +21,7 @@
 #include "core/error.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/grouped_gemm.h"
+#include "ops/cuda/sm90/grouped.h"
 #include "ops/cuda/train_kernels.h"
 #include "ops/train_backend.h"
 
@@ -53,6 +54,8 @@ class CudaTrainBackend final : public TrainBackend {
     f32_ = e && std::string(e) == "1";
     const char* x = std::getenv("DSV3_CUDA_TRAIN_EXPERTS");
     experts_kernel_ = !(x && std::string(x) == "cublas");
+    // DSV3_CUDA_TRAIN_EXPERTS=mma: the mma.sync grouped kernel instead of the sm90 wgmma/TMA one (where built).
+    sm90_ = experts_kernel_ && cuda::sm90::available() && !(x && std::string(x) == "mma");
   }
   ~CudaTrainBackend() override {
     cudaStreamSynchronize(ctx_.stream);
@@ -476,6 +479,13 @@ class CudaTrainBackend final : public TrainBackend {
   }
   void grouped(std::vector<cuda::GroupedProblem>& ps) {
     if (ps.empty()) return;
+    if (sm90_ && std::all_of(ps.begin(), ps.end(), [](const cuda::GroupedProblem& p) {
+          return p.M <= 0 || p.N <= 0 || cuda::sm90::list_gemm_ok(p);
+        })) {
+      const size_t bytes = cuda::sm90::list_workspace_bytes(int(ps.size()));
+      cuda::sm90::list_gemm(ps, scratch<char>(kSm90Ws, bytes), bytes, ctx_.stream);
+      return;
+    }
     auto* dev = scratch<cuda::GroupedProblem>(kGemmPtrs, ps.size());
     cuda::grouped_gemm(ps, dev, ctx_.stream);
   }
@@ -503,7 +513,7 @@ class CudaTrainBackend final : public TrainBackend {
   enum Slot {
     kNormPart, kEmbPlan, kRowLoss, kRowHit, kScores, kScores2, kRowDot, kKeys, kKeyGrads, kSeqLoss, kTokSum, kMoeX,
     kMoeA,
-    kMoeW, kSumSq, kGemmPtrs, kMoeBf16, kMoeCols, kNumSlots
+    kMoeW, kSumSq, kGemmPtrs, kMoeBf16, kMoeCols, kSm90Ws, kNumSlots
   };
   struct Scratch {
     void* p = nullptr;
@@ -627,6 +637,7 @@ class CudaTrainBackend final : public TrainBackend {
   DeviceContext& ctx_;
   bool f32_ = false;
   bool grouped_ok_ = true;  // cuBLAS accepted the grouped form (gemm_group)
+  bool sm90_ = false;  // the list products on sm90/grouped.h's wgmma/TMA kernel
   bool experts_kernel_ = true;  // routed experts on the grouped GEMM kernel (DSV3_CUDA_TRAIN_EXPERTS=cublas: off)
   std::vector<int32_t> col_src_;
   std::unordered_map<void*, size_t> sizes_;  // live raw_alloc blocks -> their allocator size class

@@ -215,4 +215,29 @@ void mla_prefill_f32(float* out, const float* q, const float* kv, const float* k
   DSV3_CUDA_KERNEL_CHECK();
 }
 
+// k [n, nh, dn+dr]: each head's k_nope from kv [n, nh, dn+dv] and the shared k_pe [n, dr] (the dense keys a
+// library attention kernel reads; MLA stores the rope part once per token). One thread per 16-byte chunk.
+__global__ void mla_concat_k_kernel(bf16* __restrict__ k, const bf16* __restrict__ kv, const bf16* __restrict__ kpe,
+                                    int n, int nh, int dn, int dr, int dv) {
+  pdl_start();
+  const int dqk = dn + dr, cpr = dqk / 8;  // chunks per (token, head) row
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(n) * nh * cpr) return;
+  const int c = int(i % cpr);
+  const int64_t jh = i / cpr, j = jh / nh;
+  const int h = int(jh % nh);
+  const uint4* src = c * 8 < dn ? reinterpret_cast<const uint4*>(kv + (j * nh + h) * (dn + dv) + c * 8)
+                                : reinterpret_cast<const uint4*>(kpe + j * dr + (c * 8 - dn));
+  reinterpret_cast<uint4*>(k + jh * dqk)[c] = *src;
+}
+
+void mla_concat_k(bf16* k, const bf16* kv, const bf16* kpe, int n, int nh, int dn, int dr, int dv, cudaStream_t s) {
+  DSV3_CHECK(dn % 8 == 0 && dr % 8 == 0 && dv % 8 == 0, "mla_concat_k: head dims {} {} {} must be multiples of 8", dn,
+             dr, dv);
+  const int64_t chunks = int64_t(n) * nh * ((dn + dr) / 8);
+  if (chunks == 0) return;
+  launch(mla_concat_k_kernel, dim3(int((chunks + 255) / 256)), dim3(256), 0, s, k, kv, kpe, n, nh, dn, dr, dv);
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
 }  // namespace dsv3::cuda

@@ -17,6 +17,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/fp8.h"
+#include "ops/cuda/cudnn/attention.h"
 #include "ops/cuda/sm90/grouped.h"
 #include "ops/cuda/step_graph.h"
 
@@ -92,6 +93,9 @@ class CudaBackend final : public Backend {
     // (fp8) instead of the sm90 wgmma/TMA kernels (sm90/grouped.h), which are the default where built.
     const char* gr = std::getenv("DSV3_CUDA_GROUPED");
     sm90_grouped_ = cuda::sm90::available() && !(gr && std::string(gr) == "cublas");
+    // DSV3_CUDA_ATTN=native: bf16 prefill attention on the hand-written kernel instead of cuDNN's fused one.
+    const char* at = std::getenv("DSV3_CUDA_ATTN");
+    cudnn_attention_ = cuda::cudnn::available() && !(at && std::string(at) == "native");
   }
   ~CudaBackend() override {
     try {
@@ -591,6 +595,22 @@ class CudaBackend final : public Backend {
     DSV3_CHECK(kv.numel() >= n * nh * (dn + dv) && kpe.numel() >= n * dr && out.numel() == len * nh * dv,
                "mla_attention: kv {} kpe {} out {} for len {} pos0 {}", shape_str(kv.shape), shape_str(kpe.shape),
                shape_str(out.shape), len, pos0);
+    if (cudnn_attention_ && graphs_.mode() == cuda::StepGraphs::Mode::Off && dn % 8 == 0 && dr % 8 == 0 &&
+        dv % 8 == 0) {
+      // cuDNN's fused attention reads dense keys: each head's k_nope next to the shared k_pe ([n, nh, dn+dr], a
+      // copy of n * nh * (dn+dr) values, small next to the attention's n^2 work); v stays a view into kv.
+      Tensor kd = alloc(DType::BF16, {n, nh, dn + dr}, "k_dense");
+      cuda::mla_concat_k(static_cast<bf16*>(kd.data), static_cast<const bf16*>(kv.data),
+                         static_cast<const bf16*>(kpe.data), int(n), int(nh), int(dn), int(dr), int(dv), ctx_.stream);
+      cuda::cudnn::CausalAttention a;
+      a.out = static_cast<bf16*>(out.data), a.q = static_cast<const bf16*>(q.data), a.k = static_cast<const bf16*>(kd.data);
+      a.v = static_cast<const bf16*>(kv.data) + dn, a.v_row = nh * (dn + dv), a.v_head = dn + dv;
+      a.len = int(len), a.n = int(n), a.nh = int(nh), a.dqk = int(dn + dr), a.dv = int(dv), a.scale = scale;
+      const char* why = nullptr;
+      if (cuda::cudnn::causal_attention(a, ctx_.stream, &why)) return;
+      if (!cudnn_warned_) std::fprintf(stderr, "dsv3: prefill attention on the built-in kernel: %s\n", why);
+      cudnn_warned_ = true;
+    }
     cuda::mla_prefill(static_cast<bf16*>(out.data), static_cast<const bf16*>(q.data), static_cast<const bf16*>(kv.data),
                       static_cast<const bf16*>(kpe.data), int(len), int(pos0), int(nh), int(dn), int(dr), int(dv), scale,
                       ctx_.stream);
@@ -1053,7 +1073,7 @@ class CudaBackend final : public Backend {
 
   int dev_;
   DeviceContext& ctx_;
-  bool skinny_ = true, profiling_ = false, sm90_grouped_ = false;
+  bool skinny_ = true, profiling_ = false, sm90_grouped_ = false, cudnn_attention_ = false, cudnn_warned_ = false;
   UploadSlot slots_[kSlotCount];
   std::unordered_map<const void*, WeightCopy> wcache_, wcache32_;
   std::unordered_map<const void*, WeightCopy> scale_t_cache_;  // transposed fp8 block scales (sm90 grouped form)

@@ -90,6 +90,9 @@ void absorb_q_small(bf16* q_lat, const bf16* q, const bf16* kv_b, int B, int nh,
 // q [len, nh, dn+dr], kv [n, nh, dn+dv], kpe [n, dr], out [len, nh, dv], n = pos0 + len.
 void mla_prefill(bf16* out, const bf16* q, const bf16* kv, const bf16* kpe, int len, int pos0, int nh, int dn, int dr,
                  int dv, float scale, cudaStream_t s);
+// k [n, nh, dn+dr] = per head [k_nope | k_pe] from kv [n, nh, dn+dv] and kpe [n, dr]: dense keys for cuDNN's
+// attention (cudnn_attention.h). Head dims multiples of 8, pointers 16-byte aligned.
+void mla_concat_k(bf16* k, const bf16* kv, const bf16* kpe, int n, int nh, int dn, int dr, int dv, cudaStream_t s);
 // The same with fp32 activations (the exact-comparison mode; simple kernel).
 void mla_prefill_f32(float* out, const float* q, const float* kv, const float* kpe, int len, int pos0, int nh, int dn,
                      int dr, int dv, float scale, cudaStream_t s);

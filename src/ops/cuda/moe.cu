@@ -188,6 +188,40 @@ __global__ void moe_combine_kernel(TO* out, const TY* y, const float* w, const i
   out[int64_t(t) * H + c] = from_f<TO>(acc);
 }
 
+// The bf16 form, 8 channels (16 bytes) per thread: the combine reads top_k rows of y per token, so it is
+// bandwidth-bound and wants full-width loads (the scalar kernel above reached a third of the copy bandwidth).
+__global__ void moe_combine_bf16x8_kernel(bf16* out, const bf16* y, const float* w, const int* pair_pos, int K, int H) {
+  pdl_start();
+  __shared__ int64_t rows[32];
+  __shared__ float wts[32];
+  const int t = blockIdx.x;
+  if (threadIdx.x < K) {
+    const int i = t * K + threadIdx.x;
+    rows[threadIdx.x] = pair_pos[i];
+    wts[threadIdx.x] = w[i];
+  }
+  __syncthreads();
+  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
+  if (c >= H) return;
+  uint4* o = reinterpret_cast<uint4*>(out + int64_t(t) * H + c);
+  uint4 ov = *o;
+  const bf16* op = reinterpret_cast<const bf16*>(&ov);
+  float acc[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j] = __bfloat162float(op[j]);
+  for (int k = 0; k < K; ++k) {
+    if (rows[k] < 0) continue;
+    const uint4 yv = *reinterpret_cast<const uint4*>(y + rows[k] * H + c);
+    const bf16* yp = reinterpret_cast<const bf16*>(&yv);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] += wts[k] * __bfloat162float(yp[j]);
+  }
+  bf16* wp = reinterpret_cast<bf16*>(&ov);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) wp[j] = __float2bfloat16(acc[j]);
+  *o = ov;
+}
+
 }  // namespace
 
 void moe_route(int* idx, float* w, const float* logits, const float* bias, int T, const RouteParams& p, cudaStream_t s) {
@@ -235,6 +269,14 @@ void moe_combine(bf16* out, const void* y, bool y_f32, const float* w, const int
                  cudaStream_t s) {
   if (T == 0) return;
   DSV3_CHECK(K <= 32, "moe_combine: top_k {} > 32", K);
+  const bool wide = !y_f32 && H % 8 == 0 && ((reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(y)) & 15) == 0;
+  if (wide) {
+    const int threads = std::max(32, std::min(256, H / 8));  // at least 32: the first K threads load the routes
+    launch(moe_combine_bf16x8_kernel, dim3(T, (H / 8 + threads - 1) / threads), dim3(threads), 0, s, out,
+           static_cast<const bf16*>(y), w, pair_pos, K, H);
+    DSV3_CUDA_KERNEL_CHECK();
+    return;
+  }
   const int threads = 256;
   const dim3 grid(T, (H + threads - 1) / threads);
   if (y_f32)

@@ -32,21 +32,37 @@ size_t expert_workspace_bytes_bf16(int groups);
 size_t expert_workspace_bytes_fp8(int groups);
 
 // D = A B^T (+ C when ElementC is not void), fp32 accumulation. Tile and cluster shapes in CUTLASS's (M, N, K).
-template <class ElementAB, class ElementC, class ElementD, class Tile, class Cluster, bool Fp8Blockwise>
+// Cooperative: both consumer warp groups share one tile (split along M); Pingpong: each consumer warp group
+// owns a tile and the two alternate mainloop and epilogue, so one group's stores hide under the other's MMAs.
+// SwapAB (expert form only): CUTLASS computes D^T = W A^T, the expert's output features along the tile's M and
+// its rows along N, D^T stored column-major (= D row-major); an expert with 192 rows then fills one 192-wide N
+// tile instead of one and a half 128-row M tiles.
+template <class ElementAB, class ElementC, class ElementD, class Tile, class Cluster, bool Fp8Blockwise,
+          bool Pingpong = false, bool SwapAB = false>
 struct Family {
+  static constexpr bool kFp8 = Fp8Blockwise;
+  static constexpr bool kSwap = SwapAB;
+  using LayoutD = std::conditional_t<SwapAB, ColMajor, RowMajor>;
   static constexpr int kAlignAB = 16 / int(sizeof(ElementAB));
   static constexpr int kAlignD = 16 / int(sizeof(ElementD));
   using NonVoidC = std::conditional_t<std::is_void_v<ElementC>, ElementD, ElementC>;
   static constexpr int kAlignC = 16 / int(sizeof(NonVoidC));
-  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128>;  // 1x128 activations, 128x128 weights
+  // 1x128 activations, 128x128 weights (on the B side when swapped), both scale arrays MN-major.
+  using ScaleConfig = std::conditional_t<SwapAB, cutlass::detail::Sm90BlockwiseScaleConfig<128, 1, 128>,
+                                         cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128>>;
   using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
   using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
-  using KernelSchedule = std::conditional_t<Fp8Blockwise, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
-                                            cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  using KernelSchedule = std::conditional_t<
+      Pingpong,
+      std::conditional_t<Fp8Blockwise, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>,
+      std::conditional_t<Fp8Blockwise, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>>;
+  using EpilogueSchedule = std::conditional_t<Pingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+                                              cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, cutlass::epilogue::collective::EpilogueTileAuto,
-      float, float, ElementC, RowMajor*, kAlignC, ElementD, RowMajor*, kAlignD, EpilogueSchedule,
+      float, float, ElementC, LayoutD*, kAlignC, ElementD, LayoutD*, kAlignD, EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<ElementD, float, ElementC, float>>::CollectiveOp;
   using StrideArgA = std::conditional_t<Fp8Blockwise, cute::tuple<RowMajor*, LayoutSFA*>, RowMajor*>;
   using StrideArgB = std::conditional_t<Fp8Blockwise, cute::tuple<ColMajor*, LayoutSFB*>, ColMajor*>;
@@ -165,27 +181,37 @@ __global__ void fill_expert_groups(typename F::Arrays a, ExpertGemm g) {
   using ED = std::remove_pointer_t<std::remove_pointer_t<decltype(a.D)>>;
   const int set = i / g.E, e = i % g.E;
   const int o = g.offsets[e], n = g.offsets[e + 1] - o;
-  a.shapes[i] = Shape3{n, g.N, g.K};
-  a.A[i] = static_cast<const EAB*>(g.A) + int64_t(o) * g.lda;
-  a.B[i] = static_cast<const EAB*>(g.W[set]) + int64_t(e) * g.w_stride;
+  const EAB* rows = static_cast<const EAB*>(g.A) + int64_t(o) * g.lda;
+  const EAB* w = static_cast<const EAB*>(g.W[set]) + int64_t(e) * g.w_stride;
   a.D[i] = static_cast<ED*>(g.D[set]) + int64_t(o) * g.ldd;
   a.C[i] = nullptr;
   typename F::StrideA sa{};
   typename F::StrideB sb{};
   typename F::StrideC sc{};
   typename F::StrideD sd{};
-  cute::get<0>(sa) = g.lda;
-  cute::get<0>(sb) = g.K;  // W rows are packed: row n of expert e starts n * K after the expert's base
-  cute::get<0>(sc) = g.ldd;
-  cute::get<0>(sd) = g.ldd;
+  // W rows are packed: row n of expert e starts n * K after the expert's base.
+  const int M = F::kSwap ? g.N : n, N = F::kSwap ? n : g.N;
+  a.shapes[i] = Shape3{M, N, g.K};
+  a.A[i] = F::kSwap ? w : rows;
+  a.B[i] = F::kSwap ? rows : w;
+  cute::get<0>(sa) = F::kSwap ? g.K : g.lda;
+  cute::get<0>(sb) = F::kSwap ? g.lda : g.K;
+  if constexpr (F::kSwap) {
+    cute::get<1>(sc) = g.ldd;  // column-major D^T: column r (a row of D) starts r * ldd
+    cute::get<1>(sd) = g.ldd;
+  } else {
+    cute::get<0>(sc) = g.ldd;
+    cute::get<0>(sd) = g.ldd;
+  }
   a.sA[i] = sa, a.sB[i] = sb, a.sC[i] = sc, a.sD[i] = sd;
-  if constexpr (std::is_same_v<typename F::KernelSchedule,
-                               cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise>) {
+  if constexpr (F::kFp8) {
     const int kt = (g.K + 127) / 128, nt = (g.N + 127) / 128;
-    a.sfa[i] = g.sa + int64_t(o) * kt;
-    a.sfb[i] = g.sw[set] + int64_t(e) * kt * nt;
-    a.lsfa[i] = F::ScaleConfig::tile_atom_to_shape_SFA(cute::make_shape(n, g.N, g.K, 1));
-    a.lsfb[i] = F::ScaleConfig::tile_atom_to_shape_SFB(cute::make_shape(n, g.N, g.K, 1));
+    const float* s_rows = g.sa + int64_t(o) * kt;
+    const float* s_w = g.sw[set] + int64_t(e) * kt * nt;
+    a.sfa[i] = F::kSwap ? s_w : s_rows;
+    a.sfb[i] = F::kSwap ? s_rows : s_w;
+    a.lsfa[i] = F::ScaleConfig::tile_atom_to_shape_SFA(cute::make_shape(M, N, g.K, 1));
+    a.lsfb[i] = F::ScaleConfig::tile_atom_to_shape_SFB(cute::make_shape(M, N, g.K, 1));
   }
 }
 

@@ -126,7 +126,7 @@ std::vector<std::string> scale_names(const std::string& found) {
 std::vector<float> scale_values(const Tensor& sc, const std::string& name, const std::string& dir) {
   if (sc.dtype != DType::F8E8M0 && sc.dtype != DType::F32 && sc.dtype != DType::BF16 && sc.dtype != DType::F16)
     fail("tensor {} in {} has dtype {}; expected F8_E8M0 or a float type", name, dir, dtype_name(sc.dtype));
-  std::vector<float> v(static_cast<size_t>(sc.numel()));
+  std::vector<float> v(size_t(sc.numel()));
   convert_to_f32(sc.dtype, sc.data, v.data(), v.size());
   for (float x : v)
     if (!(x > 0) || !std::isfinite(x)) fail("tensor {} in {} holds a scale that is not a positive finite number", name, dir);

@@ -82,7 +82,7 @@ def watch_margins():
 
 def main():
     out = Path(sys.argv[1])
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 7
     out.mkdir(parents=True, exist_ok=True)
     config = transformers.DeepseekV4Config(**CFG)
     torch.manual_seed(seed)

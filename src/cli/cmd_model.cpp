@@ -14,6 +14,8 @@
 #include "model/loader.h"
 #include "model/sequence_logits.h"
 #include "model/v4_config.h"
+#include "model/v4_generate.h"
+#include "model/v4_loader.h"
 
 namespace dsv3::cli {
 
@@ -154,6 +156,18 @@ void add_logits(CLI::App& app) {
     std::vector<int32_t> flat(B * T);
     for (int64_t i = 0; i < B * T; ++i)
       flat[i] = ids.dtype == DType::I32 ? ids.ptr<int32_t>()[i] : int32_t(ids.ptr<int64_t>()[i]);
+    if (config_model_type(*dir) == "deepseek_v4") {  // one fresh cache per row; all logits
+      LoadedV4Model lm = open_v4_model(*dir, *device, *dtype);
+      const int64_t V = lm.model->config().vocab_size;
+      Tensor logits = Tensor::empty(DType::F32, {B, T, V}, "logits");
+      for (int64_t b = 0; b < B; ++b) {
+        V4Cache cache(lm.model->config());
+        Tensor l = lm.model->forward(std::vector<int32_t>(flat.begin() + b * T, flat.begin() + (b + 1) * T), cache, true);
+        std::copy_n(l.f32(), T * V, logits.f32() + b * T * V);
+      }
+      write_safetensors(*out, {logits});
+      return;
+    }
     LoadedModel lm = open_model(*dir, *device, *dtype);
     SequenceLogits r = sequence_logits(*lm.model, *lm.backend, flat, B, T);
     std::vector<Tensor> outs = {r.logits};
@@ -199,7 +213,14 @@ void add_generate(CLI::App& app) {
                               "model or generation options");
       if (world.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) fail("cannot silence stdout on rank {}", world.rank());
     }
-    LoadedModel lm = open_model(a->dir, a->device, a->dtype, world.size() > 1 ? &world : nullptr);
+    const bool v4 = config_model_type(a->dir) == "deepseek_v4";
+    if (v4 && world.size() > 1) fail("DeepSeek-V4 models do not run under mpirun with several ranks yet");
+    if (v4 && a->no_absorb) fail("--no-absorb applies to MLA models; DeepSeek-V4 has no latent cache to decompress");
+    LoadedModel lm;
+    LoadedV4Model lm4;
+    if (v4) lm4 = open_v4_model(a->dir, a->device, a->dtype);
+    else lm = open_model(a->dir, a->device, a->dtype, world.size() > 1 ? &world : nullptr);
+    const int32_t eos = int32_t(v4 ? lm4.model->config().eos_token_id : lm.model->config().eos_token_id);
     std::vector<int32_t> prompt;
     std::unique_ptr<TextCodec> codec;
     if (!a->prompt.empty()) {
@@ -213,19 +234,20 @@ void add_generate(CLI::App& app) {
     go.sampling = a->sp;
     go.absorb_decode = !a->no_absorb;
     go.speculative_mtp = a->speculative == "mtp";
-    if (!a->ignore_eos && !a->json) go.stop_ids = {int32_t(lm.model->config().eos_token_id)};
-    if (!a->ignore_eos && !a->prompt.empty()) go.stop_ids = {int32_t(lm.model->config().eos_token_id)};
+    if (!a->ignore_eos && !a->json) go.stop_ids = {eos};
+    if (!a->ignore_eos && !a->prompt.empty()) go.stop_ids = {eos};
     GenerateStats st;
     bool stream = !a->json && codec;
     std::unique_ptr<TextStream> ts = stream ? codec->stream() : nullptr;
     if (stream) std::printf("%s", a->prompt.c_str());
-    auto ids = generate(*lm.model, prompt, go, &st, [&](int32_t t) {
+    auto on_token = [&](int32_t t) {
       if (ts) {
         std::printf("%s", ts->push(t).c_str());
         std::fflush(stdout);
       }
       return true;
-    });
+    };
+    auto ids = v4 ? v4_generate(*lm4.model, prompt, go, &st, on_token) : generate(*lm.model, prompt, go, &st, on_token);
     if (a->json) {
       json j = {{"output_ids", ids},
                 {"prompt_tokens", st.prompt_tokens},

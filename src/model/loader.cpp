@@ -2,6 +2,8 @@
 
 #include <filesystem>
 
+#include "model/v4_config.h"
+
 namespace dsv3 {
 
 ModelWeights upload_weights(ModelWeights w, Backend& be) {
@@ -15,6 +17,9 @@ ModelWeights upload_weights(ModelWeights w, Backend& be) {
 LoadedModel open_model(const std::string& dir, const std::string& device, const std::string& dtype,
                        Communicator* experts) {
   if (!std::filesystem::is_directory(dir)) fail("model directory {} does not exist", dir);
+  if (std::filesystem::exists(std::filesystem::path(dir) / "config.json") && config_model_type(dir) == "deepseek_v4")
+    fail("{} is a DeepSeek-V4 model: only `dsv3 info`, `dsv3 logits` and `dsv3 generate` run it so far (CPU, fp32)",
+         dir);
   LoadedModel lm;
   lm.dir = dir;
   ModelConfig cfg = ModelConfig::load(dir);

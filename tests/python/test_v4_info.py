@@ -1,4 +1,4 @@
-"""`dsv3 info` on DeepSeek-V4 checkpoints, and clear errors for what is not supported yet.
+"""`dsv3 info` on DeepSeek-V4 checkpoints, and clear errors for what is not supported yet (serving).
 
 The tiny-v4 fixture (tools/make_v4_fixture.py) is in the release layout with FP8/FP4 tensors. The expected
 parameter count is that of transformers' DeepseekV4ForCausalLM for the same config (reference.json); the cache
@@ -44,9 +44,11 @@ def test_v4_info_reports_params_and_cache(dsv3_bin, test_data):
 def test_v4_errors_are_one_line(dsv3_bin, test_data, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(test_data / "tiny-v4", d)
-    # Running the model is not supported yet: a clear message, exit 1.
-    r = run(dsv3_bin, "generate", "--model", str(d), "--prompt-ids", "1,2,3", "-n", "2")
-    assert r.returncode == 1 and r.stderr.startswith("error:") and "deepseek_v4" in r.stderr, r.stderr
+    # The release layout (FP8 / FP4) runs after dequantization; serving it does not yet: a clear message, exit 1.
+    r = run(dsv3_bin, "generate", "--model", str(d), "--prompt-ids", "1,2,3", "-n", "2", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["output_ids"]) == 2, r.stderr
+    r = run(dsv3_bin, "serve", "--model", str(d), "--port", "18931")
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "DeepSeek-V4" in r.stderr, r.stderr
     # A malformed schedule names the field.
     cfg = json.loads((d / "config.json").read_text())
     cfg["compress_ratios"] = [0, 4, 32, 4, 0]

@@ -1,0 +1,17 @@
+#pragma once
+// Single-sequence generation with a DeepSeek-V4 model: prefill the prompt into a V4Cache, then one forward per
+// new token (greedy or sampled, the same Sampler and options as the V3 path; speculative decoding is not
+// available: V4's MTP block is not loaded).
+#include <functional>
+#include <vector>
+
+#include "model/generate.h"
+#include "model/v4_model.h"
+
+namespace dsv3 {
+
+std::vector<int32_t> v4_generate(V4Model& m, const std::vector<int32_t>& prompt, const GenerateOptions& opt,
+                                 GenerateStats* stats = nullptr,
+                                 const std::function<bool(int32_t)>& on_token = nullptr);
+
+}  // namespace dsv3

@@ -1,0 +1,148 @@
+// The DeepSeek-V4 model, top level (see v4_model.h for the reading order):
+//   X      = embed[ids] copied into N streams                  [T, N, d]
+//   layer  (post, comb, u) = hc_attn(X);  X = post a + comb^T X  with a = attention(rmsnorm(u, attn_norm))
+//          (post, comb, u) = hc_ffn(X);   X = post f + comb^T X  with f = moe(rmsnorm(u, ffn_norm), ids)
+//   logits = rmsnorm(hc_head(X), norm) head^T                   [rows, V]
+#include "model/v4_model.h"
+
+#include <algorithm>
+
+#include "model/v4_parts.h"
+
+namespace dsv3 {
+
+V4Model::V4Model(V4Weights w, Backend& be) : w_(std::move(w)), be_(be) {
+  if (be_.device() != Device::CPU || be_.act_dtype() != DType::F32)
+    fail("DeepSeek-V4 runs on the CPU backend in fp32 for now (got backend {})", be_.name());
+  const V4Config& c = w_.cfg;
+  auto v = [&](const std::string& n) { return w_.view(n); };
+  embed_ = v("embed.weight");
+  final_norm_ = v("norm.weight");
+  head_ = v("head.weight");
+  hc_head_fn_ = v("hc_head_fn");
+  hc_head_base_ = v("hc_head_base");
+  hc_head_scale_ = v("hc_head_scale");
+  const int64_t E = c.n_routed_experts, F = c.moe_intermediate_size, d = c.hidden_size;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    V4LayerWeights L;
+    L.index = l;
+    L.type = c.layer_types[size_t(l)];
+    L.mlp = c.mlp_layer_types[size_t(l)];
+    L.attn_norm = v(p + "attn_norm.weight");
+    L.ffn_norm = v(p + "ffn_norm.weight");
+    L.hc_attn = {v(p + "hc_attn_fn"), v(p + "hc_attn_base"), v(p + "hc_attn_scale")};
+    L.hc_ffn = {v(p + "hc_ffn_fn"), v(p + "hc_ffn_base"), v(p + "hc_ffn_scale")};
+    L.sink = v(p + "attn.attn_sink");
+    L.wq_a = v(p + "attn.wq_a.weight");
+    L.q_norm = v(p + "attn.q_norm.weight");
+    L.wq_b = v(p + "attn.wq_b.weight");
+    L.wkv = v(p + "attn.wkv.weight");
+    L.kv_norm = v(p + "attn.kv_norm.weight");
+    L.wo_a = v(p + "attn.wo_a.weight");
+    L.wo_b = v(p + "attn.wo_b.weight");
+    if (L.type != V4Attn::Sliding) {
+      const std::string q = p + "attn.compressor.";
+      L.comp = {v(q + "wkv.weight"), v(q + "wgate.weight"), v(q + "ape"), v(q + "norm.weight")};
+    }
+    if (L.type == V4Attn::CSA) {
+      const std::string q = p + "attn.indexer.";
+      L.idx.wq_b = v(q + "wq_b.weight");
+      L.idx.weights_proj = v(q + "weights_proj.weight");
+      L.idx.comp = {v(q + "compressor.wkv.weight"), v(q + "compressor.wgate.weight"), v(q + "compressor.ape"),
+                    v(q + "compressor.norm.weight")};
+    }
+    L.gate = v(p + "ffn.gate.weight");
+    if (L.mlp == V4Mlp::Moe) L.gate_bias = v(p + "ffn.gate.bias");
+    else L.tid2eid = &w_.tid2eid[size_t(l)];
+    // The layout stores each kind of expert matrix for experts 0..E-1 back to back: one grouped tensor.
+    auto grouped = [&](const char* k, Shape s) {
+      Tensor t = v(p + "ffn.experts.0." + k + ".weight");
+      t.shape = std::move(s);
+      t.name = p + "ffn.experts." + k;
+      return t;
+    };
+    L.w1 = grouped("w1", {E, F, d});
+    L.w3 = grouped("w3", {E, F, d});
+    L.w2 = grouped("w2", {E, d, F});
+    L.sw1 = v(p + "ffn.shared_experts.w1.weight");
+    L.sw3 = v(p + "ffn.shared_experts.w3.weight");
+    L.sw2 = v(p + "ffn.shared_experts.w2.weight");
+    layers_.push_back(std::move(L));
+  }
+  rope_main_.inv_freq = v4_inv_freq(c.rope_main, c.qk_rope_head_dim);
+  rope_main_.attention_factor = float(c.rope_main.attention_factor);
+  rope_compress_.inv_freq = v4_inv_freq(c.rope_compress, c.qk_rope_head_dim);
+  rope_compress_.attention_factor = float(c.rope_compress.attention_factor);
+}
+
+Tensor V4Model::forward(const std::vector<int32_t>& ids, V4Cache& cache, bool all_logits) {
+  const V4Config& c = w_.cfg;
+  const int64_t T = int64_t(ids.size()), N = c.hc_mult, d = c.hidden_size, V = c.vocab_size;
+  if (T == 0) fail("forward: no tokens");
+  if (cache.layers_for != c.num_hidden_layers || int64_t(cache.layers.size()) != c.num_hidden_layers)
+    fail("forward: the cache was made for a model with {} layers, this one has {}", cache.layers_for,
+         c.num_hidden_layers);
+  if (cache.len + T > c.max_position_embeddings)
+    fail("sequence of {} tokens exceeds max_position_embeddings = {}", cache.len + T, c.max_position_embeddings);
+  for (int32_t id : ids)
+    if (id < 0 || id >= V) fail("token id {} is out of range for vocab_size {}", id, V);
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = int32_t(cache.len + t);
+  rope_main_.ensure(cache.len + T);
+  rope_compress_.ensure(cache.len + T);
+
+  Tensor e = v4_new(be_, {T, d}, "embed");
+  be_.embedding(e, embed_, ids);
+  Tensor X = v4_new(be_, {T, N, d}, "streams");
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < N; ++j) std::copy_n(e.f32() + t * d, d, X.f32() + (t * N + j) * d);
+  for (const auto& L : layers_) X = layer_forward(L, X, ids, pos, cache.layers[size_t(L.index)]);
+
+  Tensor h = v4_new(be_, {T, d}, "hc_head");
+  v4_hc_head(be_, c, hc_head_fn_, hc_head_base_, hc_head_scale_, X, h);
+  const int64_t r0 = all_logits ? 0 : T - 1;
+  Tensor hr = v4_new(be_, {T - r0, d}, "final_hidden");
+  be_.rmsnorm(hr, h.rows(r0, T), final_norm_, float(c.rms_norm_eps));
+  Tensor logits = v4_new(be_, {T - r0, V}, "logits");
+  be_.linear(logits, hr, head_);
+  cache.len += T;
+  return logits;
+}
+
+Tensor V4Model::layer_forward(const V4LayerWeights& L, const Tensor& X, const std::vector<int32_t>& ids,
+                              const std::vector<int32_t>& pos, V4LayerCache& lc) {
+  const V4Config& c = w_.cfg;
+  const int64_t T = X.dim(0), d = c.hidden_size;
+  const float eps = float(c.rms_norm_eps);
+  const V4RopeTable& rope = L.type == V4Attn::Sliding ? rope_main_ : rope_compress_;
+  std::vector<float> post, comb;
+  Tensor u, xn = v4_new(be_, {T, d}, "block_in");
+  // Attention block.
+  v4_hc_pre(be_, c, L.hc_attn, X, u, post, comb);
+  be_.rmsnorm(xn, u, L.attn_norm, eps);
+  Tensor a = v4_attention(be_, c, L, xn, pos, lc, rope);
+  Tensor X1 = v4_new(be_, X.shape, "streams");
+  v4_hc_post(c, X1, X, a, post, comb);
+  // MoE block: routing, then the routed experts on top of the shared expert.
+  v4_hc_pre(be_, c, L.hc_ffn, X1, u, post, comb);
+  be_.rmsnorm(xn, u, L.ffn_norm, eps);
+  V4Routing r = v4_route(be_, c, L, xn, ids);
+  Tensor f = v4_new(be_, {T, d}, "moe_out");
+  v4_shared_expert(be_, c, L, xn, f);
+  v4_experts_acc(be_, c, L, xn, r, f);
+  Tensor X2 = v4_new(be_, X.shape, "streams");
+  v4_hc_post(c, X2, X1, f, post, comb);
+  return X2;
+}
+
+int64_t V4Cache::values() const {
+  int64_t n = 0;
+  for (const auto& l : layers)
+    n += int64_t(l.window.size() + l.comp.kv.size() + l.comp.buf_kv.size() + l.comp.buf_gate.size() +
+                 l.comp.prev_kv.size() + l.comp.prev_gate.size() + l.index.kv.size() + l.index.buf_kv.size() +
+                 l.index.buf_gate.size() + l.index.prev_kv.size() + l.index.prev_gate.size());
+  return n;
+}
+
+}  // namespace dsv3

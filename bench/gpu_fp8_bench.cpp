@@ -1,7 +1,8 @@
 // FP8 GEMM benchmarks on one GPU, each against a peer measured in the same run:
 //   dense      y = x W^T on DeepSeek-V3 shapes (M in {64, 128, 4096}; N x K in {7168x2048, 2048x7168, 4096x7168,
-//              7168x18432}): cuBLASLt block-scaled FP8 (1x128 x 128x128), the grouped mma.sync FP8 kernel with one
-//              problem, and bf16 cuBLAS on the same shape; TFLOP/s (2 M N K / time; activation quantization timed
+//              7168x18432}): cuBLASLt block-scaled FP8 (1x128 x 128x128), the sm90 wgmma blockwise-scaled kernel
+//              (sm90/grouped.h, one expert), the grouped mma.sync FP8 kernel with one problem, and bf16 cuBLAS on the
+//              same shape; TFLOP/s (2 M N K / time; activation quantization timed
 //              separately);
 //   grouped    the routed experts of infer-m prefill (2048 tokens, top-6 of 64 experts, H 2048, I 1408, uniform
 //              random routing): gate+up and down over all active experts in one launch each, FP8 kernel vs bf16
@@ -25,6 +26,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/fp8.h"
+#include "ops/cuda/sm90/grouped.h"
 #endif
 
 using namespace dsv3;
@@ -94,8 +96,14 @@ int main(int argc, char** argv) {
     DSV3_CUDA_CHECK(cudaMalloc(&dprob, 1024 * sizeof(cuda::Fp8Problem)));
 
     // ---- dense
-    std::printf("| M | N x K | cuBLASLt fp8 | mma fp8 | bf16 cuBLAS | quantize x (GB/s) | fp8 / bf16 |\n");
-    std::printf("| --- | --- | --- | --- | --- | --- | --- |\n");
+    const bool sm90 = cuda::sm90::available();
+    void* ws90 = nullptr;
+    const size_t ws90_bytes = size_t(8) << 20;
+    int* off90 = nullptr;
+    DSV3_CUDA_CHECK(cudaMalloc(&ws90, ws90_bytes));
+    DSV3_CUDA_CHECK(cudaMalloc(&off90, 2 * sizeof(int)));
+    std::printf("| M | N x K | cuBLASLt fp8 | sm90 fp8 | mma fp8 | bf16 cuBLAS | quantize x (GB/s) | best fp8 / bf16 |\n");
+    std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
     json dense = json::array();
     const std::vector<std::pair<int64_t, int64_t>> nk = {{7168, 2048}, {2048, 7168}, {4096, 7168}, {7168, 18432}};
     for (int64_t M : {64, 128, 4096})
@@ -112,6 +120,20 @@ int main(int argc, char** argv) {
                                            int(M), int(N), int(K), int(K), int(K), int(N), kt, kt, 0, 0, 0}};
           cuda::fp8_grouped_gemm(p, dprob, s);
         });
+        double t_90 = 0;
+        if (sm90) {
+          // one expert: rows [0, M); scales in the kernel's MN-major layouts
+          const int h_off[2] = {0, int(M)};
+          DSV3_CUDA_CHECK(cudaMemcpy(off90, h_off, sizeof(h_off), cudaMemcpyHostToDevice));
+          const int64_t nt = fp8::tiles(N);
+          Tensor sxg = be.alloc(DType::F32, {M * kt}, "sxg"), wst = be.alloc(DType::F32, {nt * kt}, "wst");
+          cuda::sm90::regroup_act_scales(sxg.f32(), o.sx.f32(), off90, 1, M, kt, s);
+          cuda::sm90::transpose_block_scales(wst.f32(), o.ws.f32(), 1, nt, kt, s);
+          cuda::sm90::ExpertGemm g;
+          g.A = o.xq.data, g.lda = K, g.W[0] = o.wq.data, g.w_stride = N * K, g.D[0] = o.y.data, g.ldd = N;
+          g.offsets = off90, g.E = 1, g.N = int(N), g.K = int(K), g.sets = 1, g.sa = sxg.f32(), g.sw[0] = wst.f32();
+          t_90 = cuda::time_ms(be, 3, 20, [&] { cuda::sm90::expert_gemm_fp8(g, ws90, ws90_bytes, s); });
+        }
         const float one = 1.f, zero = 0.f;
         const double t_bf = cuda::time_ms(be, 3, 20, [&] {
           DSV3_CUBLAS_CHECK(cublasGemmEx(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(N), int(M), int(K), &one, o.wb.data,
@@ -122,11 +144,12 @@ int main(int argc, char** argv) {
           cuda::quantize_1x128(o.xq.ptr<uint8_t>(), o.sxl.f32(), cuda::round_up4(M), o.xb.data, DType::BF16, K, M, K, s);
         });
         const double qbw = double(M * K * 3) / (t_q * 1e-3) / 1e9;
-        const double best = std::min(t_lt, t_mma);
-        std::printf("| %lld | %lldx%lld | %.0f TFLOP/s | %.0f | %.0f | %.0f | %.2fx |\n", (long long)M, (long long)N,
-                    (long long)K, flops / (t_lt * 1e-3) / 1e12, flops / (t_mma * 1e-3) / 1e12,
+        const double best = std::min(std::min(t_lt, t_mma), t_90 > 0 ? t_90 : 1e30);
+        const double tf90 = t_90 > 0 ? flops / (t_90 * 1e-3) / 1e12 : 0.0;
+        std::printf("| %lld | %lldx%lld | %.0f TFLOP/s | %.0f | %.0f | %.0f | %.0f | %.2fx |\n", (long long)M, (long long)N,
+                    (long long)K, flops / (t_lt * 1e-3) / 1e12, tf90, flops / (t_mma * 1e-3) / 1e12,
                     flops / (t_bf * 1e-3) / 1e12, qbw, t_bf / best);
-        dense.push_back({{"M", M}, {"N", N}, {"K", K}, {"lt_TFLOPs", flops / (t_lt * 1e-3) / 1e12},
+        dense.push_back({{"M", M}, {"N", N}, {"K", K}, {"lt_TFLOPs", flops / (t_lt * 1e-3) / 1e12}, {"sm90_TFLOPs", tf90},
                          {"mma_TFLOPs", flops / (t_mma * 1e-3) / 1e12}, {"bf16_TFLOPs", flops / (t_bf * 1e-3) / 1e12},
                          {"quant_GBps", qbw}});
       }

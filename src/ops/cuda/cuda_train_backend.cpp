@@ -21,6 +21,7 @@
 #include "core/error.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/grouped_gemm.h"
+#include "ops/cuda/op_profile.h"
 #include "ops/cuda/sm90/grouped.h"
 #include "ops/cuda/train_kernels.h"
 #include "ops/train_backend.h"
@@ -31,6 +32,8 @@ namespace {
 
 using cuda::DeviceContext;
 namespace k = cuda::train;
+// Times the enclosing backend call (DSV3_CUDA_PROFILE=1), op_profile.h.
+#define DSV3_TRAIN_PROF(name) cuda::OpProfiler::Scope prof_scope_(prof_, name, ctx_.stream)
 
 int as_int(int64_t v, const char* what) {
   if (v < 0 || v > INT_MAX) fail("CUDA training backend: {} = {} does not fit a cuBLAS int", what, v);
@@ -52,6 +55,10 @@ class CudaTrainBackend final : public TrainBackend {
     // DSV3_CUDA_TRAIN_F32=1: fp32 products without TF32 (exact comparisons with the CPU); else bf16 tensor cores.
     const char* e = std::getenv("DSV3_CUDA_TRAIN_F32");
     f32_ = e && std::string(e) == "1";
+    // DSV3_CUDA_TRAIN_MATH=tf32: the fp32 products on TF32 tensor cores (read fp32 directly, 10-bit mantissas)
+    // instead of cuBLAS' bf16 conversion of the operands (the default).
+    const char* m = std::getenv("DSV3_CUDA_TRAIN_MATH");
+    tf32_ = m && std::string(m) == "tf32";
     const char* x = std::getenv("DSV3_CUDA_TRAIN_EXPERTS");
     experts_kernel_ = !(x && std::string(x) == "cublas");
     // DSV3_CUDA_TRAIN_EXPERTS=mma: the mma.sync grouped kernel instead of the sm90 wgmma/TMA one (where built).
@@ -81,59 +88,59 @@ class CudaTrainBackend final : public TrainBackend {
     ctx_.alloc.release(p, it->second);  // stream order keeps the block's pending work ahead of its next use
     sizes_.erase(it);
   }
-  void upload(void* dst, const void* host_src, size_t bytes) override {
+  void upload(void* dst, const void* host_src, size_t bytes) override { DSV3_TRAIN_PROF("upload");
     if (bytes) DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, ctx_.stream));
   }
-  void download(void* host_dst, const void* src, size_t bytes) override {
+  void download(void* host_dst, const void* src, size_t bytes) override { DSV3_TRAIN_PROF("download");
     if (bytes) DSV3_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, ctx_.stream));
     synchronize();
   }
   void synchronize() override { DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream)); }
-  void fill(float* x, float value, int64_t n) override { k::fill(x, value, n, ctx_.stream); }
-  void copy(float* dst, const float* src, int64_t n) override {
+  void fill(float* x, float value, int64_t n) override { DSV3_TRAIN_PROF("fill"); k::fill(x, value, n, ctx_.stream); }
+  void copy(float* dst, const float* src, int64_t n) override { DSV3_TRAIN_PROF("copy");
     if (n > 0 && dst != src)
       DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(n) * 4, cudaMemcpyDeviceToDevice, ctx_.stream));
   }
   void copy_2d(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows, int64_t cols,
-               bool accumulate) override {
+               bool accumulate) override { DSV3_TRAIN_PROF("copy_2d");
     k::copy_2d(dst, dst_stride, src, src_stride, rows, cols, accumulate, ctx_.stream);
   }
-  void add(float* y, const float* x, int64_t n) override { k::add(y, x, n, ctx_.stream); }
+  void add(float* y, const float* x, int64_t n) override { DSV3_TRAIN_PROF("add"); k::add(y, x, n, ctx_.stream); }
 
   // ---- products
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override {
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override { DSV3_TRAIN_PROF("gemm");
     gemm_batched(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
   }
 
   // ---- norms, rope, swiglu, embedding
   void rmsnorm_forward(float* out, float* rstd, const float* x, int64_t xs, const float* w, int64_t N, int64_t D,
-                       double eps) override {
+                       double eps) override { DSV3_TRAIN_PROF("rmsnorm_forward");
     k::rmsnorm_forward(out, rstd, x, xs, w, N, D, eps, ctx_.stream);
   }
   void rmsnorm_backward(float* dx, int64_t dxs, float* dw, const float* dout, const float* x, int64_t xs,
-                        const float* rstd, const float* w, int64_t N, int64_t D) override {
+                        const float* rstd, const float* w, int64_t N, int64_t D) override { DSV3_TRAIN_PROF("rmsnorm_backward");
     float* part = scratch<float>(kNormPart, size_t(k::rmsnorm_backward_part_floats(N, D)));
     k::rmsnorm_backward(dx, dxs, dw, dout, x, xs, rstd, w, N, D, part, ctx_.stream);
   }
   void rope_forward(float* x, int64_t N, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
-                    const float* cos, const float* sin, bool interleave) override {
+                    const float* cos, const float* sin, bool interleave) override { DSV3_TRAIN_PROF("rope_forward");
     k::rope(x, N, n, stride, off, dr, pos, cos, sin, interleave, false, ctx_.stream);
   }
   void rope_backward(float* dx, int64_t N, int64_t n, int64_t stride, int64_t off, int64_t dr, const int32_t* pos,
-                     const float* cos, const float* sin, bool interleave) override {
+                     const float* cos, const float* sin, bool interleave) override { DSV3_TRAIN_PROF("rope_backward");
     k::rope(dx, N, n, stride, off, dr, pos, cos, sin, interleave, true, ctx_.stream);
   }
-  void swiglu_forward(float* out, const float* g, const float* u, int64_t n) override {
+  void swiglu_forward(float* out, const float* g, const float* u, int64_t n) override { DSV3_TRAIN_PROF("swiglu_forward");
     k::swiglu_forward(out, g, u, n, ctx_.stream);
   }
-  void swiglu_backward(float* dg, float* du, const float* dout, const float* g, const float* u, int64_t n) override {
+  void swiglu_backward(float* dg, float* du, const float* dout, const float* g, const float* u, int64_t n) override { DSV3_TRAIN_PROF("swiglu_backward");
     k::swiglu_backward(dg, du, dout, g, u, n, ctx_.stream);
   }
-  void embedding_forward(float* out, const float* table, const int32_t* ids, int64_t N, int64_t H) override {
+  void embedding_forward(float* out, const float* table, const int32_t* ids, int64_t N, int64_t H) override { DSV3_TRAIN_PROF("embedding_forward");
     k::embedding_forward(out, table, ids, N, H, ctx_.stream);
   }
-  void embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t N, int64_t H) override {
+  void embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t N, int64_t H) override { DSV3_TRAIN_PROF("embedding_backward");
     if (N <= 0) return;
     host_i32_.resize(size_t(N));
     download(host_i32_.data(), ids, size_t(N) * 4);
@@ -160,7 +167,7 @@ class CudaTrainBackend final : public TrainBackend {
   }
 
   double cross_entropy_forward_backward(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
-                                        int64_t V, double scale, int64_t* correct) override {
+                                        int64_t V, double scale, int64_t* correct) override { DSV3_TRAIN_PROF("cross_entropy_forward_backward");
     if (N <= 0) {
       if (correct) *correct = 0;
       return 0.0;
@@ -192,7 +199,7 @@ class CudaTrainBackend final : public TrainBackend {
   // Materialized path: per sequence, cuBLAS products batched over the heads, scores [nh, Tq, Tq] in scratch;
   // the keys concatenated per head, Kc [B*Tq, nh, dn + dr] = [k_nope | k_pe], so each product is one call.
   void attention_forward(float* out, float* lse, const float* q, const float* kv, const float* kpe, int64_t B,
-                         int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale) override {
+                         int64_t Tq, int64_t nh, int64_t dn, int64_t dr, int64_t dv, double scale) override { DSV3_TRAIN_PROF("attention_forward");
     if (use_flash_attention(dn, dr, dv)) {
       void* work = scratch<unsigned char>(kScores, k::flash_attention_work_bytes(B, Tq, nh, dn, dr, dv, false));
       if (k::flash_attention_forward(out, lse, q, kv, kpe, B, Tq, nh, dn, dr, dv, float(scale), work, ctx_.stream))
@@ -215,7 +222,7 @@ class CudaTrainBackend final : public TrainBackend {
 
   void attention_backward(float* dq, float* dkv, float* dkpe, const float* dout, const float* out, const float* lse,
                           const float* q, const float* kv, const float* kpe, int64_t B, int64_t Tq, int64_t nh,
-                          int64_t dn, int64_t dr, int64_t dv, double scale) override {
+                          int64_t dn, int64_t dr, int64_t dv, double scale) override { DSV3_TRAIN_PROF("attention_backward");
     if (use_flash_attention(dn, dr, dv)) {
       void* work = scratch<unsigned char>(kScores, k::flash_attention_work_bytes(B, Tq, nh, dn, dr, dv, true));
       if (k::flash_attention_backward(dq, dkv, dkpe, dout, out, lse, q, kv, kpe, B, Tq, nh, dn, dr, dv,
@@ -249,15 +256,15 @@ class CudaTrainBackend final : public TrainBackend {
 
   // ---- router
   void route_forward(int32_t* idx, float* w, float* scores, const float* logits, const float* bias, int64_t N,
-                     const RouteParams& p) override {
+                     const RouteParams& p) override { DSV3_TRAIN_PROF("route_forward");
     k::route_forward(idx, w, scores, logits, bias, N, p, ctx_.stream);
   }
   void route_backward(float* dlogits, const float* dw, const float* dscores_extra, const float* scores,
-                      const int32_t* idx, int64_t N, const RouteParams& p) override {
+                      const int32_t* idx, int64_t N, const RouteParams& p) override { DSV3_TRAIN_PROF("route_backward");
     k::route_backward(dlogits, dw, dscores_extra, scores, idx, N, p, ctx_.stream);
   }
   double balance_loss(float* dscores, const float* scores, const int32_t* idx, int64_t B, int64_t Tq, int64_t E,
-                      int64_t K, double alpha, double grad_scale) override {
+                      int64_t K, double alpha, double grad_scale) override { DSV3_TRAIN_PROF("balance_loss");
     if (B <= 0) return 0.0;
     double* seq = scratch<double>(kSeqLoss, size_t(B));
     double* S = scratch<double>(kTokSum, size_t(B * Tq));
@@ -283,7 +290,7 @@ class CudaTrainBackend final : public TrainBackend {
 
   void experts_forward(float* out, MoeSavedState& st, const float* x, const int32_t* idx, const float* w,
                        const float* Wg, const float* Wu, const float* Wd, int64_t N, int64_t K, int64_t H, int64_t I,
-                       int64_t E) override {
+                       int64_t E) override { DSV3_TRAIN_PROF("experts_forward");
     auto& s = as_state(st);
     const int64_t NK = N * K;
     plan_experts(s, idx, NK, K, E);
@@ -317,7 +324,7 @@ class CudaTrainBackend final : public TrainBackend {
   void experts_backward(float* dx, float* dw, float* dWg, float* dWu, float* dWd, const float* dout,
                         MoeSavedState& st, const float* x, const int32_t* idx, const float* w, const float* Wg,
                         const float* Wu, const float* Wd, int64_t N, int64_t K, int64_t H, int64_t I,
-                        int64_t E) override {
+                        int64_t E) override { DSV3_TRAIN_PROF("experts_backward");
     auto& s = as_state(st);
     const int64_t NK = N * K;
     if (NK == 0) return;
@@ -478,6 +485,7 @@ class CudaTrainBackend final : public TrainBackend {
             0};
   }
   void grouped(std::vector<cuda::GroupedProblem>& ps) {
+    DSV3_TRAIN_PROF("grouped");
     if (ps.empty()) return;
     if (sm90_ && std::all_of(ps.begin(), ps.end(), [](const cuda::GroupedProblem& p) {
           return p.M <= 0 || p.N <= 0 || cuda::sm90::list_gemm_ok(p);
@@ -491,7 +499,7 @@ class CudaTrainBackend final : public TrainBackend {
   }
 
   // ---- optimizer
-  double sum_squares(const float* x, int64_t n) override {
+  double sum_squares(const float* x, int64_t n) override { DSV3_TRAIN_PROF("sum_squares");
     if (n <= 0) return 0.0;
     double* part = scratch<double>(kSumSq, k::kSumSquaresBlocks);
     k::sum_squares(x, n, part, ctx_.stream);
@@ -503,7 +511,7 @@ class CudaTrainBackend final : public TrainBackend {
   }
   void adamw_update(float* params, const float* grads, float* m, float* v, int64_t offset, int64_t n, float b1,
                     float b2, float eps, float grad_scale, float decay, float step_size,
-                    float inv_sqrt_bc2) override {
+                    float inv_sqrt_bc2) override { DSV3_TRAIN_PROF("adamw_update");
     k::adamw(params + offset, grads + offset, m + offset, v + offset, n, b1, b2, eps, grad_scale, decay, step_size,
              inv_sqrt_bc2, ctx_.stream);
   }
@@ -596,7 +604,8 @@ class CudaTrainBackend final : public TrainBackend {
       }
       auto* dptr = scratch<const void*>(kGemmPtrs, 3 * n);
       upload(dptr, ptrs.data(), ptrs.size() * sizeof(void*));  // stream-ordered after the previous group's use
-      const cublasComputeType_t ct = f32_ ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
+      const cublasComputeType_t ct =
+        f32_ ? CUBLAS_COMPUTE_32F : (tf32_ ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_FAST_16BF);
       DSV3_CUDA_CHECK(cudaSetDevice(dev_));
       const cublasStatus_t st = cublasGemmGroupedBatchedEx(
           ctx_.blas, ta.data(), tb.data(), m.data(), nn.data(), kk.data(), alpha.data(), dptr, CUDA_R_32F, lda.data(),
@@ -616,6 +625,7 @@ class CudaTrainBackend final : public TrainBackend {
                     int64_t sa, const float* B, int64_t ldb, int64_t sb, float beta, float* C, int64_t ldc,
                     int64_t sc, int64_t batch) {
     if (M <= 0 || N <= 0 || batch <= 0) return;
+    DSV3_TRAIN_PROF("gemm_batched");
     const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasComputeType_t ct = f32_ ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
     const int m = as_int(N, "N"), n = as_int(M, "M"), kk = as_int(K, "K");
@@ -634,8 +644,9 @@ class CudaTrainBackend final : public TrainBackend {
   }
 
   int dev_;
+  cuda::OpProfiler prof_{"training steps"};
   DeviceContext& ctx_;
-  bool f32_ = false;
+  bool f32_ = false, tf32_ = false;
   bool grouped_ok_ = true;  // cuBLAS accepted the grouped form (gemm_group)
   bool sm90_ = false;  // the list products on sm90/grouped.h's wgmma/TMA kernel
   bool experts_kernel_ = true;  // routed experts on the grouped GEMM kernel (DSV3_CUDA_TRAIN_EXPERTS=cublas: off)

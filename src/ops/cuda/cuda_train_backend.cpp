@@ -625,7 +625,18 @@ class CudaTrainBackend final : public TrainBackend {
                     int64_t sa, const float* B, int64_t ldb, int64_t sb, float beta, float* C, int64_t ldc,
                     int64_t sc, int64_t batch) {
     if (M <= 0 || N <= 0 || batch <= 0) return;
-    DSV3_TRAIN_PROF("gemm_batched");
+    // Profiled per shape: which products a step's dense time goes to.
+    const std::string shape = prof_.on() ? "gemm_batched " + std::to_string(M) + "x" + std::to_string(N) + "x" +
+                                               std::to_string(K) + (ta ? " T" : " N") + (tb ? "T" : "N") +
+                                               (batch > 1 ? " x" + std::to_string(batch) : std::string()) +
+                                               " ld " + std::to_string(lda) + "/" + std::to_string(ldb) + "/" +
+                                               std::to_string(ldc) + " align " +
+                                               std::to_string(reinterpret_cast<uintptr_t>(A) % 16) + "/" +
+                                               std::to_string(reinterpret_cast<uintptr_t>(B) % 16) + "/" +
+                                               std::to_string(reinterpret_cast<uintptr_t>(C) % 16) +
+                                               (beta != 0.f ? " beta" : "")
+                                         : std::string();
+    DSV3_TRAIN_PROF(shape.c_str());
     const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasComputeType_t ct = f32_ ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
     const int m = as_int(N, "N"), n = as_int(M, "M"), kk = as_int(K, "K");

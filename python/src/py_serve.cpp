@@ -25,7 +25,7 @@ class Server {
     so_.default_max_tokens = default_max_tokens;
     so_.handle_signals = false;  // Python keeps its own SIGINT handler; wait() watches for it
     so_.control = &control_;
-    check_serve_options(pm.lm.model->config(), ec, so_);
+    check_serve_options(latent_serving_limits(pm.lm.model->config()), ec, so_);
     engine_ = std::make_unique<Engine>(*pm.lm.model, tok_, ec);
     thread_ = std::thread([this] {
       try {

@@ -13,6 +13,9 @@
 #include "dist/runtime.h"
 #include "model/generate.h"
 #include "model/loader.h"
+#include "model/v4_config.h"
+#include "model/v4_generate.h"
+#include "model/v4_loader.h"
 #include "serve/http_server.h"
 #include "tokenizer/model_tokenizer.h"
 
@@ -53,6 +56,35 @@ void add_serve_commands(CLI::App& app) {
       // replay each of its forward passes (Model::set_leader / follow).
       Communicator& world = dist::world();
       const bool ranks = world.size() > 1;
+      auto server_options = [&] {
+        ServerOptions so = a->so;
+        so.host = a->host;
+        so.port = a->port;
+        so.model_name = a->name.empty() ? default_served_name(a->dir) : a->name;
+        if (so.api_key.empty())
+          if (const char* k = std::getenv("DSV3_API_KEY")) so.api_key = k;
+        so.reasoning_parser = *reasoning == "deepseek-r1";
+        return so;
+      };
+      a->ec.speculative_mtp = *spec == "mtp";
+      if (config_model_type(a->dir) == "deepseek_v4") {
+        // DeepSeek-V4: the same engine and HTTP server over V4Model (CPU, fp32; sequences of a step run one
+        // after another, each with its own window / compressed-entry cache).
+        if (ranks) fail("DeepSeek-V4 models do not run under mpirun with several ranks yet");
+        LoadedV4Model lm4 = open_v4_model(a->dir, a->device, a->dtype);
+        V4Model& m4 = *lm4.model;
+        ServingLimits lim;
+        lim.vocab_size = m4.config().vocab_size, lim.max_positions = m4.config().max_position_embeddings;
+        lim.hidden_size = m4.config().hidden_size, lim.eos_token_id = int32_t(m4.config().eos_token_id);
+        Tokenizer tok = tokenizer_for_model(a->dir, a->tokenizer, lim.vocab_size);
+        ServerOptions so = server_options();
+        check_serve_options(lim, a->ec, so);
+        Engine engine(
+            lim, [&m4](int64_t tokens, int64_t block) { return std::make_unique<V4ServingModel>(m4, tokens, block); },
+            tok, a->ec);
+        run_server(engine, tok, so);
+        return;
+      }
       if (ranks)
         check_same_on_all_ranks(world, a->dir + "|" + a->dtype + "|" + std::to_string(a->ec.kv_cache_tokens) + "|" +
                                            std::to_string(a->ec.max_batch) + "|" + *spec,
@@ -72,15 +104,8 @@ void add_serve_commands(CLI::App& app) {
         ~StopFollowers() { m.stop_followers(); }
       } stop_followers{*lm.model};
       Tokenizer tok = tokenizer_for_model(a->dir, a->tokenizer, lm.model->config().vocab_size);
-      a->ec.speculative_mtp = *spec == "mtp";
-      ServerOptions so = a->so;
-      so.host = a->host;
-      so.port = a->port;
-      so.model_name = a->name.empty() ? default_served_name(a->dir) : a->name;
-      if (so.api_key.empty())
-        if (const char* k = std::getenv("DSV3_API_KEY")) so.api_key = k;
-      so.reasoning_parser = *reasoning == "deepseek-r1";
-      check_serve_options(lm.model->config(), a->ec, so);
+      ServerOptions so = server_options();
+      check_serve_options(latent_serving_limits(lm.model->config()), a->ec, so);
       Engine engine(*lm.model, tok, a->ec);
       run_server(engine, tok, so);
     });
@@ -103,9 +128,16 @@ void add_serve_commands(CLI::App& app) {
     add_sampling_options(c, a->sp);
     c->callback([=] {
       validate_sampling(a->sp);
-      LoadedModel lm = open_model(a->dir, a->device, a->dtype);
-      Model& m = *lm.model;
-      Tokenizer tok = tokenizer_for_model(a->dir, a->tokenizer, m.config().vocab_size);
+      // DeepSeek-V4 directories run on V4Model (CPU, one sequence); everything else on Model.
+      const bool v4 = config_model_type(a->dir) == "deepseek_v4";
+      LoadedModel lm;
+      LoadedV4Model lm4;
+      if (v4) lm4 = open_v4_model(a->dir, a->device, a->dtype);
+      else lm = open_model(a->dir, a->device, a->dtype);
+      const int64_t vocab = v4 ? lm4.model->config().vocab_size : lm.model->config().vocab_size;
+      const int64_t context = v4 ? lm4.model->config().max_position_embeddings : lm.model->config().max_position_embeddings;
+      const int32_t eos = int32_t(v4 ? lm4.model->config().eos_token_id : lm.model->config().eos_token_id);
+      Tokenizer tok = tokenizer_for_model(a->dir, a->tokenizer, vocab);
       nlohmann::json messages = nlohmann::json::array();
       if (!a->system.empty()) messages.push_back({{"role", "system"}, {"content", a->system}});
       const bool tty = isatty(0);
@@ -133,29 +165,31 @@ void add_serve_commands(CLI::App& app) {
         std::vector<int32_t> ids;
         try {
           ids = tok.encode(tok.apply_chat_template(messages, true));
-          if (int64_t(ids.size()) >= m.config().max_position_embeddings)
+          if (int64_t(ids.size()) >= context)
             fail("the conversation ({} tokens) no longer fits the context ({}); /reset to start over", ids.size(),
-                 m.config().max_position_embeddings);
+                 context);
         } catch (const Error& e) {
           std::fprintf(stderr, "error: %s\n", e.what());
           messages.erase(messages.end() - 1);
           continue;
         }
         GenerateOptions go;
-        go.max_new_tokens = std::min<int64_t>(a->max_new, m.config().max_position_embeddings - int64_t(ids.size()));
+        go.max_new_tokens = std::min<int64_t>(a->max_new, context - int64_t(ids.size()));
         go.sampling = a->sp;
         go.sampling.seed = a->sp.seed + turn++;
-        go.stop_ids = {int32_t(m.config().eos_token_id)};
+        go.stop_ids = {eos};
         StreamDecoder dec(tok);
         std::string reply;
         GenerateStats st;
-        generate(m, ids, go, &st, [&](int32_t t) {
+        auto on_token = [&](int32_t t) {
           std::string piece = dec.push(t);
           reply += piece;
           std::fputs(piece.c_str(), stdout);
           std::fflush(stdout);
           return true;
-        });
+        };
+        if (v4) v4_generate(*lm4.model, ids, go, &st, on_token);
+        else generate(*lm.model, ids, go, &st, on_token);
         std::string rest = dec.flush();
         reply += rest;
         std::printf("%s\n", rest.c_str());

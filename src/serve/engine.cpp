@@ -100,12 +100,23 @@ struct Engine::Seq {
   }
 };
 
-Engine::Engine(Model& model, const Tokenizer& tok, const EngineConfig& cfg) : model_(model), tok_(tok), cfg_(cfg) {
-  const ModelConfig& mc = model_.config();
+Engine::Engine(Model& model, const Tokenizer& tok, const EngineConfig& cfg)
+    : Engine(
+          latent_serving_limits(model.config()),
+          [&model](int64_t tokens, int64_t block) { return std::make_unique<LatentServingModel>(model, tokens, block); },
+          tok, cfg) {}
+
+Engine::Engine(const ServingLimits& limits, const ModelFactory& make, const Tokenizer& tok, const EngineConfig& cfg)
+    : lim_(limits), tok_(tok), cfg_(cfg) {
+  start(make);
+}
+
+void Engine::start(const ModelFactory& make) {
   if (cfg_.max_batch < 1 || cfg_.max_batch > 4096) fail("--max-batch must be in [1, 4096], got {}", cfg_.max_batch);
-  if (cfg_.kv_cache_tokens <= 0) cfg_.kv_cache_tokens = cfg_.max_batch * std::min<int64_t>(mc.max_position_embeddings, 2048);
-  cache_ = std::make_unique<KvCache>(model_.backend(), mc, cfg_.kv_cache_tokens, cfg_.block_size);
-  m_.kv_blocks_total = cache_->total_blocks();
+  if (cfg_.speculative_mtp && !lim_.has_mtp) fail("--speculative mtp needs a model with an MTP module");
+  if (cfg_.kv_cache_tokens <= 0) cfg_.kv_cache_tokens = cfg_.max_batch * std::min<int64_t>(lim_.max_positions, 2048);
+  sm_ = make(cfg_.kv_cache_tokens, cfg_.block_size);
+  m_.kv_blocks_total = sm_->total_blocks();
   m_.kv_block_size = cfg_.block_size;
   thread_ = std::thread([this] { loop(); });
 }
@@ -119,10 +130,12 @@ Engine::~Engine() {
   thread_.join();
 }
 
-int64_t Engine::capacity_tokens() const { return cache_->total_blocks() * cache_->spec().block_size; }
+int64_t Engine::capacity_tokens() const { return sm_->total_blocks() * sm_->block_size(); }
 
 std::shared_ptr<RequestStream> Engine::submit(EngineRequest req) {
-  const ModelConfig& mc = model_.config();
+  struct {
+    int64_t vocab_size, max_position_embeddings;
+  } mc{lim_.vocab_size, lim_.max_positions};
   if (req.prompt.empty()) fail("the prompt is empty");
   for (auto id : req.prompt)
     if (id < 0 || id >= mc.vocab_size) fail("token id {} is out of range for vocab_size {}", id, mc.vocab_size);
@@ -219,10 +232,10 @@ void Engine::finish(Seq& s, const std::string& reason) {
   ev.done = true;
   ev.finish_reason = reason;
   s.push(std::move(ev));
-  cache_->release(s.cache);
-  cache_->release(s.mtp_cache);
+  sm_->release(s.cache);
+  sm_->release(s.mtp_cache);
   std::lock_guard<std::mutex> g(mu_);
-  m_.kv_blocks_used = cache_->total_blocks() - cache_->free_blocks();
+  m_.kv_blocks_used = sm_->total_blocks() - sm_->free_blocks();
   if (m_.running > 0) --m_.running;
   if (reason == "cancelled") ++m_.requests_cancelled;
   else ++m_.requests_finished;
@@ -249,14 +262,14 @@ void Engine::loop() {
         // Speculative verification compares raw argmaxes: only for plain greedy requests.
         s.spec = cfg_.speculative_mtp && s.req.sampling.temperature <= 0 && !s.processed && s.req.logprobs < 0 &&
                  !s.req.prompt_logprobs;
-        if (cache_->free_blocks() < cache_->blocks_for(need) * (s.spec ? 2 : 1)) break;
-        cache_->reserve(s.cache, need);
-        if (s.spec) cache_->reserve(s.mtp_cache, need);
+        if (sm_->free_blocks() < sm_->blocks_for(need) * (s.spec ? 2 : 1)) break;
+        sm_->reserve(s.cache, need);
+        if (s.spec) sm_->reserve(s.mtp_cache, need);
         running.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
       }
       m_.running = int64_t(running.size());
-      m_.kv_blocks_used = cache_->total_blocks() - cache_->free_blocks();
+      m_.kv_blocks_used = sm_->total_blocks() - sm_->free_blocks();
     }
     for (auto& s : running)
       if (s->out->cancelled()) finish(*s, "cancelled");
@@ -268,8 +281,8 @@ void Engine::loop() {
       for (auto& s : running) {
         s->out->push(final_event("error", e.what()));
         s->done = true;
-        cache_->release(s->cache);
-        cache_->release(s->mtp_cache);
+        sm_->release(s->cache);
+        sm_->release(s->mtp_cache);
       }
     }
     running.erase(std::remove_if(running.begin(), running.end(), [](auto& s) { return s->done; }), running.end());
@@ -278,7 +291,7 @@ void Engine::loop() {
 }
 
 bool Engine::accept_token(Seq& s, int32_t tok) {
-  const int32_t eos = int32_t(model_.config().eos_token_id);
+  const int32_t eos = lim_.eos_token_id;
   s.last = tok;
   ++s.generated;
   if (s.processed) ++s.counts[tok];
@@ -309,7 +322,7 @@ void Engine::run_mtp(std::vector<Seq*>& seqs) {
   // One batched pass of MTP module 1 over every sequence's pending rows; each sequence's last row drafts.
   std::vector<BatchSeq> batch;
   std::vector<Seq*> who;
-  const int64_t H = model_.config().hidden_size, V = model_.config().vocab_size;
+  const int64_t V = lim_.vocab_size;
   std::vector<float> h;
   for (Seq* s : seqs) {
     if (s->done || s->mtp_tokens.empty()) continue;
@@ -322,15 +335,7 @@ void Engine::run_mtp(std::vector<Seq*>& seqs) {
   }
   for (Seq* s : seqs) s->mtp_tokens.clear(), s->mtp_h.clear();
   if (batch.empty()) return;
-  Backend& be = model_.backend();
-  Tensor hp = be.upload(Tensor::f32_from(h, {int64_t(h.size()) / H, H}));
-  if (hp.dtype != be.act_dtype()) {  // the GPU keeps activations in bf16
-    Tensor t = be.alloc(be.act_dtype(), hp.shape, "mtp_h");
-    be.copy_cols(t, hp, 0);
-    hp = t;
-  }
-  Tensor logits;
-  model_.mtp_forward(1, hp, batch, *cache_, &logits);
+  Tensor logits = sm_->mtp_logits(batch, h);
   int64_t row = 0;
   for (size_t i = 0; i < who.size(); ++i) {
     row += int64_t(batch[i].tokens.size());
@@ -340,7 +345,7 @@ void Engine::run_mtp(std::vector<Seq*>& seqs) {
 
 // Applies the request's penalties and logit bias, samples, and scores the chosen token when asked.
 int32_t Engine::sample_next(Seq& s, const float* logits) {
-  const int64_t V = model_.config().vocab_size;
+  const int64_t V = lim_.vocab_size;
   const float* l = logits;
   if (s.processed) {
     s.row.assign(logits, logits + V);
@@ -384,9 +389,9 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
   if (batch.empty()) return;
   ForwardOptions fo;
   fo.keep_hidden = any_spec;
-  ForwardResult r = model_.forward(batch, *cache_, fo);
-  const int64_t V = model_.config().vocab_size, H = model_.config().hidden_size;
-  Tensor hidden = any_spec ? model_.backend().to_host(r.hidden) : Tensor();
+  ForwardResult r = sm_->forward(batch, fo);
+  const int64_t V = lim_.vocab_size, H = lim_.hidden_size;
+  Tensor hidden = any_spec ? r.hidden : Tensor();
   auto hrow = [&](int64_t row) { return std::vector<float>(hidden.f32() + row * H, hidden.f32() + (row + 1) * H); };
   int64_t generated = 0, drafted = 0, accepted = 0, lrow = 0, hbase = 0;
   double ttft = 0;

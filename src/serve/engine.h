@@ -7,6 +7,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -15,6 +16,7 @@
 
 #include "model/model.h"
 #include "model/sampler.h"
+#include "serve/serving_model.h"
 #include "tokenizer/tokenizer.h"
 
 namespace dsv3 {
@@ -98,12 +100,16 @@ struct EngineMetrics {
 
 class Engine {
  public:
+  // DeepSeek-V3 / R1 / V3.2 on the paged latent cache.
   Engine(Model& model, const Tokenizer& tok, const EngineConfig& cfg);
+  // Any model behind the serving interface (DeepSeek-V4: V4ServingModel); the cache is made here from cfg.
+  using ModelFactory = std::function<std::unique_ptr<ServingModel>(int64_t capacity_tokens, int64_t block_size)>;
+  Engine(const ServingLimits& limits, const ModelFactory& make, const Tokenizer& tok, const EngineConfig& cfg);
   ~Engine();
   // Validates (InputError: too long, bad ids), queues (OverloadedError when full), starts streaming.
   std::shared_ptr<RequestStream> submit(EngineRequest req);
   EngineMetrics metrics();
-  const ModelConfig& model_config() const { return model_.config(); }
+  const ServingLimits& limits() const { return lim_; }
   int64_t capacity_tokens() const;
 
  private:
@@ -116,10 +122,11 @@ class Engine {
   void run_mtp(std::vector<Seq*>& seqs);             // drafts for sequences with pending MTP rows
   int32_t sample_next(Seq& s, const float* logits);  // logit processing, sampling, logprobs
 
-  Model& model_;
+  void start(const ModelFactory& make);
+  ServingLimits lim_;
+  std::unique_ptr<ServingModel> sm_;
   Tokenizer tok_;
   EngineConfig cfg_;
-  std::unique_ptr<KvCache> cache_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::unique_ptr<Seq>> waiting_;

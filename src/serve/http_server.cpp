@@ -147,7 +147,7 @@ void handle_completion(Engine& engine, const Tokenizer& tok, const ServerOptions
   };
   try {
     RequestLimits lim;
-    lim.context = engine.model_config().max_position_embeddings;
+    lim.context = engine.limits().max_positions;
     lim.default_max_tokens = opt.default_max_tokens;
     lim.max_prompt_tokens = opt.max_prompt_tokens;
     lim.max_n = opt.max_n;
@@ -387,12 +387,12 @@ std::string default_served_name(const std::string& model_dir) {
   return name;
 }
 
-void check_serve_options(const ModelConfig& mc, const EngineConfig& ec, const ServerOptions& so) {
+void check_serve_options(const ServingLimits& lim, const EngineConfig& ec, const ServerOptions& so) {
   if (ec.max_batch < 1) fail("--max-batch must be >= 1, got {}", ec.max_batch);
   if (ec.kv_cache_tokens < 0) fail("--kv-cache-tokens must be >= 0, got {}", ec.kv_cache_tokens);
   if (ec.prefill_chunk < 1) fail("--prefill-chunk must be >= 1");
   if (ec.max_queue < 0) fail("--max-queue must be >= 0");
-  if (ec.speculative_mtp && mc.num_nextn_predict_layers < 1)
+  if (ec.speculative_mtp && !lim.has_mtp)
     fail("--speculative mtp needs a model with MTP modules (num_nextn_predict_layers >= 1)");
   if (so.default_max_tokens < 1) fail("--default-max-tokens must be >= 1");
   if (so.port < 0 || so.port > 65535) fail("--port must be in [0, 65535], got {}", so.port);
@@ -459,7 +459,7 @@ void run_server(Engine& engine, const Tokenizer& tok, const ServerOptions& opt) 
   svr.Get("/v1/models", [&](const httplib::Request&, httplib::Response& res) {
     json m = {{"object", "list"},
               {"data", json::array({{{"id", opt.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "dsv3"},
-                                      {"max_model_len", engine.model_config().max_position_embeddings}}})}};
+                                      {"max_model_len", engine.limits().max_positions}}})}};
     res.set_content(m.dump(), "application/json");
   });
   svr.Post("/v1/completions", [&](const httplib::Request& req, httplib::Response& res) {

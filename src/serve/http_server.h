@@ -44,7 +44,7 @@ struct ServerOptions {
 // The name a model directory is served under by default: its last path component.
 std::string default_served_name(const std::string& model_dir);
 // InputError on options the engine or server cannot run with (named by their `dsv3 serve` flags).
-void check_serve_options(const ModelConfig& mc, const EngineConfig& ec, const ServerOptions& so);
+void check_serve_options(const ServingLimits& lim, const EngineConfig& ec, const ServerOptions& so);
 
 // Blocks until SIGINT/SIGTERM (handle_signals) or control->stop(). port 0 binds a free port (see
 // ServerControl::port). Throws InputError when the port cannot be bound.

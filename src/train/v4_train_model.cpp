@@ -554,7 +554,9 @@ struct V4TrainModel<T>::Impl {
     lin(logits.data(), V, hn.data(), d, p(o_head), Tn, V, d);
     std::vector<int32_t> tg(static_cast<size_t>(Tn));
     for (int64_t t = 0; t < Tn; ++t) tg[static_cast<size_t>(t)] = t + 1 < Tn ? ids[t + 1] : -1;
-    const double loss = cpu::cross_entropy_forward_backward(logits.data(), logits.data(), tg.data(), Tn, V, scale, correct);
+    int64_t hits = 0;  // (the kernel overwrites its count)
+    const double loss = cpu::cross_entropy_forward_backward(logits.data(), logits.data(), tg.data(), Tn, V, scale, &hits);
+    *correct += hits;
     if (!backward) return loss;
     // logits = hn head^T;  hn = rmsnorm(h, norm)
     Vec<T> dhn(static_cast<size_t>(Tn * d)), dh(static_cast<size_t>(Tn * d), T(0));

@@ -166,3 +166,27 @@ TEST(V4Train, MuonParamGroups) {
   for (int64_t i = 0; i < L.num_params; ++i) ASSERT_EQ(cover[static_cast<size_t>(i)], 1) << "value " << i;
   EXPECT_EQ(p.frozen.size(), 12u);  // 6 indexer tensors in each of the 2 CSA layers
 }
+
+// One Muon step on one matrix: W -= lr * 0.18 sqrt(max(n, m)) NS(mu M + G) with M = G (first step), so the update
+// has RMS ~ 0.18 lr whatever the gradient's scale, and an AdamW segment beside it moves by ~lr.
+TEST(V4Train, MuonStepIsRmsMatched) {
+  const int64_t r = 8, c = 12;
+  MuonPartition part;
+  part.muon.push_back({"w", 0, r, c});
+  part.adam.push_back({"b", r * c, 4, false});
+  AdamWConfig ac;
+  ac.clip = 0;
+  MuonConfig mc;
+  mc.weight_decay = 0;
+  Muon opt(part, r * c + 4, mc, ac);
+  std::vector<float> p(static_cast<size_t>(r * c + 4), 0.f), g(p.size());
+  Rng rng(3);
+  for (auto& v : g) v = float(1e-3 * rng.normal());
+  opt.step(p.data(), g.data(), 0.01);
+  double ss = 0;
+  for (int64_t i = 0; i < r * c; ++i) ss += double(p[static_cast<size_t>(i)]) * p[static_cast<size_t>(i)];
+  const double rms = std::sqrt(ss / double(r * c));
+  std::printf("[muon] update RMS %.5f (target 0.18 * lr = 0.0018)\n", rms);
+  EXPECT_NEAR(rms, 0.0018, 1e-4);  // an orthogonal r x c matrix (r < c) has RMS 1 / sqrt(c)
+  for (int64_t i = 0; i < 4; ++i) EXPECT_NEAR(std::fabs(p[static_cast<size_t>(r * c + i)]), 0.01, 1e-4);  // Adam: lr sign(g)
+}

@@ -281,6 +281,19 @@ inline T route_score_grad(T l, T s, bool sigmoid_fn) {
   if (sigmoid_fn) return s * (1 - s);
   return (l > T(20) ? T(1) : sigmoid(l)) / (2 * s);
 }
+// Learned selection (moe layers): idx [K] = the K experts of largest score + bias (ties: the lower id first).
+template <typename T, typename B>
+void route_select(int32_t* idx, const T* s, const B* bias, int64_t E, int64_t K) {
+  std::vector<T> b(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) b[static_cast<size_t>(e)] = s[e] + T(bias[e]);
+  std::vector<int32_t> ix(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) ix[static_cast<size_t>(e)] = int32_t(e);
+  std::partial_sort(ix.begin(), ix.begin() + K, ix.end(), [&](int32_t a1, int32_t a2) {
+    const T x = b[static_cast<size_t>(a1)], y = b[static_cast<size_t>(a2)];
+    return x > y || (x == y && a1 < a2);
+  });
+  std::copy_n(ix.begin(), K, idx);
+}
 // Weights of the K chosen experts: w_k = rho s_k / (sum_k s_k + 1e-20).
 template <typename T>
 void route_weights(T* w, const T* s, int64_t K, T rho) {

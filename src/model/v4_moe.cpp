@@ -62,14 +62,7 @@ V4Routing v4_route(Backend& be, const V4Config& c, const V4LayerWeights& L, cons
     if (L.mlp == V4Mlp::Hash) {
       std::copy_n(L.tid2eid->data() + int64_t(ids[size_t(t)]) * K, K, idx);
     } else {
-      std::vector<float> b(static_cast<size_t>(E));
-      for (int64_t e = 0; e < E; ++e) b[size_t(e)] = s[size_t(e)] + L.gate_bias.f32()[e];
-      std::vector<int32_t> ix(static_cast<size_t>(E));
-      std::iota(ix.begin(), ix.end(), 0);
-      std::partial_sort(ix.begin(), ix.begin() + K, ix.end(), [&](int32_t a, int32_t bb) {
-        return b[size_t(a)] > b[size_t(bb)] || (b[size_t(a)] == b[size_t(bb)] && a < bb);
-      });
-      std::copy_n(ix.begin(), K, idx);
+      v4k::route_select(idx, s.data(), L.gate_bias.f32(), E, K);
     }
     std::vector<float> sk(static_cast<size_t>(K));
     for (int64_t k = 0; k < K; ++k) sk[size_t(k)] = s[size_t(idx[k])];

@@ -396,22 +396,16 @@ struct V4TrainModel<T>::Impl {
     mo.idx.resize(static_cast<size_t>(Tn * K));
     lin(mo.logits.data(), E, y, d, p(o.gate), Tn, E, d);
     for (int64_t i = 0; i < Tn * E; ++i) mo.s[static_cast<size_t>(i)] = v4k::route_score(mo.logits[static_cast<size_t>(i)], sig);
-    // Selection (as v4_route): hash layers tid2eid[id], moe layers top-K of score + bias (ties: lower id).
+    // Selection (as v4_route): hash layers tid2eid[id], moe layers top-K of score + bias.
     const float* bias = hash ? nullptr : w.bias_flat.f32() + o.bias;
-    std::vector<int32_t> ix(static_cast<size_t>(E));
-    Vec<T> sk(static_cast<size_t>(K)), b(static_cast<size_t>(E));
+    Vec<T> sk(static_cast<size_t>(K));
     for (int64_t t = 0; t < Tn; ++t) {
       int32_t* idx = mo.idx.data() + t * K;
       const T* s = mo.s.data() + t * E;
       if (hash) {
         std::copy_n(w.tid2eid[static_cast<size_t>(l)].data() + int64_t(ids[t]) * K, K, idx);
       } else {
-        for (int64_t e = 0; e < E; ++e) b[static_cast<size_t>(e)] = s[e] + T(bias[e]);
-        std::iota(ix.begin(), ix.end(), 0);
-        std::partial_sort(ix.begin(), ix.begin() + K, ix.end(), [&](int32_t a1, int32_t a2) {
-          return b[static_cast<size_t>(a1)] > b[static_cast<size_t>(a2)] || (b[static_cast<size_t>(a1)] == b[static_cast<size_t>(a2)] && a1 < a2);
-        });
-        std::copy_n(ix.begin(), K, idx);
+        v4k::route_select(idx, s, bias, E, K);
       }
       for (int64_t k = 0; k < K; ++k) sk[static_cast<size_t>(k)] = s[idx[k]];
       v4k::route_weights(mo.w.data() + t * K, sk.data(), K, T(c.routed_scaling_factor));

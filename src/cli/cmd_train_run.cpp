@@ -11,7 +11,8 @@ namespace dsv3::cli {
 
 void add_train_run(CLI::App& app) {
   auto* c = app.add_subcommand("train", "Train a DeepSeek-V3-architecture model on the CPU or a GPU (AdamW, MTP, "
-                                        "aux-loss-free balancing), writing hub checkpoints");
+                                        "aux-loss-free balancing), or a DeepSeek-V4 model on the CPU (AdamW or Muon), "
+                                        "writing hub checkpoints");
   auto a = std::make_shared<TrainArgs>();
   auto no_report = std::make_shared<bool>(false);
   c->add_option("--config", a->config, "Model config.json: start from random weights (std = initializer_range)");
@@ -21,6 +22,8 @@ void add_train_run(CLI::App& app) {
   c->add_option("--device", a->device, "cpu | cuda | cuda:N (GPU index): where the model trains")->capture_default_str();
   c->add_option("--precision", a->precision, "default (fp32 on the CPU, bf16 tensor cores on cuda) | fp8 (the "
                 "DeepSeek-V3 FP8 recipe for every linear layer and expert; kept in a resumed run)")->capture_default_str();
+  c->add_option("--optimizer", a->optimizer, "adamw | muon (DeepSeek-V4 models: Newton-Schulz orthogonalized momentum "
+                "for the matrices, AdamW for embedding, head, norms, mHC base/scale, sinks)")->capture_default_str();
   c->add_option("--out", a->out, "Output directory: checkpoint/, metrics.jsonl, report.html")->capture_default_str();
   c->add_option("--batch", a->batch, "Sequences per micro-batch")->capture_default_str();
   c->add_option("--seq", a->seq, "Tokens per sequence")->capture_default_str();

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "model/v4_kernels.h"
 #include "model/v4_parts.h"
 
 namespace dsv3 {
@@ -80,22 +81,9 @@ Tensor v4_attention(Backend& be, const V4Config& c, const V4LayerWeights& L, con
         for (int64_t j = 0; j < k; ++j)
           if (sel[size_t(t * k + j)] >= 0) keys.push_back(ent + int64_t(sel[size_t(t * k + j)]) * hd);
       }
-      std::vector<float> z(keys.size());
-      float mx = sinks[h];
-      for (size_t j = 0; j < keys.size(); ++j) {
-        float s = 0;
-        for (int64_t i = 0; i < hd; ++i) s += qh[i] * keys[j][i];
-        z[j] = s * scale;
-        mx = std::max(mx, z[j]);
-      }
-      float den = std::exp(sinks[h] - mx);
-      for (auto& v : z) den += (v = std::exp(v - mx));
-      float* oh = o.f32() + (t * H + h) * hd;
-      std::fill(oh, oh + hd, 0.f);
-      for (size_t j = 0; j < keys.size(); ++j) {
-        const float pj = z[j] / den;
-        for (int64_t i = 0; i < hd; ++i) oh[i] += pj * keys[j][i];
-      }
+      std::vector<float> pr(keys.size());
+      v4k::sink_attention(o.f32() + (t * H + h) * hd, pr.data(), qh, keys.data(), int64_t(keys.size()), sinks[h],
+                          scale, hd);
     }
   // Undo the values' rotation at the query position (rotation by minus the angle).
   be.rope(o, H, hd, hd - r, pos, rope.cos, rope.sin_neg, /*interleave=*/true);

@@ -11,6 +11,7 @@
 // m * w (positions are assumed to start at 0 and be contiguous, as in transformers).
 #include <cmath>
 
+#include "model/v4_kernels.h"
 #include "model/v4_parts.h"
 
 namespace dsv3 {
@@ -51,13 +52,8 @@ void v4_compress(Backend& be, const V4Config& c, const V4CompressorWeights& w, c
         v[size_t(n)] = kv[i * cols + off + ch];
         z[size_t(n)] = g[i * cols + off + ch] + ape[i * cols + off + ch];
       }
-      float mx = -INFINITY;
-      for (int64_t i = 0; i < slots; ++i) mx = std::max(mx, z[size_t(i)]);
-      float den = 0;
-      for (int64_t i = 0; i < slots; ++i) den += (z[size_t(i)] = std::exp(z[size_t(i)] - mx));
-      float s = 0;
-      for (int64_t i = 0; i < slots; ++i) s += v[size_t(i)] * (z[size_t(i)] / den);
-      e[ch] = s;
+      std::vector<float> P(static_cast<size_t>(slots));
+      e[ch] = v4k::pool(P.data(), v.data(), z.data(), slots);
     }
     if (overlap) {  // this window's lookahead halves feed the next entry
       st.prev_kv.assign(size_t(m * width), 0.f);

@@ -76,6 +76,7 @@ class V4Model {
  public:
   V4Model(V4Weights w, Backend& be);
   const V4Config& config() const { return w_.cfg; }
+  const V4Weights& weights() const { return w_; }
   Backend& backend() { return be_; }
 
   // Appends ids to the cache (positions cache.len ...) and returns host fp32 logits [rows, V]: every new token

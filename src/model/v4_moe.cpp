@@ -11,6 +11,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "model/v4_kernels.h"
 #include "model/v4_parts.h"
 
 namespace dsv3 {
@@ -27,8 +28,7 @@ void swiglu_clamped(Backend& be, float limit, const Tensor& x, const Tensor& gat
   float* gp = g.f32();
   const float* upp = u.f32();
   for (int64_t i = 0; i < n * F; ++i) {
-    const float a = std::min(gp[i], limit), b = std::clamp(upp[i], -limit, limit);
-    gp[i] = a / (1.f + std::exp(-a)) * b;
+    gp[i] = v4k::swiglu_clamped(gp[i], upp[i], limit);
   }
   be.linear(out, g, down);
 }
@@ -56,25 +56,17 @@ V4Routing v4_route(Backend& be, const V4Config& c, const V4LayerWeights& L, cons
     std::vector<float> s(static_cast<size_t>(E));
     for (int64_t e = 0; e < E; ++e) {
       const float l = logits.f32()[t * E + e];
-      s[size_t(e)] = sigmoid ? 1.f / (1.f + std::exp(-l)) : std::sqrt(l > 20.f ? l : std::log1p(std::exp(l)));
+      s[size_t(e)] = v4k::route_score(l, sigmoid);
     }
     int32_t* idx = r.idx.data() + t * K;
     if (L.mlp == V4Mlp::Hash) {
       std::copy_n(L.tid2eid->data() + int64_t(ids[size_t(t)]) * K, K, idx);
     } else {
-      std::vector<float> b(static_cast<size_t>(E));
-      for (int64_t e = 0; e < E; ++e) b[size_t(e)] = s[size_t(e)] + L.gate_bias.f32()[e];
-      std::vector<int32_t> ix(static_cast<size_t>(E));
-      std::iota(ix.begin(), ix.end(), 0);
-      std::partial_sort(ix.begin(), ix.begin() + K, ix.end(), [&](int32_t a, int32_t bb) {
-        return b[size_t(a)] > b[size_t(bb)] || (b[size_t(a)] == b[size_t(bb)] && a < bb);
-      });
-      std::copy_n(ix.begin(), K, idx);
+      v4k::route_select(idx, s.data(), L.gate_bias.f32(), E, K);
     }
-    float sum = 0;
-    for (int64_t k = 0; k < K; ++k) sum += s[size_t(idx[k])];
-    for (int64_t k = 0; k < K; ++k)
-      r.w[size_t(t * K + k)] = s[size_t(idx[k])] / (sum + 1e-20f) * float(c.routed_scaling_factor);
+    std::vector<float> sk(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) sk[size_t(k)] = s[size_t(idx[k])];
+    v4k::route_weights(r.w.data() + t * K, sk.data(), K, float(c.routed_scaling_factor));
   }
   return r;
 }

@@ -25,6 +25,8 @@
 #include "train/profile.h"
 #include "train/report.h"
 #include "train/train_model.h"
+#include "train/v4_trainer.h"
+#include "model/v4_config.h"
 
 namespace dsv3 {
 
@@ -39,7 +41,7 @@ json TrainArgs::to_json() const {
           {"weight-decay", adam.weight_decay}, {"clip", adam.clip}, {"bias-gamma", bias_gamma},
           {"balance-alpha", balance_alpha}, {"mtp-lambda", mtp_lambda}, {"eval-every", eval_every},
           {"eval-batches", eval_batches}, {"save-every", save_every}, {"log-every", log_every}, {"seed", seed},
-          {"device", device}, {"ep", ep}, {"dp", dp}, {"precision", precision}};
+          {"device", device}, {"ep", ep}, {"dp", dp}, {"precision", precision}, {"optimizer", optimizer}};
 }
 
 TrainArgs TrainArgs::from_json(const json& j) {
@@ -56,6 +58,7 @@ TrainArgs TrainArgs::from_json(const json& j) {
   get("balance-alpha", a.balance_alpha), get("mtp-lambda", a.mtp_lambda), get("eval-every", a.eval_every);
   get("eval-batches", a.eval_batches), get("save-every", a.save_every), get("log-every", a.log_every);
   get("seed", a.seed), get("device", a.device), get("ep", a.ep), get("dp", a.dp), get("precision", a.precision);
+  get("optimizer", a.optimizer);
   return a;
 }
 
@@ -113,6 +116,19 @@ TrainArgs resume_args(const std::string& resume, const json& given) {
 }
 
 TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bool handle_sigint) {
+  // DeepSeek-V4 has its own trainer (train/v4_trainer.h), chosen by the model_type of the model to train.
+  const std::string& src = !a_in.resume.empty() ? a_in.resume : !a_in.init_from.empty() ? a_in.init_from : a_in.config;
+  std::string model_type;
+  if (!src.empty() && (fs::exists(src) || fs::exists(fs::path(src) / "config.json"))) {
+    const std::string cp = !a_in.resume.empty() && !is_checkpoint(src) && is_checkpoint(src + "/checkpoint")
+                               ? src + "/checkpoint" : src;
+    model_type = config_model_type(cp);
+  }
+  if (model_type == "deepseek_v4") return run_v4_training(a_in, on_step, handle_sigint);
+  if (a_in.optimizer == "muon")
+    fail("--optimizer muon is implemented for DeepSeek-V4 models only (this model is {})",
+         model_type.empty() ? "not deepseek_v4" : model_type);
+  if (a_in.optimizer != "adamw") fail("unknown --optimizer '{}' (adamw or muon)", a_in.optimizer);
   TrainArgs a = a_in;
   TrainResult result;
   if (a.data.empty()) fail("--data is required (a directory made by dsv3 prepare-data)");

@@ -16,6 +16,7 @@ struct TrainArgs {
   std::string config, init_from, resume, out = "out", data, save_dtype = "f32";
   std::string device = "cpu";                // cpu | cuda | cuda:N (make_train_backend)
   std::string precision = "default";         // default | fp8 (the FP8 recipe's products, TrainBackend::Precision)
+  std::string optimizer = "adamw";           // adamw | muon (DeepSeek-V4 models only: train/muon.h)
   int64_t batch = 8, seq = 256, grad_accum = 1, steps = 0, tokens = 0, stop_after = 0;
   LrSchedule sched;                          // lr, min_lr, warmup, kind, decay_frac (total set from steps)
   AdamWConfig adam;

@@ -1,0 +1,128 @@
+"""DeepSeek-V4 training through the CLI (dsv3 train on a deepseek_v4 config): AdamW and Muon both lower the loss
+in 20 steps, the checkpoint is a hub directory that dsv3 and transformers load (same logits), --init-from
+continues from it, and malformed inputs give one-line errors."""
+import json
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+V3_TINY = ROOT / "tests" / "data" / "train-tiny.json"
+
+CFG = dict(
+    architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4", vocab_size=320, hidden_size=32,
+    moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    q_lora_rank=16, o_groups=2, o_lora_rank=16, qk_rope_head_dim=8, n_routed_experts=4, n_shared_experts=1,
+    num_experts_per_tok=2, routed_scaling_factor=1.5, scoring_func="sqrtsoftplus", num_hash_layers=1,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8}, sliding_window=8,
+    index_n_heads=2, index_head_dim=16, index_topk=3, hc_mult=2, hc_sinkhorn_iters=20, max_position_embeddings=64,
+    rope_theta=10000.0, compress_rope_theta=160000.0, rms_norm_eps=1e-6, initializer_range=0.05,
+    num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, torch_dtype="float32",
+)
+
+
+def run(args, **kw):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, **kw)
+
+
+def one_line_error(r, *needles):
+    assert r.returncode != 0, r.stderr
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, dsv3_bin):
+    d = tmp_path_factory.mktemp("v4train")
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat and then ran to see the dog who was big and red".split()
+    text = "\n\n".join(" ".join(rng.choice(words, size=rng.integers(5, 30))) for _ in range(300))
+    (d / "a.txt").write_text(text)
+    r = run([dsv3_bin, "prepare-data", "--tokenizer", "bytes", "--input", d / "a.txt", "--output", d / "data"])
+    assert r.returncode == 0, r.stderr
+    (d / "config.json").write_text(json.dumps(CFG))
+    return d
+
+
+def train(dsv3_bin, setup, out, *extra, steps=20, config=None):
+    return run([dsv3_bin, "train", "--config", config or setup / "config.json", "--data", setup / "data", "--out", out,
+                "--batch", "4", "--seq", "32", "--steps", str(steps), "--lr", "3e-3", "--min-lr", "3e-4",
+                "--warmup", "2", "--log-every", "5", "--seed", "1", "--no-report", *extra])
+
+
+def train_losses(out):
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+    return [r["loss"] for r in rows if r["type"] == "train"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_v4_loss_falls(tmp_path, dsv3_bin, setup, optimizer):
+    out = tmp_path / optimizer
+    r = train(dsv3_bin, setup, out, "--optimizer", optimizer)
+    assert r.returncode == 0, r.stderr
+    assert f"with {optimizer}" in r.stderr, r.stderr
+    ls = train_losses(out)
+    assert len(ls) == 20 and all(np.isfinite(ls))
+    assert np.mean(ls[-3:]) < ls[0] - 0.5, ls  # starts near ln(320) = 5.77
+    ck = out / "checkpoint"
+    r = run([dsv3_bin, "info", "--model", ck])
+    assert r.returncode == 0 and "DeepSeek-V4" in r.stdout, r.stdout + r.stderr
+    # --init-from continues from the written hub directory
+    r = run([dsv3_bin, "train", "--init-from", ck, "--data", setup / "data", "--out", tmp_path / "more", "--batch",
+             "4", "--seq", "32", "--steps", "2", "--lr", "1e-4", "--no-report"])
+    assert r.returncode == 0, r.stderr
+    assert train_losses(tmp_path / "more")[0] < ls[0] - 0.5
+
+
+def test_v4_checkpoint_logits_match_transformers(tmp_path, dsv3_bin, setup):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    # The indexer is never trained, so its random scores can be nearly tied; with index_topk >= the entries of a
+    # sequence its top-k keeps every visible entry and the comparison does not depend on torch.topk's tie order.
+    (tmp_path / "config.json").write_text(json.dumps(dict(CFG, index_topk=8)))
+    out = tmp_path / "run"
+    r = train(dsv3_bin, setup, out, steps=3, config=tmp_path / "config.json")
+    assert r.returncode == 0, r.stderr
+    ck = out / "checkpoint"
+    ids = np.random.default_rng(3).integers(2, 320, size=(1, 24)).astype(np.int32)
+    from safetensors.numpy import load_file, save_file
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    r = run([dsv3_bin, "logits", "--model", ck, "--input", tmp_path / "ids.safetensors", "--output",
+             tmp_path / "logits.safetensors"])
+    assert r.returncode == 0, r.stderr
+    got = load_file(str(tmp_path / "logits.safetensors"))["logits"].reshape(1, 24, -1)
+    model = transformers.DeepseekV4ForCausalLM.from_pretrained(ck, dtype=torch.float32, attn_implementation="eager",
+                                                               experts_implementation="eager").eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids).long()).logits.numpy()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 1e-5, err
+
+
+def test_v4_bad_inputs_are_one_line_errors(tmp_path, dsv3_bin, setup):
+    data = setup / "data"
+    r = run([dsv3_bin, "train", "--config", V3_TINY, "--data", data, "--out", tmp_path / "a", "--steps", "1",
+             "--optimizer", "muon"])
+    one_line_error(r, "--optimizer muon", "DeepSeek-V4")
+    r = train(dsv3_bin, setup, tmp_path / "b", "--optimizer", "sgd", steps=1)
+    one_line_error(r, "unknown --optimizer 'sgd'")
+    r = train(dsv3_bin, setup, tmp_path / "c", "--device", "cuda", steps=1)
+    one_line_error(r, "CPU")
+    bad = dict(CFG, layer_types=["sliding_attention"])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = run([dsv3_bin, "train", "--config", tmp_path / "bad.json", "--data", data, "--out", tmp_path / "d", "--steps",
+             "1"])
+    one_line_error(r, "layer_types")
+    big = dict(CFG, vocab_size=100)  # the byte tokenizer's ids do not fit
+    (tmp_path / "small.json").write_text(json.dumps(big))
+    r = run([dsv3_bin, "train", "--config", tmp_path / "small.json", "--data", data, "--out", tmp_path / "e",
+             "--steps", "1"])
+    one_line_error(r)
+    r = train(dsv3_bin, setup, tmp_path / "f", steps=1)
+    assert r.returncode == 0, r.stderr
+    r = run([dsv3_bin, "train", "--resume", tmp_path / "f" / "checkpoint", "--steps", "2"])
+    one_line_error(r, "--resume")

@@ -42,7 +42,12 @@ def _prepare_environment() -> None:
     if os.environ.get("DSV3_BLAS_PROBE"):
         return
     if "OPENBLAS_CORETYPE" not in os.environ:
-        env = dict(os.environ, DSV3_BLAS_PROBE="1")
+        # The child must find this same package even when it was imported through sys.path alone (not
+        # PYTHONPATH or site-packages): otherwise the probe fails and this process keeps the slow kernels while
+        # the binary switches, and the two compute different bits.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.environ.get("PYTHONPATH")
+        env = dict(os.environ, DSV3_BLAS_PROBE="1", PYTHONPATH=root + (os.pathsep + path if path else ""))
         try:
             r = subprocess.run([sys.executable, "-c", "import dsv3._core as c; print(c.blas_coretype_fix())"],
                                env=env, capture_output=True, text=True, timeout=120)

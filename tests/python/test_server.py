@@ -211,20 +211,57 @@ def stream_tokens(base, n_tokens, prompt):
     return usage["completion_tokens"], time.time() - t0
 
 
+async def astream_tokens(host, port, n_tokens, prompt):
+    """stream_tokens on asyncio: many concurrent streams from one thread, so the Python client's own CPU time
+    (which shares the 2 cores with the server) stays small and the measurement is the server's."""
+    import asyncio
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": n_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}, "ignore_eos": True}).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    usage, done = None, False
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        line = line.strip()
+        if line == b"data: [DONE]":
+            done = True
+            break
+        if line.startswith(b"data: ") and b'"usage"' in line:
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                usage = ev["usage"]
+    writer.close()
+    assert done and usage
+    return usage["completion_tokens"]
+
+
+def concurrent_tokens_per_s(base, n_tokens, clients):
+    import asyncio
+    host, port = base.rsplit("/", 1)[1].split(":")
+
+    async def run_all():
+        t0 = time.time()
+        toks = await asyncio.gather(*(astream_tokens(host, port, n_tokens, f"c{i}") for i in range(clients)))
+        return sum(toks) / (time.time() - t0)
+    return asyncio.run(run_all())
+
+
 def test_load_32_concurrent_streams_and_batching_speedup(server):
     n = 48
     with cf.ThreadPoolExecutor(32) as ex:
         res = list(ex.map(lambda i: stream_tokens(server, n, f"client {i}"), range(32)))
     assert all(t == n for t, _ in res), "every request completes with the right number of tokens"
-    # Throughputs on a shared 2-core machine are noisy: alternate the two measurements and keep the best of each.
-    single, agg = 0.0, 0.0
-    for _ in range(2):
-        tok1, t1 = stream_tokens(server, n, "single")
-        assert tok1 == n
-        single = max(single, tok1 / t1)
-        with cf.ThreadPoolExecutor(16) as ex:
-            t0 = time.time()
-            res = list(ex.map(lambda i: stream_tokens(server, n, f"c{i}"), range(16)))
-            agg = max(agg, sum(t for t, _ in res) / (time.time() - t0))
+    # Throughputs on a shared 2-core machine are noisy: alternate the two measurements and keep the best of each
+    # Both measurements use one asyncio client loop (16 client threads would cost the server a good part of the
+    # 2 cores).
+    # 96 tokens per stream and three rounds: a 48-token single stream lasts a quarter second, too short to time.
+    single, agg, m = 0.0, 0.0, 96
+    for _ in range(3):
+        single = max(single, concurrent_tokens_per_s(server, m, 1))
+        agg = max(agg, concurrent_tokens_per_s(server, m, 16))
     print(f"single {single:.1f} tok/s, 16 concurrent {agg:.1f} tok/s aggregate ({agg / single:.1f}x)")
     assert agg >= 4 * single

@@ -20,6 +20,7 @@
 
 #include "core/fp8.h"
 #include "core/rng.h"
+#include "moe_routing.h"
 #include "ops/backend.h"
 #if DSV3_HAVE_CUDA
 #include <cublas_v2.h>
@@ -37,26 +38,7 @@ using json = nlohmann::json;
 #if DSV3_HAVE_CUDA
 namespace {
 
-std::vector<int> route(int64_t T, int topk, int E, bool skewed, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<double> w(size_t(E), 1.0);
-  if (skewed)
-    for (int e = 0; e < E; ++e) w[size_t(e)] = std::pow(0.85, e);
-  double total = 0;
-  for (double x : w) total += x;
-  std::vector<int> cnt(size_t(E), 0);
-  for (int64_t t = 0; t < T; ++t) {
-    std::vector<int> pick;
-    while (int(pick.size()) < topk) {
-      double u = rng.uniform() * total;
-      int e = 0;
-      while (e + 1 < E && u >= w[size_t(e)]) u -= w[size_t(e)], ++e;
-      if (std::find(pick.begin(), pick.end(), e) == pick.end()) pick.push_back(e);
-    }
-    for (int e : pick) ++cnt[size_t(e)];
-  }
-  return cnt;
-}
+using bench::route_counts;
 
 // cuBLAS' grouped GEMM over a list of problems D[M, N] = A[M, K] B[N, K]^T (bf16, column-major view).
 struct CublasGroups {
@@ -156,7 +138,7 @@ int main(int argc, char** argv) {
                 "mma fp8 | sm90 fp8 / bf16 |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
     json inf = json::array();
     for (bool skewed : {false, true}) {
-      const std::vector<int> cnt = route(T, topk, int(E), skewed, 5);
+      const std::vector<int> cnt = route_counts(T, topk, int(E), skewed, 5);
       std::vector<int> off(size_t(E) + 1, 0);
       for (int64_t e = 0; e < E; ++e) off[size_t(e) + 1] = off[size_t(e)] + cnt[size_t(e)];
       DSV3_CUDA_CHECK(cudaMemcpy(doff, off.data(), off.size() * sizeof(int), cudaMemcpyHostToDevice));
@@ -238,7 +220,7 @@ int main(int argc, char** argv) {
       const int64_t TT = 8 * 1024, EE = 32, HH = 1024, II = 512;
       const int tk = 4;
       const int64_t PP = TT * tk;
-      const std::vector<int> cnt = route(TT, tk, int(EE), false, 7);
+      const std::vector<int> cnt = route_counts(TT, tk, int(EE), false, 7);
       std::vector<int64_t> off(size_t(EE) + 1, 0), po(size_t(EE) + 1, 0);
       for (int64_t e = 0; e < EE; ++e) {
         off[size_t(e) + 1] = off[size_t(e)] + cnt[size_t(e)];

@@ -15,6 +15,7 @@
 #include "bench/sm90_tiles/tiles.h"
 #include "core/fp8.h"
 #include "core/rng.h"
+#include "bench/moe_routing.h"
 #include "ops/backend.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
@@ -36,26 +37,7 @@ bool register_variant(TileVariant v) {
 
 namespace {
 
-std::vector<int> route(int64_t T, int topk, int E, bool skewed, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<double> w(size_t(E), 1.0);
-  if (skewed)
-    for (int e = 0; e < E; ++e) w[size_t(e)] = std::pow(0.85, e);
-  double total = 0;
-  for (double x : w) total += x;
-  std::vector<int> cnt(size_t(E), 0);
-  for (int64_t t = 0; t < T; ++t) {
-    std::vector<int> pick;
-    while (int(pick.size()) < topk) {
-      double u = rng.uniform() * total;
-      int e = 0;
-      while (e + 1 < E && u >= w[size_t(e)]) u -= w[size_t(e)], ++e;
-      if (std::find(pick.begin(), pick.end(), e) == pick.end()) pick.push_back(e);
-    }
-    for (int e : pick) ++cnt[size_t(e)];
-  }
-  return cnt;
-}
+using bench::route_counts;
 
 std::vector<float> host_bf16(const Tensor& t) {
   std::vector<uint16_t> raw(size_t(t.numel()));
@@ -148,7 +130,7 @@ int main(int argc, char** argv) {
     std::printf("| variant | routing | gate+up TFLOP/s | down TFLOP/s | both | vs production | max rel diff |\n"
                 "| --- | --- | --- | --- | --- | --- | --- |\n");
     for (bool skewed : {false, true}) {
-      const std::vector<int> cnt = route(T, topk, int(E), skewed, 5);
+      const std::vector<int> cnt = route_counts(T, topk, int(E), skewed, 5);
       std::vector<int> off(size_t(E) + 1, 0);
       for (int64_t e = 0; e < E; ++e) off[size_t(e) + 1] = off[size_t(e)] + cnt[size_t(e)];
       DSV3_CUDA_CHECK(cudaMemcpy(doff, off.data(), off.size() * sizeof(int), cudaMemcpyHostToDevice));

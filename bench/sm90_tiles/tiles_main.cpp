@@ -20,6 +20,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/fp8.h"
+#include "bench/infer_m_experts.h"
 
 using namespace dsv3;
 using json = nlohmann::json;
@@ -96,29 +97,13 @@ int main(int argc, char** argv) {
     for (auto& v : reg)
       if (v.fp8) vars.push_back(v);
 
-    const int64_t T = 2048, E = 64, H = 2048, I = 1408;
-    const int topk = 6;
-    const int64_t P = T * topk, kh = fp8::tiles(H), ki = fp8::tiles(I);
-    Tensor x = be.alloc(DType::BF16, {P, H}, "x"), a = be.alloc(DType::BF16, {P, I}, "act");
-    Tensor gw = be.alloc(DType::BF16, {E, I, H}, "gate"), uw = be.alloc(DType::BF16, {E, I, H}, "up");
-    Tensor dw = be.alloc(DType::BF16, {E, H, I}, "down");
-    for (Tensor* t : {&x, &a}) be.fill_normal(*t, 0.f, 1.f, 11);
-    for (Tensor* t : {&gw, &uw, &dw}) be.fill_normal(*t, 0.f, 0.02f, 12);
-    Tensor g = be.alloc(DType::BF16, {P, I}, "g"), u = be.alloc(DType::BF16, {P, I}, "u");
-    Tensor y = be.alloc(DType::BF16, {P, H}, "y");
-    Tensor xq = be.alloc(DType::U8, {P, H}, "xq"), sx = be.alloc(DType::F32, {P * kh}, "sx");
-    Tensor aq = be.alloc(DType::U8, {P, I}, "aq"), sa = be.alloc(DType::F32, {P * ki}, "sa");
-    Tensor sxg = be.alloc(DType::F32, {P * kh}, "sxg"), sag = be.alloc(DType::F32, {P * ki}, "sag");
-    cuda::quantize_1x128(xq.ptr<uint8_t>(), sx.f32(), 0, x.data, DType::BF16, H, P, H, s);
-    cuda::quantize_1x128(aq.ptr<uint8_t>(), sa.f32(), 0, a.data, DType::BF16, I, P, I, s);
-    auto [gq, gs] = cuda::quantize_weight_fp8(be, gw);
-    auto [uq, us] = cuda::quantize_weight_fp8(be, uw);
-    auto [dq, ds] = cuda::quantize_weight_fp8(be, dw);
-    Tensor gst = be.alloc(DType::F32, {E * ki * kh}, "gst"), ust = be.alloc(DType::F32, {E * ki * kh}, "ust");
-    Tensor dst = be.alloc(DType::F32, {E * kh * ki}, "dst");
-    cuda::sm90::transpose_block_scales(gst.f32(), gs.f32(), E, ki, kh, s);
-    cuda::sm90::transpose_block_scales(ust.f32(), us.f32(), E, ki, kh, s);
-    cuda::sm90::transpose_block_scales(dst.f32(), ds.f32(), E, kh, ki, s);
+    bench::InferMExperts op(be, s, true);
+    const int64_t T = op.T, E = op.E, H = op.H, I = op.I, P = op.P, kh = op.kh, ki = op.ki;
+    const int topk = op.topk;
+    Tensor &x = op.x, &a = op.a, &gw = op.gw, &uw = op.uw, &dw = op.dw, &g = op.g, &u = op.u, &y = op.y;
+    Tensor &xq = op.xq, &sx = op.sx, &aq = op.aq, &sa = op.sa, &sxg = op.sxg, &sag = op.sag;
+    Tensor &gq = op.gq, &gs = op.gs, &uq = op.uq, &us = op.us, &dq = op.dq, &ds = op.ds;
+    Tensor &gst = op.gst, &ust = op.ust, &dst = op.dst;
     int* doff = nullptr;
     DSV3_CUDA_CHECK(cudaMalloc(&doff, (E + 1) * sizeof(int)));
     void* ws = nullptr;

@@ -4,11 +4,15 @@
 //              decode both with whole-step graphs (the default) and eagerly (graphs off);
 //   per op     GPU time of every backend op in one profiled pass of each workload, against its byte floor;
 //   kernels    attention prefill and MLA decode alone, skinny linear against cuBLAS.
+//   --long-context  decode at 4K / 32K / 128K cached tokens (batch 1 and 8; the absorbed MLA kernel alone, also
+//              with DeepSeek-V3's 128 heads, and the whole model after a chunked prefill of each sequence),
+//              against the bytes of the latent cache (kernel) or of the cache plus the weights (model).
 // Each number is printed with its floor: the larger of FLOPs / GEMM ceiling and bytes / copy bandwidth.
 // --dtype fp8: the same random model with every matrix the FP8 recipe quantizes (attention projections except
 // kv_b_proj, dense and expert MLPs) replaced by an fp8 copy in 128x128 blocks (the model part only; floors and
 // roofline fractions stay those of bf16 weights, so compare tok/s with a bf16 run).
 // Usage: gpu_bench --config bench/configs/infer-m.json [--json out.json] [--steps 64] [--dtype bf16|fp8]
+//                  [--long-context]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -163,14 +167,16 @@ int main(int argc, char** argv) {
 #else
   std::string cfg_path = "bench/configs/infer-m.json", out_path, wdtype = "bf16";
   int steps = 64;
+  bool long_context = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--config" && i + 1 < argc) cfg_path = argv[++i];
     else if (a == "--json" && i + 1 < argc) out_path = argv[++i];
     else if (a == "--steps" && i + 1 < argc) steps = std::atoi(argv[++i]);
     else if (a == "--dtype" && i + 1 < argc) wdtype = argv[++i];
+    else if (a == "--long-context") long_context = true;
     else {
-      std::fprintf(stderr, "usage: gpu_bench [--config PATH] [--json OUT] [--steps N] [--dtype bf16|fp8]\n");
+      std::fprintf(stderr, "usage: gpu_bench [--config PATH] [--json OUT] [--steps N] [--dtype bf16|fp8] [--long-context]\n");
       return 2;
     }
   }
@@ -196,6 +202,9 @@ int main(int argc, char** argv) {
 
     // ---- model
     ModelConfig cfg = ModelConfig::load(cfg_path);
+    // The long-context runs go past infer-m's 8K positions: rope tables for 128K + the decode steps (random weights
+    // do not care that the positions are beyond the trained range).
+    if (long_context) cfg.max_position_embeddings = std::max<int64_t>(cfg.max_position_embeddings, 131072 + 1024);
     auto t0 = clk::now();
     if (wdtype != "bf16" && wdtype != "fp8") {
       std::fprintf(stderr, "gpu_bench: --dtype must be bf16 or fp8\n");
@@ -350,6 +359,80 @@ int main(int argc, char** argv) {
       std::printf("  %-44s %8.3f ms  %6.0f GB/s      %.2f of the copy bandwidth\n", "mla_decode B 32 x 4096 tokens", ms,
                   bytes / (ms * 1e-3) / 1e9, bytes / (ms * 1e-3) / copy_bw);
       res["kernel_mla_decode_ms"] = ms;
+    }
+    if (long_context) {
+      // Absorbed decode alone over long contexts: B sequences of ctx cached tokens (one layer), with this model's
+      // heads and with DeepSeek-V3's 128. Floor: the latent cache rows (r + dr bf16 each) read once.
+      std::printf("\n  MLA decode over long contexts, kernel alone (median of 20; floor: the latent cache bytes)\n");
+      std::printf("  | heads | batch | cached tokens | ms | GB/s | of the copy bandwidth |\n  | --- | --- | --- | --- | --- | --- |\n");
+      json rows = json::array();
+      const int64_t r = cfg.kv_lora_rank, dr = cfg.qk_rope_head_dim;
+      for (int64_t nh : {cfg.num_attention_heads, int64_t(128)})
+        for (int B : {1, 8})
+          for (int64_t ctx : {int64_t(4096), int64_t(32768), int64_t(131072)}) {
+            KvPoolSpec spec{1, B * ctx / 64, 64, r, dr};
+            Tensor pool = be.alloc_kv_pool(spec);
+            be.fill_normal(pool, 0, 1, 4);
+            std::vector<std::vector<int32_t>> tables(static_cast<size_t>(B));
+            std::vector<SeqSlice> seqs(static_cast<size_t>(B));
+            for (int b = 0; b < B; ++b) {
+              for (int64_t i = 0; i < ctx / 64; ++i) tables[size_t(b)].push_back(int32_t(b * (ctx / 64) + i));
+              seqs[size_t(b)] = SeqSlice{b, 1, ctx - 1, tables[size_t(b)].data(), ctx / 64};
+            }
+            Tensor ql = be.alloc(DType::BF16, {B, nh, r}, "q_lat"), qp = be.alloc(DType::BF16, {B, nh, dr}, "q_pe"),
+                   ol = be.alloc(DType::BF16, {B, nh, r}, "o_lat");
+            be.fill_normal(ql, 0, 0.1f, 5);
+            be.fill_normal(qp, 0, 0.1f, 6);
+            const double ms = cuda::time_ms(be, 3, 20, [&] { be.mla_decode(ol, ql, qp, pool, spec, 0, seqs, 0.07f); });
+            const double bytes = double(B) * double(ctx) * double(spec.row()) * 2;
+            const double bw = bytes / (ms * 1e-3);
+            std::printf("  | %lld | %d | %lld | %.3f | %.0f | %.2f |\n", (long long)nh, B, (long long)ctx, ms, bw / 1e9,
+                        bw / copy_bw);
+            rows.push_back({{"heads", nh}, {"batch", B}, {"ctx", ctx}, {"ms", ms}, {"of_bw", bw / copy_bw}});
+          }
+      res["mla_decode_long"] = rows;
+
+      // The whole model decoding over long contexts: each sequence prefilled in 8K-token chunks (the cache after a
+      // cached prefix, as a long prompt runs), then timed single-token steps with graphs. Floor: the cache of
+      // every layer plus the weights a step reads (decode_bytes).
+      std::printf("\n  whole-model decode over long contexts (mean of the timed steps; floor: cache + weights)\n");
+      std::printf("  | batch | cached tokens | ms/step | tok/s | floor ms | of the floor |\n  | --- | --- | --- | --- | --- | --- |\n");
+      json mrows = json::array();
+      struct LongRun {
+        int B;
+        int64_t ctx;
+      };
+      for (LongRun lr : {LongRun{1, 32768}, LongRun{8, 32768}, LongRun{1, 131072}}) {
+        const int nsteps = 16;
+        KvCache cache(be, cfg, lr.B * (lr.ctx + nsteps + 64) + 64 * lr.B);
+        std::vector<SeqCache> sc(static_cast<size_t>(lr.B));
+        std::vector<BatchSeq> batch(static_cast<size_t>(lr.B));
+        for (int b = 0; b < lr.B; ++b) {
+          batch[size_t(b)].cache = &sc[size_t(b)];
+          for (int64_t done = 0; done < lr.ctx; done += 8192) {
+            std::vector<BatchSeq> one(1);
+            one[0].cache = &sc[size_t(b)];
+            one[0].tokens = random_ids(rng, std::min<int64_t>(8192, lr.ctx - done), V);
+            m.forward(one, cache);
+          }
+        }
+        for (auto& b : batch) b.tokens = random_ids(rng, 1, V);
+        for (int i = 0; i < 3; ++i) m.forward(batch, cache);  // warm-up (records the graph)
+        be.synchronize();
+        const auto a = clk::now();
+        for (int i = 0; i < nsteps; ++i) {
+          m.forward(batch, cache);
+          for (auto& b : batch) b.tokens = {int32_t(rng.below(uint64_t(V)))};
+        }
+        const double st = secs(a, clk::now()) / nsteps;
+        const double floor = decode_bytes(cfg, wk, lr.B, lr.ctx + 3 + nsteps / 2) / copy_bw;
+        std::printf("  | %d | %lld | %.2f | %.0f | %.2f | %.2f |\n", lr.B, (long long)lr.ctx, st * 1e3, lr.B / st,
+                    floor * 1e3, floor / st);
+        mrows.push_back({{"batch", lr.B}, {"ctx", lr.ctx}, {"s_per_step", st}, {"tok_s", lr.B / st},
+                         {"floor_s", floor}, {"of_floor", floor / st}});
+        for (auto& s : sc) cache.release(s);
+      }
+      res["decode_long"] = mrows;
     }
     {
       // Skinny linear (decode) against cuBLAS on the largest decode matrices.

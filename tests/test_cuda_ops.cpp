@@ -239,10 +239,14 @@ TEST(CudaOps, MlaPrefillAttention) {
 
 TEST(CudaOps, MlaDecode) {
   REQUIRE_CUDA();
-  struct S { int64_t nh, r, dr; };
+  struct S { int64_t nh, r, dr; std::vector<int64_t> lens; };
   uint64_t seed = 30;
-  for (S s : {S{16, 512, 64}, S{4, 64, 16}, S{20, 128, 16}, S{2, 48, 16}}) {
-    std::vector<int64_t> lens = {1, 37, 300};
+  // 4100 keys: many 32-key tiles per split and a partial last tile; 128 heads: eight head groups (DeepSeek-V3);
+  // one sequence of 5000 keys: more than 128 splits for the merge kernel.
+  const std::vector<int64_t> mixed = {1, 37, 300, 4100};
+  for (const S& s : {S{16, 512, 64, mixed}, S{4, 64, 16, mixed}, S{20, 128, 16, mixed}, S{2, 48, 16, mixed},
+                     S{128, 512, 64, mixed}, S{16, 256, 32, mixed}, S{16, 512, 64, {5000}}}) {
+    const std::vector<int64_t>& lens = s.lens;
     Pools p = make_pools(s.r, s.dr, lens, 1, ++seed);
     const int64_t B = int64_t(lens.size());
     std::vector<SeqSlice> seqs;

@@ -104,6 +104,7 @@ void add_bench_train(CLI::App& app) {
     double measured = 0, loss = 0;
     for (int64_t s = 0; s < a->warmup + a->steps; ++s) {
       for (auto& x : ids) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+      if (s == a->warmup) be->reset_profile();
       const auto t0 = clk::now();
       mem.zero_grads();
       loss = tm.run(ids.data() + par.batch_first(a->batch) * a->seq, par.batch_count(a->batch), a->seq, opt,

@@ -41,6 +41,9 @@ class TrainBackend {
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void download(void* host_dst, const void* src, size_t bytes) = 0;  // waits
   virtual void synchronize() {}
+  // Forget the per-op profile gathered so far (bench-train calls it after its warm-up steps, so the table covers
+  // the measured steps only: first calls pay one-time costs such as loading library kernels).
+  virtual void reset_profile() {}
   virtual void fill(float* x, float value, int64_t n) = 0;
   virtual void copy(float* dst, const float* src, int64_t n) = 0;
   // dst[r * dst_stride + c] (= or +=) src[r * src_stride + c] for r < rows, c < cols.

@@ -59,6 +59,14 @@ class CudaTrainBackend final : public TrainBackend {
     // instead of cuBLAS' bf16 conversion of the operands (the default).
     const char* m = std::getenv("DSV3_CUDA_TRAIN_MATH");
     tf32_ = m && std::string(m) == "tf32";
+    // Dense products either hand cuBLAS the fp32 operands (it rounds them to bf16 inside its kernels) or first
+    // convert them to bf16 copies (one pass each) and run its bf16 x bf16 -> fp32 kernels, which are 1.5-3x faster
+    // but pay the conversion. gpu_train_gemm_bench measures both on train-s' shapes: the copies win on large
+    // products (lm_head, the dense MLP) and on large weight gradients (cuBLAS' fp32-operand TN kernels are its
+    // slowest), and lose on the small projections, so by default they are used there only.
+    // DSV3_CUDA_TRAIN_MATH=bf16: copies for every packed product; =fp32ops: never.
+    bf16_ops_ = m && std::string(m) == "bf16";
+    bf16_rule_ = !(m && (std::string(m) == "fp32ops" || std::string(m) == "bf16"));
     const char* x = std::getenv("DSV3_CUDA_TRAIN_EXPERTS");
     experts_kernel_ = !(x && std::string(x) == "cublas");
     // DSV3_CUDA_TRAIN_EXPERTS=mma: the mma.sync grouped kernel instead of the sm90 wgmma/TMA one (where built).
@@ -96,6 +104,7 @@ class CudaTrainBackend final : public TrainBackend {
     synchronize();
   }
   void synchronize() override { DSV3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream)); }
+  void reset_profile() override { prof_.reset(); }
   void fill(float* x, float value, int64_t n) override { DSV3_TRAIN_PROF("fill"); k::fill(x, value, n, ctx_.stream); }
   void copy(float* dst, const float* src, int64_t n) override { DSV3_TRAIN_PROF("copy");
     if (n > 0 && dst != src)
@@ -521,7 +530,7 @@ class CudaTrainBackend final : public TrainBackend {
   enum Slot {
     kNormPart, kEmbPlan, kRowLoss, kRowHit, kScores, kScores2, kRowDot, kKeys, kKeyGrads, kSeqLoss, kTokSum, kMoeX,
     kMoeA,
-    kMoeW, kSumSq, kGemmPtrs, kMoeBf16, kMoeCols, kSm90Ws, kNumSlots
+    kMoeW, kSumSq, kGemmPtrs, kMoeBf16, kMoeCols, kSm90Ws, kGemmA, kGemmB, kNumSlots
   };
   struct Scratch {
     void* p = nullptr;
@@ -644,6 +653,21 @@ class CudaTrainBackend final : public TrainBackend {
     const int la = as_int(std::max<int64_t>(lda, 1), "lda"), lb = as_int(std::max<int64_t>(ldb, 1), "ldb");
     const int lc = as_int(std::max<int64_t>(ldc, 1), "ldc");
     DSV3_CUDA_CHECK(cudaSetDevice(dev_));
+    // bf16 operand copies (DSV3_CUDA_TRAIN_MATH=bf16) for packed operands: A is [M, K] (or [K, M] when ta) with
+    // lda = its column count, B likewise; C stays fp32 with beta.
+    const int64_t a_cols = ta ? M : K, b_cols = tb ? K : N;
+    const double mnk = double(M) * double(N) * double(K);
+    const bool copies = bf16_ops_ || (bf16_rule_ && !tf32_ && (mnk >= 0x1p34 || (ta && mnk >= 0x1p32 && std::min(M, N) >= 512)));
+    if (batch == 1 && copies && !f32_ && lda == a_cols && ldb == b_cols && K > 0) {
+      const int64_t na = M * K, nb = N * K;
+      auto* ab = scratch<cuda::bf16>(kGemmA, size_t(na));
+      auto* bb = scratch<cuda::bf16>(kGemmB, size_t(nb));
+      cuda::convert_to_bf16(ab, A, na, ctx_.stream);
+      cuda::convert_to_bf16(bb, B, nb, ctx_.stream);
+      DSV3_CUBLAS_CHECK(cublasGemmEx(ctx_.blas, ob, oa, m, n, kk, &alpha, bb, CUDA_R_16BF, lb, ab, CUDA_R_16BF, la,
+                                     &beta, C, CUDA_R_32F, lc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return;
+    }
     if (batch == 1) {
       DSV3_CUBLAS_CHECK(cublasGemmEx(ctx_.blas, ob, oa, m, n, kk, &alpha, B, CUDA_R_32F, lb, A, CUDA_R_32F, la, &beta,
                                      C, CUDA_R_32F, lc, ct, CUBLAS_GEMM_DEFAULT));
@@ -657,7 +681,7 @@ class CudaTrainBackend final : public TrainBackend {
   int dev_;
   cuda::OpProfiler prof_{"training steps"};
   DeviceContext& ctx_;
-  bool f32_ = false, tf32_ = false;
+  bool f32_ = false, tf32_ = false, bf16_ops_ = false, bf16_rule_ = true;
   bool grouped_ok_ = true;  // cuBLAS accepted the grouped form (gemm_group)
   bool sm90_ = false;  // the list products on sm90/grouped.h's wgmma/TMA kernel
   bool experts_kernel_ = true;  // routed experts on the grouped GEMM kernel (DSV3_CUDA_TRAIN_EXPERTS=cublas: off)

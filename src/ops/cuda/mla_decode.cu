@@ -60,17 +60,28 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const bf16* __rest
     const bf16* src = cc * 8 < R ? q_lat + hb * R + cc * 8 : q_pe + hb * dr + (cc * 8 - R);
     cp_async16(Qs + hh * KP + cc * 8, src, ok);
   }
-  auto load_tile = [&](int tt, int buf) {
+  // Lane k of every warp looks up the pool row of key k of the tile (32 independent block-table reads at once);
+  // warp w then copies keys w, w + 4, ..., taking each row from lane k by a shuffle, its lanes striding the row's
+  // 16-byte chunks. (One dependent table read per key, in turn, made the copy latency-bound.)
+  // The table reads of tile t + 2 are issued while tile t is computed (row_next), so a copy never waits for them.
+  static_assert(kTileKeys == 32, "one key per lane");
+  auto table_row = [&](int tt) {
+    const int pl = tt * kTileKeys + lane;
+    return pl < n ? table[pl / bs] * bs + pl % bs : 0;
+  };
+  auto load_tile = [&](int tt, int buf, int row_l) {
     bf16* Cb = Cs + buf * kTileKeys * KP;
-    for (int c = threadIdx.x; c < kTileKeys * QC; c += kThreads) {
-      const int r = c / QC, cc = c % QC, p = tt * kTileKeys + r;
-      const bool ok = p < n;
-      const int64_t row = ok ? int64_t(table[p / bs]) * bs + p % bs : 0;
-      cp_async16(Cb + r * KP + cc * 8, pool + row * DK + cc * 8, ok);
+    for (int rr = warp; rr < kTileKeys; rr += kThreads / 32) {
+      const int row = __shfl_sync(0xffffffffu, row_l, rr);
+      const bool ok = tt * kTileKeys + rr < n;
+      const bf16* src = pool + int64_t(row) * DK;
+      bf16* dst = Cb + rr * KP;
+      for (int cc = lane; cc < QC; cc += 32) cp_async16(dst + cc * 8, src + cc * 8, ok);
     }
   };
-  if (t0 < t1) load_tile(t0, 0);
+  if (t0 < t1) load_tile(t0, 0, table_row(t0));
   cp_async_commit();
+  int row_next = t0 + 1 < t1 ? table_row(t0 + 1) : 0;
 
   float o[NT][4];
 #pragma unroll
@@ -79,20 +90,32 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const bf16* __rest
 
   for (int tt = t0; tt < t1; ++tt) {
     const int buf = (tt - t0) & 1;
-    if (tt + 1 < t1) load_tile(tt + 1, buf ^ 1);
+    if (tt + 1 < t1) load_tile(tt + 1, buf ^ 1, row_next);
     cp_async_commit();
+    row_next = tt + 2 < t1 ? table_row(tt + 2) : 0;
     cp_async_wait<1>();
     __syncthreads();
     const bf16* Cb = Cs + buf * kTileKeys * KP;
 
-    // S for keys 8w..8w+7 of the tile, all 16 heads, over the full r + dr.
-    float sacc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int ks = 0; ks < DK / 16; ++ks) {
+    // S for keys 8w..8w+7 of the tile, all 16 heads, over the full r + dr: four independent accumulator chains
+    // (one chain of r / 16 dependent mmas was the loop's critical path), the latent part unrolled.
+    float sc[4][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < R / 16; ++ks) {
       uint32_t a[4], bb[2];
       ldmatrix_x4(a, Qs + (lane & 15) * KP + ks * 16 + (lane >> 4) * 8);
       ldmatrix_x2(bb, Cb + (warp * 8 + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
-      mma_bf16(sacc, a[0], a[1], a[2], a[3], bb[0], bb[1]);
+      mma_bf16(sc[ks & 3], a[0], a[1], a[2], a[3], bb[0], bb[1]);
     }
+    for (int ks = R / 16; ks < DK / 16; ++ks) {  // the rope part (dr / 16 steps)
+      uint32_t a[4], bb[2];
+      ldmatrix_x4(a, Qs + (lane & 15) * KP + ks * 16 + (lane >> 4) * 8);
+      ldmatrix_x2(bb, Cb + (warp * 8 + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
+      mma_bf16(sc[ks & 3], a[0], a[1], a[2], a[3], bb[0], bb[1]);
+    }
+    float sacc[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sacc[e] = (sc[0][e] + sc[1][e]) + (sc[2][e] + sc[3][e]);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = warp * 8 + 2 * t + (e & 1);
@@ -187,27 +210,64 @@ __global__ void __launch_bounds__(kThreads) mla_decode_kernel(const bf16* __rest
   }
 }
 
-// out_lat[b, h, :] = sum_s O_s e^(m_s - M) / sum_s l_s e^(m_s - M) (base 2).
-__global__ void mla_decode_combine_kernel(bf16* out_lat, const float* ws_o, const float2* ws_ml, int nh, int nhp, int r,
-                                          int splits) {
+// out_lat[b, h, :] = sum_s O_s e^(m_s - M) / sum_s l_s e^(m_s - M) (base 2). Block (b, h, 128-column chunk),
+// 8 warps: the split weights e^(m_s - M) / L go to shared memory, then warp w sums splits w, w + 8, ... for its
+// lanes' 4 columns each (independent 16-byte loads) and the warps' partial sums are added. (A thread walking every
+// split in turn, one dependent load after another, took ~80 us at 64 splits.)
+constexpr int kCombineThreads = 256, kCombineCols = 128, kMaxSplits = 256;
+__global__ void __launch_bounds__(kCombineThreads) mla_decode_combine_kernel(bf16* out_lat, const float* ws_o,
+                                                                            const float2* ws_ml, int nh, int nhp,
+                                                                            int r, int splits) {
   pdl_start();
-  const int b = blockIdx.x, h = blockIdx.y;
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, ws_ml[(int64_t(b) * splits + s) * nhp + h].x);
-  float L = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float2 ml = ws_ml[(int64_t(b) * splits + s) * nhp + h];
-    L += ml.y * exp2f(ml.x - M);
+  __shared__ float wsh[kMaxSplits];
+  __shared__ float red[kCombineThreads / 32];
+  __shared__ float4 part[kCombineThreads / 32][32];
+  const int b = blockIdx.x, h = blockIdx.y, c0 = blockIdx.z * kCombineCols;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  auto row_of = [&](int s) { return (int64_t(b) * splits + s) * nhp + h; };
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads) m = fmaxf(m, ws_ml[row_of(s)].x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  float M = red[0];
+  for (int w = 1; w < kCombineThreads / 32; ++w) M = fmaxf(M, red[w]);
+  __syncthreads();  // red is reused for L
+  float l = 0.f;
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads) {
+    const float2 ml = ws_ml[row_of(s)];
+    const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - M);
+    wsh[s] = w;
+    l += ml.y * w;
   }
+  l = warp_sum(l);
+  if (lane == 0) red[warp] = l;
+  __syncthreads();
+  float L = 0.f;
+  for (int w = 0; w < kCombineThreads / 32; ++w) L += red[w];
   const float inv = L > 0.f ? 1.f / L : 0.f;
-  for (int c = threadIdx.x; c < r; c += blockDim.x) {
-    float acc = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const int64_t row = (int64_t(b) * splits + s) * nhp + h;
-      const float w = exp2f(ws_ml[row].x - M);
-      if (w > 0.f) acc += ws_o[row * r + c] * w;
+  const int c = c0 + 4 * lane;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (c < r) {
+#pragma unroll 4
+    for (int s = warp; s < splits; s += kCombineThreads / 32) {
+      const float w = wsh[s];
+      const float4 o = *reinterpret_cast<const float4*>(ws_o + row_of(s) * r + c);
+      acc.x += o.x * w, acc.y += o.y * w, acc.z += o.z * w, acc.w += o.w * w;
     }
-    out_lat[(int64_t(b) * nh + h) * r + c] = __float2bfloat16(acc * inv);
+  }
+  part[warp][lane] = acc;
+  __syncthreads();
+  if (warp == 0 && c < r) {
+    float4 t = part[0][lane];
+    for (int w = 1; w < kCombineThreads / 32; ++w) {
+      const float4 q = part[w][lane];
+      t.x += q.x, t.y += q.y, t.z += q.z, t.w += q.w;
+    }
+    bf16* dst = out_lat + (int64_t(b) * nh + h) * r + c;
+    *reinterpret_cast<uint32_t*>(dst) = pack_bf16(t.x * inv, t.y * inv);
+    *reinterpret_cast<uint32_t*>(dst + 2) = pack_bf16(t.z * inv, t.w * inv);
   }
 }
 
@@ -299,10 +359,11 @@ void mla_decode_f32(float* out_lat, const float* q_lat, const float* q_pe, const
 int mla_decode_splits(int B, int nh, int max_n, int num_sms) {
   const int blocks = B * ceil_div(nh, kHeads);
   const int tiles = std::max(1, ceil_div(max_n, kTileKeys));
-  // Enough blocks for two per multiprocessor, at least one 32-key tile per split, at most 64 splits. Decode at
-  // small batch is latency-bound: a block walks its tiles one after the other.
+  // Enough blocks for two per multiprocessor, at least one 32-key tile per split, at most kMaxSplits (the merge
+  // kernel's shared memory). Decode at small batch is latency-bound: a block walks its tiles one after the other,
+  // so one sequence's long context is spread over up to 2 x SMs blocks.
   int splits = ceil_div(2 * num_sms, std::max(1, blocks));
-  splits = std::min({splits, tiles, 64});
+  splits = std::min({splits, tiles, kMaxSplits});
   return std::max(1, splits);
 }
 
@@ -319,6 +380,7 @@ void mla_decode(bf16* out_lat, const bf16* q_lat, const bf16* q_pe, const bf16* 
   const bool al = ((reinterpret_cast<uintptr_t>(q_lat) | reinterpret_cast<uintptr_t>(q_pe) |
                     reinterpret_cast<uintptr_t>(pool)) & 15) == 0;
   if (al && fast_shape(r, dr)) {
+    DSV3_CHECK(splits >= 1 && splits <= kMaxSplits, "mla_decode: {} splits (1 to {})", splits, kMaxSplits);
     const int nhp = ceil_div(nh, kHeads) * kHeads;
     float* ws_o = static_cast<float*>(ws);
     float2* ws_ml = reinterpret_cast<float2*>(ws_o + size_t(B) * splits * nhp * r);
@@ -330,7 +392,8 @@ void mla_decode(bf16* out_lat, const bf16* q_lat, const bf16* q_pe, const bf16* 
     }
     DSV3_CUDA_KERNEL_CHECK();
     if (splits > 1)
-      launch(mla_decode_combine_kernel, dim3(dim3(B, nh)), dim3(128), 0, s, out_lat, ws_o, ws_ml, nh, nhp, r, splits);
+      launch(mla_decode_combine_kernel, dim3(B, nh, ceil_div(r, kCombineCols)), dim3(kCombineThreads), 0, s, out_lat,
+             ws_o, ws_ml, nh, nhp, r, splits);
   } else {
     launch(mla_decode_ref_kernel<bf16>, dim3(B, nh), dim3(128), 0, s, out_lat, q_lat, q_pe, pool, meta, B, nh, r, dr, bs, max_n, scale,
                                                       static_cast<float*>(ws));

@@ -3,10 +3,13 @@
 // call). Scopes nest: an op called inside another is listed as "outer > inner", and the total is the sum of the
 // outermost scopes, so shares add up. Events are read back in batches (one stream synchronization per 2048
 // scopes), so profiling slows a step down but does not reorder it. The table goes to stderr when the profiler
-// is destroyed (with the backend).
+// is destroyed (with the backend). Next to each op's GPU time the table gives the host time spent inside its
+// scope (issuing it): when the GPU has caught up with the host, the events also time the host's gap, so an op
+// whose GPU time is close to its host time is bound by the host, not by its kernels.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -28,14 +31,21 @@ class OpProfiler {
     for (auto& [n, t] : rows)
       if (n.find(" > ") == std::string::npos) total += t.ms;
     std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
-    std::fprintf(stderr, "  per-op GPU time, %s (all calls)\n  %-48s %8s %10s %7s\n", what_, "op", "calls", "ms", "share");
+    std::fprintf(stderr, "  per-op GPU time, %s (all calls)\n  %-48s %8s %10s %7s %10s\n", what_, "op", "calls", "ms",
+                 "share", "host ms");
     for (auto& [n, t] : rows)
-      std::fprintf(stderr, "  %-48s %8lld %10.3f %6.1f%%\n", n.c_str(), (long long)t.calls, t.ms, 100.0 * t.ms / total);
+      std::fprintf(stderr, "  %-48s %8lld %10.3f %6.1f%% %10.3f\n", n.c_str(), (long long)t.calls, t.ms,
+                   100.0 * t.ms / total, t.host_ms);
     std::fprintf(stderr, "  %-48s %8s %10.3f\n", "total (outermost ops)", "", total);
     for (auto& r : pending_) cudaEventDestroy(r.a), cudaEventDestroy(r.b);
     for (cudaEvent_t e : free_) cudaEventDestroy(e);
   }
   bool on() const { return on_; }
+  void reset() {
+    if (!on_) return;
+    drain();
+    totals_.clear();
+  }
 
   class Scope {
    public:
@@ -45,13 +55,15 @@ class OpProfiler {
       p_->stack_.push_back(name_);
       a_ = p_->event();
       cudaEventRecord(a_, s_);
+      t0_ = std::chrono::steady_clock::now();
     }
     ~Scope() {
       if (!p_) return;
       cudaEvent_t b = p_->event();
       cudaEventRecord(b, s_);
+      const double host_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count();
       p_->stack_.pop_back();
-      p_->pending_.push_back({name_, a_, b});
+      p_->pending_.push_back({name_, a_, b, host_ms});
       if (p_->pending_.size() >= 2048) p_->drain();
     }
     Scope(const Scope&) = delete;
@@ -62,15 +74,17 @@ class OpProfiler {
     cudaStream_t s_;
     std::string name_;
     cudaEvent_t a_ = nullptr;
+    std::chrono::steady_clock::time_point t0_;
   };
 
  private:
   struct Pending {
     std::string name;
     cudaEvent_t a, b;
+    double host_ms;
   };
   struct Total {
-    double ms = 0;
+    double ms = 0, host_ms = 0;
     int64_t calls = 0;
   };
   cudaEvent_t event() {
@@ -89,7 +103,7 @@ class OpProfiler {
       float ms = 0;
       cudaEventElapsedTime(&ms, r.a, r.b);
       Total& t = totals_[r.name];
-      t.ms += ms, t.calls += 1;
+      t.ms += ms, t.host_ms += r.host_ms, t.calls += 1;
       free_.push_back(r.a), free_.push_back(r.b);
     }
     pending_.clear();

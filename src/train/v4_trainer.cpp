@@ -1,8 +1,10 @@
 // The DeepSeek-V4 training loop (see v4_trainer.h).
 #include "train/v4_trainer.h"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -31,6 +33,13 @@ bool ends_with(const std::string& s, const std::string& t) {
 }
 
 std::string config_path(const std::string& p) { return fs::is_directory(p) ? (fs::path(p) / "config.json").string() : p; }
+
+// Ctrl-C: finish the step, save the checkpoint, stop (a second Ctrl-C kills at once), as the V3 trainer.
+std::atomic<bool> g_stop{false};
+void on_sigint(int) {
+  g_stop = true;
+  std::signal(SIGINT, SIG_DFL);
+}
 
 double max_vio(const std::vector<int64_t>& load) {
   int64_t sum = 0, mx = 0;
@@ -141,7 +150,7 @@ void save_v4_model(const std::string& dir, const V4Weights& w, const std::string
   write_file_atomic((fs::path(dir) / "config.json").string(), config_json);
 }
 
-TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step, bool /*handle_sigint*/) {
+TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step, bool handle_sigint) {
   TrainArgs a = a_in;
   if (!a.resume.empty() && !is_checkpoint(a.resume) && is_checkpoint((fs::path(a.resume) / "checkpoint").string()))
     a.resume = (fs::path(a.resume) / "checkpoint").string();
@@ -280,6 +289,14 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
                (long long)tokens_per_step, (long long)a.batch, (long long)a.seq, (long long)a.grad_accum, a.data.c_str(),
                (long long)data.train_tokens(),
                a.mtp_lambda > 0 ? " (no MTP for V4: --mtp-lambda is ignored)" : "");
+  g_stop = false;
+  struct Restore {
+    bool active;
+    void (*h)(int);
+    ~Restore() {
+      if (active) std::signal(SIGINT, h);
+    }
+  } restore{handle_sigint, handle_sigint ? std::signal(SIGINT, on_sigint) : nullptr};
   std::vector<int32_t> ids(static_cast<size_t>(a.batch * a.seq));
   const auto t_start = std::chrono::steady_clock::now();
   double tok_s = 0;
@@ -325,13 +342,14 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
                {"balance_loss", bal}, {"tokens", tokens}, {"tok_per_s", tok_s}, {"step_s", dt}, {"maxvio", maxvio},
                {"load", loads}, {"moe_layers", moe_layers}, {"mtp_loss", json::array()}, {"optimizer", a.optimizer}};
     metrics << mj.dump() << "\n", metrics.flush();
-    bool stop = on_step && !on_step(mj);
+    bool stop = (on_step && !on_step(mj)) || g_stop;
     if (step % std::max<int64_t>(a.log_every, 1) == 0 || step == total || step == first_step + 1)
       std::fprintf(stderr, "step %lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | maxvio %.3f\n",
                    (long long)step, (long long)total, loss, lr, gnorm, tok_s, worst);
     if (a.eval_every > 0 && (step % a.eval_every == 0 || step == total)) evaluate();
     if (stop || (a.stop_after > 0 && step - first_step >= a.stop_after && step < total)) {
       save(stop ? "interrupted" : "--stop-after");
+      if (stop) std::fprintf(stderr, "interrupted at step %lld; resume with --resume %s\n", (long long)step, ckpt.c_str());
       return {step, stop, ckpt};
     }
     if (a.save_every > 0 && step % a.save_every == 0 && step < total) save("periodic");

@@ -190,3 +190,57 @@ TEST(V4Train, MuonStepIsRmsMatched) {
   EXPECT_NEAR(rms, 0.0018, 1e-4);  // an orthogonal r x c matrix (r < c) has RMS 1 / sqrt(c)
   for (int64_t i = 0; i < 4; ++i) EXPECT_NEAR(std::fabs(p[static_cast<size_t>(r * c + i)]), 0.01, 1e-4);  // Adam: lr sign(g)
 }
+
+// The sequence-wise balance loss of the moe layers (V4TrainModel::set_balance_alpha): its gradient (the gradient
+// with alpha minus the one without) against central finite differences of the balance loss itself in fp64, on
+// the router weights of the moe layers and on tensors upstream of them (embedding, attention, mHC, a hash layer's
+// router); hash layers add no term of their own, so only the 3 moe layers of the fixture contribute.
+TEST(V4Train, BalanceLossGradientMatchesFiniteDifferences) {
+  LoadedV4Model m = open_v4_model(test::data_dir("tiny-v4-fwd"));
+  const V4Weights& w = m.model->weights();
+  const int64_t n = w.layout.num_params, Tn = 24;
+  std::vector<double> P(w.flat.f32(), w.flat.f32() + n), G0(static_cast<size_t>(n), 0.0), G1(static_cast<size_t>(n), 0.0);
+  Rng rng(11);
+  std::vector<int32_t> ids(static_cast<size_t>(2 * Tn));
+  for (auto& t : ids) t = int32_t(rng.below(uint64_t(w.cfg.vocab_size)));
+  const double alpha = 0.5;
+  V4TrainModel<double> plain(w, P.data(), G0.data()), bal(w, P.data(), G1.data());
+  bal.set_balance_alpha(alpha);
+  const V4StepStats s0 = plain.run(ids.data(), 2, Tn, 1.0, true);
+  const V4StepStats s1 = bal.run(ids.data(), 2, Tn, 1.0, true);
+  EXPECT_EQ(s0.balance_loss, 0.0);
+  EXPECT_EQ(s0.loss, s1.loss);  // the CE is untouched
+  // sum_i f_i P_i is ~1 for balanced routing; three moe layers.
+  std::printf("[v4 balance] alpha %.2f: balance loss %.6f (%zu moe layers)\n", alpha, s1.balance_loss, bal.moe_layers().size());
+  EXPECT_EQ(bal.moe_layers().size(), 3u);
+  EXPECT_GT(s1.balance_loss, 0.5 * alpha * 3);
+  EXPECT_LT(s1.balance_loss, 4.0 * alpha * 3);
+  std::vector<double> scratch(static_cast<size_t>(n));
+  V4TrainModel<double> probe(w, P.data(), scratch.data());
+  probe.set_balance_alpha(alpha);
+  auto value = [&] { return probe.run(ids.data(), 2, Tn, 1.0, false).balance_loss; };
+  double worst = 0, gmax = 0;
+  int checked = 0;
+  for (const char* name : {"layers.2.ffn.gate.weight", "layers.3.ffn.gate.weight", "layers.4.ffn.gate.weight",
+                           "layers.1.ffn.gate.weight", "embed.weight", "layers.0.attn.wq_a.weight",
+                           "layers.2.hc_ffn_fn", "layers.2.ffn_norm.weight", "layers.1.ffn.experts.0.w2.weight"}) {
+    const auto& s = w.layout.at(name);
+    const int64_t k = shape_numel(s.shape);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = s.offset + int64_t(rng.below(uint64_t(k)));
+      const double h = 1e-5, keep = P[static_cast<size_t>(i)];
+      P[static_cast<size_t>(i)] = keep + h;
+      const double lp = value();
+      P[static_cast<size_t>(i)] = keep - h;
+      const double lm = value();
+      P[static_cast<size_t>(i)] = keep;
+      const double fd = (lp - lm) / (2 * h), an = G1[static_cast<size_t>(i)] - G0[static_cast<size_t>(i)];
+      worst = std::max(worst, std::fabs(fd - an));
+      gmax = std::max(gmax, std::fabs(fd));
+      ++checked;
+    }
+  }
+  std::printf("[v4 balance] %d entries: max |analytic - fd| = %.2e (max |grad| %.2e)\n", checked, worst, gmax);
+  EXPECT_GT(gmax, 1e-4);
+  EXPECT_LE(worst, 1e-7 + 1e-5 * gmax);
+}

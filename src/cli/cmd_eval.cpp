@@ -1,5 +1,6 @@
 // eval: perplexity / bits per byte, multiple-choice log-likelihood, generation with answer extraction and
-// sandboxed code tasks, all through the serving engine (continuous batching over the latent cache).
+// sandboxed code tasks, all through the serving engine (continuous batching over the latent cache; DeepSeek-V4
+// models through V4ServingModel, each sequence on its own V4 cache).
 #include <unistd.h>
 
 #include <cstdio>
@@ -13,8 +14,11 @@
 #include "eval/perplexity.h"
 #include "eval/tasks.h"
 #include "model/loader.h"
+#include "model/v4_config.h"
+#include "model/v4_loader.h"
 #include "model/sampler.h"
 #include "serve/engine.h"
+#include "serve/serving_model.h"
 #include "train/data.h"
 
 namespace dsv3::cli {
@@ -44,14 +48,18 @@ void add_common(CLI::App* c, EvalArgs& a) {
   c->add_flag("--progress", a.progress, "Show the progress line even when stderr is not a terminal");
 }
 
-// The engine and tokenizer for one evaluation run.
+// The engine and tokenizer for one evaluation run: a DeepSeek-V3 / R1 / V3.2 model (lm) or a DeepSeek-V4 one (lm4),
+// both behind the same engine and scorer; lim: the model's vocabulary, context and EOS.
 struct Session {
+  const EvalArgs& a;
+  const bool v4;
   LoadedModel lm;
+  LoadedV4Model lm4;
+  ServingLimits lim;
   Tokenizer tok;
   std::unique_ptr<Engine> engine;
   std::unique_ptr<Scorer> scorer;
   int64_t context = 0;
-  const EvalArgs& a;
 
   static std::string tokenizer_path(const EvalArgs& a) {
     if (!a.tokenizer.empty()) return a.tokenizer;
@@ -59,15 +67,18 @@ struct Session {
   }
 
   explicit Session(const EvalArgs& args)
-      : lm(open_model(args.dir, args.device, args.dtype)), tok(Tokenizer::load(tokenizer_path(args))), a(args) {
+      : a(args), v4(fs::exists(fs::path(args.dir) / "config.json") && config_model_type(args.dir) == "deepseek_v4"),
+        lm(v4 ? LoadedModel{} : open_model(args.dir, args.device, args.dtype)),
+        lm4(v4 ? open_v4_model(args.dir, args.device, args.dtype) : LoadedV4Model{}),
+        lim(v4 ? v4_serving_limits(lm4.model->config()) : latent_serving_limits(lm.model->config())),
+        tok(Tokenizer::load(tokenizer_path(args))) {
     if (a.max_batch < 1 || a.max_batch > 4096) fail("--max-batch must be in [1, 4096], got {}", a.max_batch);
     if (a.limit < 0) fail("--limit must be >= 0");
-    const ModelConfig& mc = lm.model->config();
-    if (int64_t(tok.vocab_size()) > mc.vocab_size)
+    if (int64_t(tok.vocab_size()) > lim.vocab_size)
       fail("tokenizer {} has {} tokens but the model's vocab_size is {}; pass the model's own with --tokenizer", tok.source(),
-           tok.vocab_size(), mc.vocab_size);
+           tok.vocab_size(), lim.vocab_size);
     // The cache holds max_batch whole sequences; a 128K-token context would reserve far more than evaluations use.
-    context = std::min<int64_t>(a.context > 0 ? a.context : 4096, mc.max_position_embeddings);
+    context = std::min<int64_t>(a.context > 0 ? a.context : 4096, lim.max_positions);
     if (context < 2) fail("--context must be >= 2");
     EngineConfig ec;
     ec.max_batch = a.max_batch;
@@ -75,7 +86,14 @@ struct Session {
     ec.kv_cache_tokens = a.kv_tokens > 0 ? a.kv_tokens : a.max_batch * (context + 1);
     if (ec.kv_cache_tokens < context + 1) fail("--kv-cache-tokens must hold one whole sequence ({} tokens)", context + 1);
     ec.max_queue = 4 * a.max_batch;
-    engine = std::make_unique<Engine>(*lm.model, tok, ec);
+    if (v4) {
+      V4Model& m4 = *lm4.model;
+      engine = std::make_unique<Engine>(
+          lim, [&m4](int64_t tokens, int64_t block) { return std::make_unique<V4ServingModel>(m4, tokens, block); },
+          tok, ec);
+    } else {
+      engine = std::make_unique<Engine>(*lm.model, tok, ec);
+    }
     scorer = std::make_unique<Scorer>(*engine, 2 * a.max_batch);
   }
   bool bos() const { return !a.no_bos && tok.bos_id() >= 0; }
@@ -134,10 +152,10 @@ void add_eval_commands(CLI::App& app) {
         docs.push_back(s.tok.encode(text));
         bytes.push_back(int64_t(text.size()));
       }
-      const int32_t eos = int32_t(s.lm.model->config().eos_token_id);
+      const int32_t eos = s.lim.eos_token_id;
       for (auto& p : *shards) {
         TokenShard sh(p);
-        if (int64_t(sh.max_token()) >= s.lm.model->config().vocab_size)
+        if (int64_t(sh.max_token()) >= s.lim.vocab_size)
           fail("{} holds token {} beyond the model's vocab_size", p, sh.max_token());
         std::vector<int32_t> cur;
         auto close = [&] {

@@ -18,7 +18,7 @@ LoadedModel open_model(const std::string& dir, const std::string& device, const 
                        Communicator* experts) {
   if (!std::filesystem::is_directory(dir)) fail("model directory {} does not exist", dir);
   if (std::filesystem::exists(std::filesystem::path(dir) / "config.json") && config_model_type(dir) == "deepseek_v4")
-    fail("{} is a DeepSeek-V4 model: only `dsv3 info`, `logits`, `generate`, `serve`, `chat` and `train` run it so far "
+    fail("{} is a DeepSeek-V4 model: only `dsv3 info`, `logits`, `generate`, `serve`, `chat`, `eval` and `train` run it so far "
          "(CPU, fp32)",
          dir);
   LoadedModel lm;

@@ -47,8 +47,9 @@ V4ServingModel::V4ServingModel(V4Model& m, int64_t capacity_tokens, int64_t bloc
   total_ = free_ = (capacity_tokens + block_size - 1) / block_size;
 }
 
-ServingLimits V4ServingModel::limits() const {
-  const V4Config& c = m_.config();
+ServingLimits V4ServingModel::limits() const { return v4_serving_limits(m_.config()); }
+
+ServingLimits v4_serving_limits(const V4Config& c) {
   ServingLimits l;
   l.vocab_size = c.vocab_size, l.max_positions = c.max_position_embeddings, l.hidden_size = c.hidden_size;
   l.eos_token_id = int32_t(c.eos_token_id);

@@ -25,6 +25,7 @@ struct ServingLimits {
 };
 
 ServingLimits latent_serving_limits(const ModelConfig& c);
+ServingLimits v4_serving_limits(const V4Config& c);  // no MTP drafts (V4's MTP block is not loaded)
 
 class ServingModel {
  public:

@@ -24,8 +24,9 @@ Tensor f32_tensor(const std::string& name, const std::vector<float>& v) {
   return t;
 }
 
-// Replaces `dst` by `src` (both directories) atomically when the kernel supports RENAME_EXCHANGE.
-void swap_in(const std::string& src, const std::string& dst) {
+}  // namespace
+
+void swap_in_directory(const std::string& src, const std::string& dst) {
   if (!fs::exists(dst)) {
     if (std::rename(src.c_str(), dst.c_str()) != 0) fail("renaming {} to {} failed: {}", src, dst, std::strerror(errno));
     return;
@@ -44,8 +45,6 @@ void swap_in(const std::string& src, const std::string& dst) {
   }
   fs::remove_all(old);
 }
-
-}  // namespace
 
 bool is_checkpoint(const std::string& dir) { return fs::exists(fs::path(dir) / "trainer_state.json"); }
 
@@ -90,7 +89,7 @@ void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const Model
       for (const char* n : {"tokenizer.json", "tokenizer_config.json"})
         if (fs::exists(td / n)) fs::copy_file(td / n, fs::path(tmp) / n, fs::copy_options::overwrite_existing);
     }
-    swap_in(tmp, final_dir.string());
+    swap_in_directory(tmp, final_dir.string());
   } catch (const std::exception& e) {
     std::error_code ec;
     fs::remove_all(tmp, ec);

@@ -39,7 +39,9 @@ struct Checkpoint {
 // expert_lo / expert_n: load only that slice of every MoE layer's routed experts (an expert-parallel rank;
 // make_param_layout), parameters and moments alike, straight from the mmap'd files; -1: the whole model.
 Checkpoint load_checkpoint(const std::string& dir, int64_t expert_lo = 0, int64_t expert_n = -1);
-bool is_checkpoint(const std::string& dir);  // has trainer_state.json
+bool is_checkpoint(const std::string& dir);
+// Replaces directory dst by src (atomically where the kernel supports RENAME_EXCHANGE; dst may not exist).
+void swap_in_directory(const std::string& src, const std::string& dst);  // has trainer_state.json
 nlohmann::json load_checkpoint_args(const std::string& dir);  // the saved run's options
 
 }  // namespace dsv3

@@ -58,6 +58,10 @@ class Muon {
   double step(float* params, const float* grads, double lr);
   int64_t t = 0;
   const MuonPartition& partition() const { return part_; }
+  // The state a checkpoint keeps, each [num_params]: Muon's momentum, AdamW's moments (their segments used).
+  std::vector<float>& momentum() { return mom_; }
+  std::vector<float>& adam_m() { return m_; }
+  std::vector<float>& adam_v() { return v_; }
 
  private:
   MuonPartition part_;
@@ -73,6 +77,8 @@ class HostAdamW {
   HostAdamW(std::vector<AdamSegment> segs, int64_t num_params, AdamWConfig ac);
   double step(float* params, const float* grads, double lr);
   int64_t t = 0;
+  std::vector<float>& adam_m() { return m_; }  // the moments a checkpoint keeps, [num_params]
+  std::vector<float>& adam_v() { return v_; }
 
  private:
   std::vector<AdamSegment> segs_;

@@ -86,6 +86,8 @@ double max_vio(const std::vector<int64_t>& load) {
   return double(mx) / mean - 1.0;
 }
 
+}  // namespace
+
 // Keeps the metrics lines of steps <= `step` (a resumed run rewrites what came after its checkpoint).
 void truncate_metrics(const std::string& path, int64_t step) {
   if (!fs::exists(path)) return;
@@ -100,8 +102,6 @@ void truncate_metrics(const std::string& path, int64_t step) {
   }
   write_file_atomic(path, kept);
 }
-
-}  // namespace
 
 TrainArgs resume_args(const std::string& resume, const json& given) {
   std::string dir = resume;

@@ -35,6 +35,8 @@ struct TrainArgs {
 // The arguments of `--resume DIR` (DIR or DIR/checkpoint): the run's saved options, with `given` (options set
 // now, keyed by their long names as in to_json) overriding them; out defaults to the checkpoint's parent.
 TrainArgs resume_args(const std::string& resume, const nlohmann::json& given);
+// Keeps the metrics.jsonl lines of steps <= step (a resumed run rewrites what came after its checkpoint).
+void truncate_metrics(const std::string& path, int64_t step);
 
 // Called after every optimizer step with that step's metrics.jsonl record ({"type": "train", "step", "loss",
 // "lr", "grad_norm", "maxvio", ...}) and after every validation with its record ({"type": "val", ...}).

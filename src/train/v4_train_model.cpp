@@ -67,6 +67,7 @@ struct V4TrainModel<T>::Impl {
   };
   struct Moe {
     Vec<T> logits, s, w, sg, su, sh, out;
+    Vec<T> dbal;                               // [T, E] d(balance loss)/ds (empty: none)
     std::vector<int32_t> idx;                  // [T, K]
     std::vector<std::vector<int64_t>> rows;    // per expert: assignments t * K + k
     std::vector<Vec<T>> g, u, h, eo;           // per expert: [n, F], [n, F], [n, F], [n, d]
@@ -90,6 +91,7 @@ struct V4TrainModel<T>::Impl {
   // model-level saved state of the current sequence
   Vec<T> Xf, rstd_h, xhat_h, mu_h, pre_h, h, rstd_fin, hn;
   std::vector<int32_t> pos;
+  double bal_alpha = 0, bal_scale = 0, bal_sum = 0;  // balance loss: alpha, gradient scale, sum of this run
 
   Impl(const V4Weights& w_, const T* P_, T* G_) : w(w_), c(w_.cfg), P(P_), G(G_) {
     auto at = [&](const std::string& n) { return w.layout.at(n).offset; };
@@ -412,6 +414,12 @@ struct V4TrainModel<T>::Impl {
       if (load)
         for (int64_t k = 0; k < K; ++k) ++(*load)[static_cast<size_t>(idx[k])];
     }
+    if (!hash && bal_alpha > 0) {
+      mo.dbal.resize(static_cast<size_t>(Tn * E));
+      bal_sum += cpu::balance_loss(mo.dbal.data(), mo.s.data(), mo.idx.data(), 1, Tn, E, K, bal_alpha, bal_scale);
+    } else {
+      mo.dbal.clear();
+    }
     // Shared expert, then the routed experts on top.
     mo.out.resize(static_cast<size_t>(Tn * d));
     swiglu_fwd(mo.sg, mo.su, mo.sh, y, Tn, p(o.sw1), p(o.sw3), F);
@@ -479,6 +487,10 @@ struct V4TrainModel<T>::Impl {
         const int64_t e = t * E + idx[k];
         dlog[static_cast<size_t>(e)] += ds[static_cast<size_t>(k)] * v4k::route_score_grad(mo.logits[static_cast<size_t>(e)], mo.s[static_cast<size_t>(e)], sig);
       }
+      if (!mo.dbal.empty())  // the balance loss reaches every expert's score
+        for (int64_t e = t * E; e < (t + 1) * E; ++e)
+          dlog[static_cast<size_t>(e)] += mo.dbal[static_cast<size_t>(e)] *
+                                          v4k::route_score_grad(mo.logits[static_cast<size_t>(e)], mo.s[static_cast<size_t>(e)], sig);
     }
     lin_bwd(dy, d, true, g(o.gate), dlog.data(), E, y, d, p(o.gate), Tn, E, d);
   }
@@ -595,6 +607,12 @@ void V4TrainModel<T>::reset_load() {
 }
 
 template <typename T>
+void V4TrainModel<T>::set_balance_alpha(double alpha) {
+  if (!(alpha >= 0) || !std::isfinite(alpha)) fail("the balance loss weight must be finite and >= 0, got {}", alpha);
+  impl_->bal_alpha = alpha;
+}
+
+template <typename T>
 V4StepStats V4TrainModel<T>::run(const int32_t* ids, int64_t B, int64_t Tn, double grad_scale, bool backward) {
   const V4Config& c = impl_->c;
   if (Tn < 2) fail("training needs sequences of at least 2 tokens, got {}", Tn);
@@ -608,8 +626,10 @@ V4StepStats V4TrainModel<T>::run(const int32_t* ids, int64_t B, int64_t Tn, doub
   st.count = B * (Tn - 1);
   const double scale = grad_scale / double(st.count);
   double sum = 0;
+  impl_->bal_sum = 0, impl_->bal_scale = grad_scale / double(B);  // the balance loss: the mean over sequences
   for (int64_t b = 0; b < B; ++b) sum += impl_->sequence(ids + b * Tn, Tn, scale, backward, &st.correct, load_, moe_row);
   st.loss = sum / double(st.count);
+  st.balance_loss = impl_->bal_sum / double(B);
   return st;
 }
 

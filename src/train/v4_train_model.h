@@ -23,6 +23,7 @@ struct V4StepStats {
   double loss = 0;         // mean CE over the rows with a target
   int64_t count = 0;       // rows with a target: B (T - 1)
   int64_t correct = 0;     // argmax == target
+  double balance_loss = 0; // the sequence-wise balance loss, summed over the moe layers, mean over sequences
 };
 
 template <typename T>
@@ -33,13 +34,19 @@ class V4TrainModel {
   // runs on w.flat (it has no gradient, so a perturbation of params elsewhere reaches it only through its inputs).
   V4TrainModel(const V4Weights& w, const T* params, T* grads);
   ~V4TrainModel();
-  // ids [B, Tn] row-major. grads += grad_scale * dL/dtheta when backward. Expert loads add to load().
+  // ids [B, Tn] row-major. grads += grad_scale * dL/dtheta when backward (L = CE + balance loss). Expert loads
+  // add to load().
   V4StepStats run(const int32_t* ids, int64_t B, int64_t Tn, double grad_scale, bool backward);
 
   // Tokens routed to each expert since reset_load(), one row per `moe` layer (hash layers have no bias to steer).
   const std::vector<std::vector<int64_t>>& load() const { return load_; }
   const std::vector<int64_t>& moe_layers() const { return moe_layers_; }
   void reset_load();
+  // alpha of the sequence-wise balance loss of the `moe` layers (0: off; hash_moe layers never have one), as the
+  // V3 trainer's: per sequence of T tokens L_bal = alpha sum_i f_i P_i, f_i = E/(K T) #{t: i in TopK(t)} (a
+  // constant), P_i = 1/T sum_t s_it / sum_j s_jt with s the unbiased sqrtsoftplus scores normalized over all E
+  // experts (the V3 formula the V4 report cites; not over the K selected, not the biased selection scores).
+  void set_balance_alpha(double alpha);
 
  private:
   struct Impl;

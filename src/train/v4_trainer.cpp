@@ -1,16 +1,21 @@
 // The DeepSeek-V4 training loop (see v4_trainer.h).
 #include "train/v4_trainer.h"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+
+#include <unistd.h>
 
 #include "core/rng.h"
 #include "dist/runtime.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
+#include "train/checkpoint.h"
 #include "train/data.h"
 #include "train/muon.h"
 #include "train/report.h"
@@ -29,10 +34,68 @@ bool ends_with(const std::string& s, const std::string& t) {
 
 std::string config_path(const std::string& p) { return fs::is_directory(p) ? (fs::path(p) / "config.json").string() : p; }
 
+// Ctrl-C: finish the step, save the checkpoint, stop (a second Ctrl-C kills at once), as the V3 trainer.
+std::atomic<bool> g_stop{false};
+void on_sigint(int) {
+  g_stop = true;
+  std::signal(SIGINT, SIG_DFL);
+}
+
 double max_vio(const std::vector<int64_t>& load) {
   int64_t sum = 0, mx = 0;
   for (auto v : load) sum += v, mx = std::max(mx, v);
   return sum == 0 ? 0 : double(mx) / (double(sum) / double(load.size())) - 1.0;
+}
+
+// A V4 checkpoint's trainer state (see v4_trainer.h): trainer_state.json and the flat f32 arrays of
+// trainer_state.safetensors, checked against the model's parameter count and the run's optimizer.
+struct V4ResumeState {
+  int64_t step = 0, tokens = 0, opt_t = 0;
+  uint64_t rng[4] = {};
+  std::vector<float> m, v, mom;  // AdamW moments; Muon's momentum (muon only)
+};
+
+V4ResumeState load_v4_state(const std::string& dir, const std::string& optimizer, int64_t n) {
+  V4ResumeState st;
+  const std::string jp = (fs::path(dir) / "trainer_state.json").string();
+  try {
+    const json j = json::parse(read_file(jp));
+    if (!j.contains("model_type") && j.contains("adam_t"))
+      fail("{} is a DeepSeek-V3 trainer state, not a DeepSeek-V4 one: resume it with the model it was trained with", jp);
+    if (!j.contains("adam_t"))
+      fail("{} has no optimizer state (written before DeepSeek-V4 runs could resume): start a new run from its "
+           "weights with --init-from {}", jp, dir);
+    if (j.at("model_type").get<std::string>() != "deepseek_v4")
+      fail("{} is a {} trainer state, not a DeepSeek-V4 one", jp, j.at("model_type").get<std::string>());
+    const std::string was = j.at("optimizer").get<std::string>();
+    if (was != optimizer)
+      fail("{} was trained with --optimizer {}, not {}: resume with --optimizer {} (or start a new run from its "
+           "weights with --init-from)", dir, was, optimizer, was);
+    st.step = j.at("step"), st.tokens = j.at("tokens"), st.opt_t = j.at("adam_t");
+    for (int i = 0; i < 4; ++i) st.rng[i] = j.at("rng").at(i).get<uint64_t>();
+  } catch (const json::exception& e) {
+    fail("{}: {}", jp, e.what());
+  }
+  const std::string sp = (fs::path(dir) / "trainer_state.safetensors").string();
+  if (!fs::exists(sp)) fail("{} is missing: the checkpoint has no optimizer state", sp);
+  SafetensorsFile f(sp);
+  auto get = [&](const char* name, std::vector<float>& out) {
+    if (!f.has(name)) fail("{} has no {} (a checkpoint of another optimizer or model?)", sp, name);
+    Tensor t = f.get(name);
+    if (t.dtype != DType::F32 || t.numel() != n)
+      fail("{}: {} must be f32 [{}] (this model's parameter count), got {} values: a checkpoint of another model?", sp,
+           name, n, t.numel());
+    out.assign(t.ptr<float>(), t.ptr<float>() + n);
+  };
+  get("adam.m", st.m), get("adam.v", st.v);
+  if (optimizer == "muon") get("muon.momentum", st.mom);
+  return st;
+}
+
+Tensor f32_vector(const char* name, const std::vector<float>& v) {
+  Tensor t = Tensor::empty(DType::F32, {int64_t(v.size())}, name);
+  std::copy(v.begin(), v.end(), t.ptr<float>());
+  return t;
 }
 
 }  // namespace
@@ -87,9 +150,12 @@ void save_v4_model(const std::string& dir, const V4Weights& w, const std::string
   write_file_atomic((fs::path(dir) / "config.json").string(), config_json);
 }
 
-TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step, bool /*handle_sigint*/) {
+TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step, bool handle_sigint) {
   TrainArgs a = a_in;
-  if (!a.resume.empty()) fail("--resume is not implemented for DeepSeek-V4 training yet: start with --init-from {}", a.resume);
+  if (!a.resume.empty() && !is_checkpoint(a.resume) && is_checkpoint((fs::path(a.resume) / "checkpoint").string()))
+    a.resume = (fs::path(a.resume) / "checkpoint").string();
+  if (!a.resume.empty() && !is_checkpoint(a.resume))
+    fail("{} is not a training checkpoint (no trainer_state.json)", a.resume);
   if (a.data.empty()) fail("--data is required (a directory made by dsv3 prepare-data)");
   if (a.batch < 1 || a.seq < 2 || a.grad_accum < 1) fail("--batch >= 1, --seq >= 2 and --grad-accum >= 1 are required");
   if (a.device != "cpu") fail("DeepSeek-V4 training runs on the CPU for now (--device cpu), got --device {}", a.device);
@@ -98,6 +164,7 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   if (dist::world().size() > 1 || a.ep > 1 || a.dp > 1)
     fail("DeepSeek-V4 training runs in one process for now (no mpirun, --ep or --dp)");
   if (a.optimizer != "adamw" && a.optimizer != "muon") fail("unknown --optimizer '{}' (adamw or muon)", a.optimizer);
+  if (!(a.balance_alpha >= 0)) fail("--balance-alpha must be >= 0, got {}", a.balance_alpha);
   const int64_t tokens_per_step = a.batch * a.seq * a.grad_accum;
   int64_t total = a.steps;
   if (total <= 0 && a.tokens > 0) total = (a.tokens + tokens_per_step - 1) / tokens_per_step;
@@ -108,14 +175,19 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   // ---- model
   std::string cfg_src;
   V4Weights w;
-  if (!a.init_from.empty()) {
+  V4ResumeState rs;
+  if (!a.resume.empty()) {
+    cfg_src = config_path(a.resume);
+    w = load_v4_weights(V4Config::load(a.resume), a.resume);  // parameters and selection biases, f32
+    rs = load_v4_state(a.resume, a.optimizer, w.layout.num_params);
+  } else if (!a.init_from.empty()) {
     cfg_src = config_path(a.init_from);
     w = load_v4_weights(V4Config::load(a.init_from), a.init_from);
   } else if (!a.config.empty()) {
     cfg_src = config_path(a.config);
     w = init_v4_weights(V4Config::load(a.config), a.seed);
   } else {
-    fail("give --config (random init) or --init-from DIR");
+    fail("give --config (random init), --init-from DIR or --resume CHECKPOINT");
   }
   const V4Config& cfg = w.cfg;
   const std::string cfg_text = read_file(cfg_src);
@@ -124,6 +196,7 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   const int64_t n = w.layout.num_params;
   std::vector<float> grads(static_cast<size_t>(n), 0.f);
   V4TrainModel<float> tm(w, w.flat.f32(), grads.data());
+  tm.set_balance_alpha(a.balance_alpha);
   std::unique_ptr<Muon> muon;
   std::unique_ptr<HostAdamW> adam;
   if (a.optimizer == "muon") {
@@ -133,31 +206,56 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   } else {
     adam = std::make_unique<HostAdamW>(v4_adamw_segments(w.layout), n, a.adam);
   }
+  if (!a.resume.empty()) {
+    if (muon) muon->adam_m().swap(rs.m), muon->adam_v().swap(rs.v), muon->momentum().swap(rs.mom), muon->t = rs.opt_t;
+    else adam->adam_m().swap(rs.m), adam->adam_v().swap(rs.v), adam->t = rs.opt_t;
+  }
 
   // ---- data and output
   DataLoader data(a.data, a.seed);
   data.check_vocab(cfg.vocab_size);
+  if (!a.resume.empty()) data.rng().set_state(rs.rng);  // the data position: the window sampler's RNG
   fs::create_directories(a.out);
-  const std::string ckpt = (fs::path(a.out) / "checkpoint").string();
+  const std::string ckpt = fs::absolute(fs::path(a.out) / "checkpoint").string();
   const std::string metrics_path = (fs::path(a.out) / "metrics.jsonl").string();
-  std::remove(metrics_path.c_str());
-  std::ofstream metrics(metrics_path);
+  if (!a.resume.empty()) truncate_metrics(metrics_path, rs.step);
+  else std::remove(metrics_path.c_str());
+  std::ofstream metrics(metrics_path, std::ios::app);
   if (!metrics) fail("cannot write {}", metrics_path);
-  int64_t step = 0, tokens = 0;
+  int64_t step = rs.step, tokens = rs.tokens;
+  const int64_t first_step = step;
+  // The checkpoint as the V3 trainer writes it (train/checkpoint.h): the hub directory, trainer_state.safetensors
+  // (adam.m, adam.v and for Muon muon.momentum, f32 [num_params]) and trainer_state.json (step, tokens, the
+  // optimizer's step count adam_t, the data RNG, the run's options); built in a sibling and swapped in.
   auto save = [&](const char* why) {
-    const std::string tmp = ckpt + ".tmp";
-    fs::remove_all(tmp);
-    save_v4_model(tmp, w, cfg_text);
-    const std::string td = data.meta().tokenizer;
-    if (!td.empty()) {
-      const fs::path d = fs::is_directory(td) ? fs::path(td) : fs::path(td).parent_path();
-      for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
-        if (fs::exists(d / f)) fs::copy_file(d / f, fs::path(tmp) / f, fs::copy_options::overwrite_existing);
+    const fs::path fin(ckpt);
+    const std::string tmp = (fin.parent_path() / ("." + fin.filename().string() + ".tmp." + std::to_string(getpid()))).string();
+    try {
+      fs::remove_all(tmp);
+      save_v4_model(tmp, w, cfg_text);
+      const std::string td = data.meta().tokenizer;
+      if (!td.empty()) {
+        const fs::path d = fs::is_directory(td) ? fs::path(td) : fs::path(td).parent_path();
+        for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
+          if (fs::exists(d / f)) fs::copy_file(d / f, fs::path(tmp) / f, fs::copy_options::overwrite_existing);
+      }
+      std::vector<Tensor> ts;
+      if (muon) ts = {f32_vector("adam.m", muon->adam_m()), f32_vector("adam.v", muon->adam_v()),
+                      f32_vector("muon.momentum", muon->momentum())};
+      else ts = {f32_vector("adam.m", adam->adam_m()), f32_vector("adam.v", adam->adam_v())};
+      write_safetensors((fs::path(tmp) / "trainer_state.safetensors").string(), ts);
+      uint64_t r[4];
+      data.rng().get_state(r);
+      json st = {{"step", step}, {"tokens", tokens}, {"adam_t", muon ? muon->t : adam->t},
+                 {"rng", {r[0], r[1], r[2], r[3]}}, {"model_dtype", "f32"}, {"model_type", "deepseek_v4"},
+                 {"optimizer", a.optimizer}, {"args", a.to_json()}};
+      write_file_atomic((fs::path(tmp) / "trainer_state.json").string(), st.dump(2) + "\n");
+      swap_in_directory(tmp, ckpt);
+    } catch (const std::exception& e) {
+      std::error_code ec;
+      fs::remove_all(tmp, ec);
+      fail("saving checkpoint {} failed (the previous checkpoint is untouched): {}", ckpt, e.what());
     }
-    json st = {{"step", step}, {"tokens", tokens}, {"optimizer", a.optimizer}, {"args", a.to_json()}};
-    write_file_atomic((fs::path(tmp) / "trainer_state.json").string(), st.dump(2) + "\n");
-    fs::remove_all(ckpt);
-    fs::rename(tmp, ckpt);
     std::fprintf(stderr, "saved %s (%s, step %lld)\n", ckpt.c_str(), why, (long long)step);
   };
   auto evaluate = [&] {
@@ -182,15 +280,23 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
 
   const auto& moe_layers = tm.moe_layers();
   const int64_t E = cfg.n_routed_experts;
-  const std::string origin = a.init_from.empty() ? "from scratch" : "from " + a.init_from;
+  const std::string origin = !a.resume.empty() ? "resumed at step " + std::to_string(step) + " from " + a.resume
+                             : a.init_from.empty() ? "from scratch" : "from " + a.init_from;
   std::fprintf(stderr, "training DeepSeek-V4 %s on cpu with %s: %lld params (%zu moe + %lld hash layers), %lld steps of "
                "%lld tokens (batch %lld x seq %lld x accum %lld), data %s (%lld tokens)%s\n",
                origin.c_str(),
                a.optimizer.c_str(), (long long)n, moe_layers.size(), (long long)cfg.num_hash_layers(), (long long)total,
                (long long)tokens_per_step, (long long)a.batch, (long long)a.seq, (long long)a.grad_accum, a.data.c_str(),
                (long long)data.train_tokens(),
-               a.balance_alpha > 0 || a.mtp_lambda > 0 ? " (no balance loss or MTP for V4: --balance-alpha and "
-                                                         "--mtp-lambda are ignored)" : "");
+               a.mtp_lambda > 0 ? " (no MTP for V4: --mtp-lambda is ignored)" : "");
+  g_stop = false;
+  struct Restore {
+    bool active;
+    void (*h)(int);
+    ~Restore() {
+      if (active) std::signal(SIGINT, h);
+    }
+  } restore{handle_sigint, handle_sigint ? std::signal(SIGINT, on_sigint) : nullptr};
   std::vector<int32_t> ids(static_cast<size_t>(a.batch * a.seq));
   const auto t_start = std::chrono::steady_clock::now();
   double tok_s = 0;
@@ -199,14 +305,15 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     const double lr = a.sched.at(step);
     std::fill(grads.begin(), grads.end(), 0.f);
     tm.reset_load();
-    double loss = 0;
+    double loss = 0, bal = 0;
     for (int64_t micro = 0; micro < a.grad_accum; ++micro) {
       data.next_batch(a.batch, a.seq, ids.data());
       V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0 / double(a.grad_accum), true);
-      if (!std::isfinite(s.loss))
+      if (!std::isfinite(s.loss + s.balance_loss))
         fail("the loss is not finite ({}) at step {}: stopping without saving; lower --lr or check the data",
-             std::isnan(s.loss) ? "NaN" : "Inf", step + 1);
+             std::isnan(s.loss + s.balance_loss) ? "NaN" : "Inf", step + 1);
       loss += s.loss / double(a.grad_accum);
+      bal += s.balance_loss / double(a.grad_accum);
     }
     const double gnorm = muon ? muon->step(w.flat.f32(), grads.data(), lr) : adam->step(w.flat.f32(), grads.data(), lr);
     if (!std::isfinite(gnorm)) fail("the gradient norm is not finite at step {}: stopping without saving", step + 1);
@@ -232,16 +339,17 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     tok_s = double(tokens_per_step) / dt;
     json mj = {{"type", "train"}, {"step", step}, {"loss", loss}, {"lr", lr}, {"grad_norm", gnorm},
-               {"balance_loss", 0.0}, {"tokens", tokens}, {"tok_per_s", tok_s}, {"step_s", dt}, {"maxvio", maxvio},
+               {"balance_loss", bal}, {"tokens", tokens}, {"tok_per_s", tok_s}, {"step_s", dt}, {"maxvio", maxvio},
                {"load", loads}, {"moe_layers", moe_layers}, {"mtp_loss", json::array()}, {"optimizer", a.optimizer}};
     metrics << mj.dump() << "\n", metrics.flush();
-    bool stop = on_step && !on_step(mj);
-    if (step % std::max<int64_t>(a.log_every, 1) == 0 || step == total || step == 1)
+    bool stop = (on_step && !on_step(mj)) || g_stop;
+    if (step % std::max<int64_t>(a.log_every, 1) == 0 || step == total || step == first_step + 1)
       std::fprintf(stderr, "step %lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | maxvio %.3f\n",
                    (long long)step, (long long)total, loss, lr, gnorm, tok_s, worst);
     if (a.eval_every > 0 && (step % a.eval_every == 0 || step == total)) evaluate();
-    if (stop || (a.stop_after > 0 && step >= a.stop_after && step < total)) {
+    if (stop || (a.stop_after > 0 && step - first_step >= a.stop_after && step < total)) {
       save(stop ? "interrupted" : "--stop-after");
+      if (stop) std::fprintf(stderr, "interrupted at step %lld; resume with --resume %s\n", (long long)step, ckpt.c_str());
       return {step, stop, ckpt};
     }
     if (a.save_every > 0 && step % a.save_every == 0 && step < total) save("periodic");

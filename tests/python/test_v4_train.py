@@ -1,6 +1,8 @@
 """DeepSeek-V4 training through the CLI (dsv3 train on a deepseek_v4 config): AdamW and Muon both lower the loss
 in 20 steps, the checkpoint is a hub directory that dsv3 and transformers load (same logits), --init-from
-continues from it, and malformed inputs give one-line errors."""
+continues from it, --resume continues a run exactly with either optimizer (and refuses another optimizer's or
+model's state), the balance loss is reported for the moe layers only, and malformed inputs give one-line
+errors."""
 import json
 import pathlib
 import subprocess
@@ -122,7 +124,85 @@ def test_v4_bad_inputs_are_one_line_errors(tmp_path, dsv3_bin, setup):
     r = run([dsv3_bin, "train", "--config", tmp_path / "small.json", "--data", data, "--out", tmp_path / "e",
              "--steps", "1"])
     one_line_error(r)
-    r = train(dsv3_bin, setup, tmp_path / "f", steps=1)
+    r = run([dsv3_bin, "train", "--config", setup / "config.json", "--data", data, "--out", tmp_path / "g", "--steps",
+             "1", "--balance-alpha", "-1"])
+    one_line_error(r, "--balance-alpha")
+
+
+def metrics_rows(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_v4_resume_is_exact(tmp_path, dsv3_bin, setup, optimizer):
+    # 6 steps in one run against 3 + 3 with a checkpoint between: the same losses, gradient norms, expert loads
+    # and final weights bit for bit (optimizer moments, Muon momentum, step, data RNG and selection biases saved).
+    extra = ["--optimizer", optimizer, "--eval-every", "3", "--eval-batches", "1"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    r = train(dsv3_bin, setup, full, *extra, steps=6)
     assert r.returncode == 0, r.stderr
-    r = run([dsv3_bin, "train", "--resume", tmp_path / "f" / "checkpoint", "--steps", "2"])
-    one_line_error(r, "--resume")
+    r = train(dsv3_bin, setup, split, *extra, "--stop-after", "3", steps=6)
+    assert r.returncode == 0, r.stderr
+    st = json.loads((split / "checkpoint" / "trainer_state.json").read_text())
+    assert st["step"] == 3 and st["adam_t"] == 3 and st["optimizer"] == optimizer and st["model_type"] == "deepseek_v4"
+    from safetensors.numpy import load_file
+    state = load_file(str(split / "checkpoint" / "trainer_state.safetensors"))
+    assert sorted(state) == (["adam.m", "adam.v", "muon.momentum"] if optimizer == "muon" else ["adam.m", "adam.v"])
+    r = run([dsv3_bin, "train", "--resume", split / "checkpoint"])
+    assert r.returncode == 0, r.stderr
+    assert "resumed at step 3" in r.stderr, r.stderr
+    a, b = metrics_rows(full), metrics_rows(split)
+    assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) == 8  # 6 train + 2 val rows
+    for x, y in zip(a, b):
+        for k in ("loss", "grad_norm", "balance_loss", "load", "val_loss"):
+            assert x.get(k) == y.get(k), (k, x, y)
+    wa, wb = load_file(str(full / "checkpoint" / "model.safetensors")), load_file(str(split / "checkpoint" / "model.safetensors"))
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    # Another optimizer than the checkpoint's: a one-line error.
+    other = "adamw" if optimizer == "muon" else "muon"
+    r = run([dsv3_bin, "train", "--resume", split / "checkpoint", "--optimizer", other, "--steps", "8"])
+    one_line_error(r, f"--optimizer {optimizer}", "--init-from")
+
+
+def test_v4_resume_refuses_foreign_state(tmp_path, dsv3_bin, setup):
+    import shutil
+    r = train(dsv3_bin, setup, tmp_path / "v4", steps=1)
+    assert r.returncode == 0, r.stderr
+    ck = tmp_path / "v4" / "checkpoint"
+    # A DeepSeek-V3 run's trainer state in a V4 checkpoint.
+    r = run([dsv3_bin, "train", "--config", V3_TINY, "--data", setup / "data", "--out", tmp_path / "v3", "--batch", "2",
+             "--seq", "16", "--steps", "1", "--no-report"])
+    assert r.returncode == 0, r.stderr
+    mixed = tmp_path / "mixed"
+    shutil.copytree(ck, mixed)
+    for f in ("trainer_state.json", "trainer_state.safetensors"):
+        shutil.copy(tmp_path / "v3" / "checkpoint" / f, mixed / f)
+    r = run([dsv3_bin, "train", "--resume", mixed, "--steps", "2"])
+    one_line_error(r, "DeepSeek-V3 trainer state")
+    # V3-format state files sized for another model (the model_type marker kept): the size check.
+    st = json.loads((ck / "trainer_state.json").read_text())
+    (mixed / "trainer_state.json").write_text(json.dumps(st))
+    r = run([dsv3_bin, "train", "--resume", mixed, "--steps", "2"])
+    one_line_error(r, "adam.m must be f32")
+    # A checkpoint without optimizer state (as the V4 trainer wrote before it could resume).
+    (mixed / "trainer_state.json").write_text(json.dumps({k: st[k] for k in ("step", "tokens", "optimizer", "args")}))
+    r = run([dsv3_bin, "train", "--resume", mixed, "--steps", "2"])
+    one_line_error(r, "no optimizer state", "--init-from")
+    r = run([dsv3_bin, "train", "--resume", tmp_path / "nothing", "--steps", "2"])
+    one_line_error(r)
+
+
+def test_v4_balance_loss_metric(tmp_path, dsv3_bin, setup):
+    # CFG has 1 hash layer and 2 moe layers: balance_loss ~ alpha * 2 (sum_i f_i P_i is ~1); with every layer
+    # hash-routed there is none; --balance-alpha 0 turns it off.
+    r = train(dsv3_bin, setup, tmp_path / "a", "--balance-alpha", "0.01", steps=2)
+    assert r.returncode == 0, r.stderr
+    bl = [x["balance_loss"] for x in metrics_rows(tmp_path / "a") if x["type"] == "train"]
+    assert all(0.01 < b < 0.08 for b in bl), bl
+    (tmp_path / "hash.json").write_text(json.dumps(dict(CFG, num_hash_layers=3)))
+    r = train(dsv3_bin, setup, tmp_path / "b", "--balance-alpha", "0.01", steps=1, config=tmp_path / "hash.json")
+    assert r.returncode == 0, r.stderr
+    assert [x["balance_loss"] for x in metrics_rows(tmp_path / "b") if x["type"] == "train"] == [0.0]
+    r = train(dsv3_bin, setup, tmp_path / "c", "--balance-alpha", "0", steps=1)
+    assert r.returncode == 0, r.stderr
+    assert [x["balance_loss"] for x in metrics_rows(tmp_path / "c") if x["type"] == "train"] == [0.0]

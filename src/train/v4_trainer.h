@@ -3,8 +3,8 @@
 // V4TrainModel forward/backward (gradient accumulation) -> AdamW or Muon (--optimizer) -> the auxiliary-loss-free
 // bias update of the `moe` layers (hash_moe layers route by their fixed table and have no bias) -> metrics,
 // validation, checkpoints in the hub layout (release names: dsv3 logits / generate / info and train --init-from
-// read them). CPU, fp32, one process. Not yet: --resume, the sequence-wise balance loss, MTP (transformers does not
-// build V4's MTP block either), bf16 checkpoints.
+// read them), MTP blocks with --mtp-lambda (mtp_loss in the metrics). CPU, fp32, one process. Not yet: --resume, the
+// sequence-wise balance loss, bf16 checkpoints.
 #include "model/v4_weights.h"
 #include "train/trainer.h"
 

@@ -121,11 +121,10 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   }
   const V4Config& cfg = w.cfg;
   const std::string cfg_text = read_file(cfg_src);
-  if (a.mtp_lambda > 0 && cfg.num_nextn_predict_layers == 0)
-    fail("--mtp-lambda {} needs MTP blocks: {}", a.mtp_lambda,
-         w.mtp_absent ? a.init_from + " has no mtp.* tensors (set num_nextn_predict_layers and train from --config)"
-                      : "the config has num_nextn_predict_layers = 0");
-  // The MTP blocks train with --mtp-lambda; validation measures them either way (at V3's default weight 0.3).
+  // The MTP blocks train with --mtp-lambda (as V3: when the model has them); validation measures them either way.
+  if (w.mtp_absent && a.mtp_lambda > 0)
+    std::fprintf(stderr, "note: %s has no mtp.* tensors: training without MTP\n", a.init_from.c_str());
+  const double mtp_lambda = cfg.num_nextn_predict_layers > 0 ? a.mtp_lambda : 0.0;
   const double mtp_eval = cfg.num_nextn_predict_layers > 0 ? (a.mtp_lambda > 0 ? a.mtp_lambda : 0.3) : 0.0;
   if (a.seq > cfg.max_position_embeddings)
     fail("--seq {} exceeds the model's max_position_embeddings {}", a.seq, cfg.max_position_embeddings);
@@ -209,9 +208,9 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
                (long long)tokens_per_step, (long long)a.batch, (long long)a.seq, (long long)a.grad_accum, a.data.c_str(),
                (long long)data.train_tokens(),
                a.balance_alpha > 0 ? " (no balance loss for V4: --balance-alpha is ignored)" : "");
-  if (a.mtp_lambda > 0)
+  if (mtp_lambda > 0)
     std::fprintf(stderr, "MTP: %lld block(s) (%lld params), loss = main + %g * mean MTP cross-entropy\n",
-                 (long long)cfg.num_nextn_predict_layers, (long long)v4_mtp_params(cfg), a.mtp_lambda);
+                 (long long)cfg.num_nextn_predict_layers, (long long)v4_mtp_params(cfg), mtp_lambda);
   std::vector<int32_t> ids(static_cast<size_t>(a.batch * a.seq));
   const auto t_start = std::chrono::steady_clock::now();
   double tok_s = 0;
@@ -224,7 +223,7 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     std::vector<double> mtp;
     for (int64_t micro = 0; micro < a.grad_accum; ++micro) {
       data.next_batch(a.batch, a.seq, ids.data());
-      V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0 / double(a.grad_accum), true, a.mtp_lambda);
+      V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0 / double(a.grad_accum), true, mtp_lambda);
       if (!std::isfinite(s.total))
         fail("the loss is not finite ({}) at step {}: stopping without saving; lower --lr or check the data",
              std::isnan(s.total) ? "NaN" : "Inf", step + 1);

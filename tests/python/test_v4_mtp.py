@@ -135,3 +135,20 @@ def test_v4_mtp_checkpoint_without_mtp_and_bad_blocks(dsv3_bin, tmp_path):
         r = run(dsv3_bin, "info", "--model", b)
         assert r.returncode == 1 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
         assert name in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("mtp_type", ["sliding_attention", "heavily_compressed_attention"])
+def test_v4_speculative_mtp_equals_plain_greedy(dsv3_bin, tmp_path, mtp_type):
+    m, _, _ = make_model(dsv3_bin, tmp_path / "a", mtp_type)
+
+    def gen(*extra, prompt="5,9,17,33,2,70", n=40):
+        r = run(dsv3_bin, "generate", "--model", m, "--prompt-ids", prompt, "-n", str(n), "--json", "--ignore-eos", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    for prompt, n in [("5,9,17,33,2,70", 40), ("3", 25), (",".join(["7"] * 40), 30)]:  # the last runs into the 64 limit
+        plain, spec = gen(prompt=prompt, n=n), gen("--speculative", "mtp", prompt=prompt, n=n)
+        assert spec["output_ids"] == plain["output_ids"], (prompt, spec, plain)
+        assert spec["drafted"] > 0
+    r = run(dsv3_bin, "generate", "--model", m, "--prompt-ids", "1,2", "--speculative", "mtp", "--temperature", "0.7")
+    assert r.returncode != 0 and r.stderr.startswith("error:") and "greedy" in r.stderr, r.stderr

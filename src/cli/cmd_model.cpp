@@ -9,6 +9,7 @@
 #include "dist/parallel.h"
 #include "dist/runtime.h"
 #include "cli/info_v4.h"
+#include "io/atomic_file.h"
 #include "io/safetensors.h"
 #include "model/generate.h"
 #include "model/loader.h"
@@ -16,6 +17,7 @@
 #include "model/v4_config.h"
 #include "model/v4_generate.h"
 #include "model/v4_loader.h"
+#include "train/v4_trainer.h"
 
 namespace dsv3::cli {
 
@@ -126,6 +128,15 @@ void add_init(CLI::App& app) {
   c->add_option("--dtype", *dtype, "bf16 or f32")->check(CLI::IsMember({"bf16", "f32"}));
   c->add_option("--tokenizer", *tok, "Copy tokenizer files (tokenizer.json, tokenizer_config.json) from this directory");
   c->callback([=] {
+    if (config_model_type(*cfg_path) == "deepseek_v4") {  // transformers' _init_weights, MTP blocks included; fp32
+      V4Weights w = init_v4_weights(V4Config::load(*cfg_path), *seed);
+      save_v4_model(*out, w, read_file(std::filesystem::is_directory(*cfg_path) ? *cfg_path + "/config.json" : *cfg_path));
+      if (!tok->empty()) copy_tokenizer_files(*tok, *out);
+      std::fprintf(stderr, "wrote %s (%s parameters + %s in %lld MTP block(s), f32: DeepSeek-V4 checkpoints are fp32)\n",
+                   out->c_str(), human(v4_total_params(w.cfg)).c_str(), human(v4_mtp_params(w.cfg)).c_str(),
+                   (long long)w.cfg.num_nextn_predict_layers);
+      return;
+    }
     ModelConfig cfg = ModelConfig::load(*cfg_path);
     DType dt = *dtype == "f32" ? DType::F32 : DType::BF16;
     ModelWeights w = init_weights(cfg, *seed, dt);
@@ -158,14 +169,26 @@ void add_logits(CLI::App& app) {
       flat[i] = ids.dtype == DType::I32 ? ids.ptr<int32_t>()[i] : int32_t(ids.ptr<int64_t>()[i]);
     if (config_model_type(*dir) == "deepseek_v4") {  // one fresh cache per row; all logits
       LoadedV4Model lm = open_v4_model(*dir, *device, *dtype);
-      const int64_t V = lm.model->config().vocab_size;
-      Tensor logits = Tensor::empty(DType::F32, {B, T, V}, "logits");
+      V4Model& m = *lm.model;
+      const int64_t V = m.config().vocab_size, D = std::min<int64_t>(m.mtp_depth(), T - 1);
+      std::vector<Tensor> outs = {Tensor::empty(DType::F32, {B, T, V}, "logits")};
+      // MTP block k (1-based) row i: the previous stage's streams of row i and token i + k, predicting token i + k + 1.
+      for (int64_t k = 1; k <= D; ++k) outs.push_back(Tensor::empty(DType::F32, {B, T - k, V}, "mtp_logits." + std::to_string(k)));
       for (int64_t b = 0; b < B; ++b) {
-        V4Cache cache(lm.model->config());
-        Tensor l = lm.model->forward(std::vector<int32_t>(flat.begin() + b * T, flat.begin() + (b + 1) * T), cache, true);
-        std::copy_n(l.f32(), T * V, logits.f32() + b * T * V);
+        V4Cache cache(m.config());
+        const std::vector<int32_t> row(flat.begin() + b * T, flat.begin() + (b + 1) * T);
+        Tensor X;
+        Tensor l = m.forward(row, cache, true, D > 0 ? &X : nullptr);
+        std::copy_n(l.f32(), T * V, outs[0].f32() + b * T * V);
+        for (int64_t k = 1; k <= D; ++k) {
+          const int64_t tk = T - k;
+          Tensor Xk = X.rows(0, tk), Xn;
+          Tensor ml = m.mtp_forward(k - 1, Xk, std::vector<int32_t>(row.begin() + k, row.end()), cache, &Xn);
+          std::copy_n(ml.f32(), tk * V, outs[size_t(k)].f32() + b * tk * V);
+          X = Xn;
+        }
       }
-      write_safetensors(*out, {logits});
+      write_safetensors(*out, outs);
       return;
     }
     LoadedModel lm = open_model(*dir, *device, *dtype);

@@ -5,6 +5,7 @@
 //   HCA layers     + one compressed entry (head_dim) per m' tokens.
 // Bytes are given for bf16 and fp32 entries, per token per layer type and for a 1M-token context.
 #include <cstdio>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "cli/common.h"
@@ -17,9 +18,19 @@ namespace dsv3::cli {
 using json = nlohmann::json;
 
 void print_v4_info(const std::string& dir, bool as_json) {
-  V4Config c = V4Config::load(dir);
-  load_v4_weights(c, dir, /*dequantize=*/false);  // every tensor checked by name, shape and dtype
-  const int64_t total = v4_total_params(c), active = v4_active_params(c);
+  const V4Config asked = V4Config::load(dir);
+  // Every tensor checked by name, shape and dtype; the MTP blocks when the checkpoint has mtp.* tensors.
+  const V4Weights w = load_v4_weights(asked, dir, /*dequantize=*/false);
+  const V4Config& c = w.cfg;
+  const int64_t total = v4_total_params(c), active = v4_active_params(c), mtp_params = v4_mtp_params(c);
+  std::string mtp_line = fmt::format("{} MTP block{} ({} params", c.num_nextn_predict_layers,
+                                     c.num_nextn_predict_layers == 1 ? "" : "s", human(mtp_params));
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k)
+    mtp_line += fmt::format("{} {}", k ? "," : ";", v4_attn_name(c.mtp_layer_types[size_t(k)]));
+  mtp_line += ")";
+  if (w.mtp_absent)
+    mtp_line += fmt::format("; note: config.json has num_nextn_predict_layers = {} but the checkpoint has no mtp.* "
+                            "tensors, so MTP is off", asked.num_nextn_predict_layers);
   const int64_t hd = c.head_dim, W = c.sliding_window, ctx = int64_t(1) << 20;
   struct Kind {
     const char* name;
@@ -65,6 +76,8 @@ void print_v4_info(const std::string& dir, bool as_json) {
             {"fp8_checkpoint", c.fp8},
             {"expert_dtype", c.expert_dtype},
             {"mtp_modules", c.num_nextn_predict_layers},
+            {"mtp_params", mtp_params},
+            {"mtp_absent", w.mtp_absent},
             {"total_params", total},
             {"active_params_per_token", active},
             {"layer_types", types},
@@ -91,8 +104,9 @@ void print_v4_info(const std::string& dir, bool as_json) {
   std::printf("moe              %lld routed (top-%lld, %s, %lld hash layers) + 1 shared, width %lld, SwiGLU clamp %g\n",
               (long long)c.n_routed_experts, (long long)c.num_experts_per_tok, c.scoring_func.c_str(),
               (long long)hash_layers, (long long)c.moe_intermediate_size, c.swiglu_limit);
-  std::printf("parameters       %s total, %s active per token (MTP modules: %lld, not loaded)\n", human(total).c_str(),
-              human(active).c_str(), (long long)c.num_nextn_predict_layers);
+  std::printf("parameters       %s total, %s active per token (main model)\n", human(total).c_str(),
+              human(active).c_str());
+  std::printf("mtp              %s\n", mtp_line.c_str());
   std::printf("checkpoint       %s%s\n", c.fp8 ? "fp8 e4m3 blocks" : "unquantized",
               c.expert_dtype.empty() ? "" : (", experts " + c.expert_dtype).c_str());
   for (auto& k : kinds)

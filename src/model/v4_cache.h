@@ -32,7 +32,11 @@ struct V4Cache {
   int64_t len = 0;                  // tokens seen
   int64_t layers_for = -1;          // num_hidden_layers of the config the cache was made for
   std::vector<V4LayerCache> layers;
-  explicit V4Cache(const V4Config& c) : layers_for(c.num_hidden_layers), layers(size_t(c.num_hidden_layers)) {}
+  std::vector<V4LayerCache> mtp;    // [num_nextn_predict_layers] the MTP blocks' own layer caches
+  std::vector<int64_t> mtp_len;     // rows each MTP block has seen
+  explicit V4Cache(const V4Config& c)
+      : layers_for(c.num_hidden_layers), layers(size_t(c.num_hidden_layers)), mtp(size_t(c.num_nextn_predict_layers)),
+        mtp_len(size_t(c.num_nextn_predict_layers), 0) {}
   // Values held (for reports/tests): window rings, entries, buffers.
   int64_t values() const;
 };

@@ -61,8 +61,20 @@ V4Rope parse_rope(const json& r, const char* where, double theta_default) {
 
 }  // namespace
 
+V4Attn V4Config::attn_type(int64_t b) const {
+  return b < num_hidden_layers ? layer_types.at(size_t(b)) : mtp_layer_types.at(size_t(b - num_hidden_layers));
+}
+
+V4Mlp V4Config::mlp_type(int64_t b) const {
+  return b < num_hidden_layers ? mlp_layer_types.at(size_t(b)) : V4Mlp::Moe;
+}
+
+std::string V4Config::block_prefix(int64_t b) const {
+  return b < num_hidden_layers ? "layers." + std::to_string(b) + "." : "mtp." + std::to_string(b - num_hidden_layers) + ".";
+}
+
 int64_t V4Config::compress_rate(int64_t l) const {
-  switch (layer_types.at(size_t(l))) {
+  switch (attn_type(l)) {
     case V4Attn::CSA: return compress_rate_csa;
     case V4Attn::HCA: return compress_rate_hca;
     default: return 0;
@@ -169,6 +181,25 @@ V4Config V4Config::from_json(const json& j) {
     for (int64_t l = 0; l < L; ++l)
       c.layer_types.push_back(l < 2 ? V4Attn::HCA : ((l - 2) % 2 ? V4Attn::CSA : V4Attn::HCA));
   }
+  // MTP blocks: the schedule's entry past the main layers (the hub's compress_ratios carry one per MTP layer, e.g.
+  // V4-Flash's trailing 0), sliding-only when the list ends at num_hidden_layers.
+  if (c.num_nextn_predict_layers < 0 || c.num_nextn_predict_layers > 16)
+    fail("config: field 'num_nextn_predict_layers' must be in [0, 16], got {}", c.num_nextn_predict_layers);
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    V4Attn t = V4Attn::Sliding;
+    const size_t i = size_t(L + k);
+    if (j.contains("layer_types") && j["layer_types"].is_array()) {
+      if (j["layer_types"].size() > i)
+        for (V4Attn a : {V4Attn::Sliding, V4Attn::CSA, V4Attn::HCA})
+          if (j["layer_types"][i] == v4_attn_name(a)) t = a;
+    } else if (j.contains("compress_ratios") && j["compress_ratios"].is_array() && j["compress_ratios"].size() > i) {
+      const json& e = j["compress_ratios"][i];
+      if (e == 4) t = V4Attn::CSA;
+      else if (e == 128) t = V4Attn::HCA;
+      else if (e != 0) fail("config: field 'compress_ratios' has entry {} for MTP layer {} (expected 0, 4 or 128)", e.dump(), k);
+    }
+    c.mtp_layer_types.push_back(t);
+  }
   // MoE schedule: mlp_layer_types > legacy num_hash_layers (default 3) hash layers first.
   if (j.contains("mlp_layer_types") && !j["mlp_layer_types"].is_null()) {
     c.mlp_layer_types = layer_list<V4Mlp>(j["mlp_layer_types"], "mlp_layer_types", L, [](const json& e) {
@@ -269,6 +300,8 @@ void V4Config::validate() const {
   if (!(swiglu_limit > 0)) fail("config: field 'swiglu_limit' must be positive, got {}", swiglu_limit);
   if (num_nextn_predict_layers < 0 || num_nextn_predict_layers > 16)
     fail("config: field 'num_nextn_predict_layers' must be in [0, 16], got {}", num_nextn_predict_layers);
+  if (int64_t(mtp_layer_types.size()) != num_nextn_predict_layers)
+    fail("config: {} MTP layer types for num_nextn_predict_layers = {}", mtp_layer_types.size(), num_nextn_predict_layers);
   if (fp8 && (fp8_block_n <= 0 || fp8_block_k <= 0)) fail("config: quantization_config.weight_block_size must be positive");
   if (vocab_size > (int64_t(1) << 31) || hidden_size > (1 << 20) || num_attention_heads > 4096 || head_dim > 65536 ||
       hc_mult > 64 || n_routed_experts > 65536 || hc_sinkhorn_iters > 10000)

@@ -44,7 +44,11 @@ struct V4Config {
   double hc_eps = 1e-6, swiglu_limit = 10.0;
   int64_t sliding_window = 128, o_groups = 8, o_lora_rank = 1024;
   int64_t index_n_heads = 64, index_head_dim = 128, index_topk = 512;
+  // MTP blocks (mtp.k.*, k < num_nextn_predict_layers; 0 when a checkpoint has none): block k is a V4 block with
+  // layer id num_hidden_layers + k, attention mtp_layer_types[k] (the compress_ratios / layer_types entry past the
+  // main layers, sliding when the list has none), a non-hash MoE with a selection bias.
   int64_t num_nextn_predict_layers = 1;
+  std::vector<V4Attn> mtp_layer_types;         // [num_nextn_predict_layers]
   double router_aux_loss_coef = 0.001, initializer_range = 0.02, rms_norm_eps = 1e-6;
   int64_t bos_token_id = 0, eos_token_id = 1;
   std::string torch_dtype = "bfloat16";
@@ -56,7 +60,12 @@ struct V4Config {
   std::string expert_dtype;    // "" (as the other weights) | fp8 | fp4
   int64_t fp8_block_n = 128, fp8_block_k = 128;
 
-  int64_t compress_rate(int64_t layer) const;  // 0 for sliding layers
+  // Blocks are numbered 0 .. num_hidden_layers - 1 (main) then num_hidden_layers + k (MTP block k).
+  int64_t num_blocks() const { return num_hidden_layers + num_nextn_predict_layers; }
+  V4Attn attn_type(int64_t block) const;
+  V4Mlp mlp_type(int64_t block) const;             // MTP blocks: moe
+  std::string block_prefix(int64_t block) const;   // "layers.3." or "mtp.0."
+  int64_t compress_rate(int64_t block) const;      // 0 for sliding blocks
   int64_t num_hash_layers() const;
 
   static V4Config from_json(const nlohmann::json& j);  // throws InputError naming the field

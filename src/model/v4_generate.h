@@ -1,7 +1,8 @@
 #pragma once
 // Single-sequence generation with a DeepSeek-V4 model: prefill the prompt into a V4Cache, then one forward per
-// new token (greedy or sampled, the same Sampler and options as the V3 path; speculative decoding is not
-// available: V4's MTP block is not loaded).
+// new token (greedy or sampled, the same Sampler and options as the V3 path). opt.speculative_mtp (greedy only):
+// MTP block 0 drafts the token after next from the main model's final streams; one main pass over [current, draft]
+// verifies it (accepted: two tokens per pass; rejected: the cache is restored and the current token alone is run).
 #include <functional>
 #include <vector>
 

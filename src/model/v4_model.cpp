@@ -22,53 +22,20 @@ V4Model::V4Model(V4Weights w, Backend& be) : w_(std::move(w)), be_(be) {
   hc_head_fn_ = v("hc_head_fn");
   hc_head_base_ = v("hc_head_base");
   hc_head_scale_ = v("hc_head_scale");
-  const int64_t E = c.n_routed_experts, F = c.moe_intermediate_size, d = c.hidden_size;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
-    V4LayerWeights L;
-    L.index = l;
-    L.type = c.layer_types[size_t(l)];
-    L.mlp = c.mlp_layer_types[size_t(l)];
-    L.attn_norm = v(p + "attn_norm.weight");
-    L.ffn_norm = v(p + "ffn_norm.weight");
-    L.hc_attn = {v(p + "hc_attn_fn"), v(p + "hc_attn_base"), v(p + "hc_attn_scale")};
-    L.hc_ffn = {v(p + "hc_ffn_fn"), v(p + "hc_ffn_base"), v(p + "hc_ffn_scale")};
-    L.sink = v(p + "attn.attn_sink");
-    L.wq_a = v(p + "attn.wq_a.weight");
-    L.q_norm = v(p + "attn.q_norm.weight");
-    L.wq_b = v(p + "attn.wq_b.weight");
-    L.wkv = v(p + "attn.wkv.weight");
-    L.kv_norm = v(p + "attn.kv_norm.weight");
-    L.wo_a = v(p + "attn.wo_a.weight");
-    L.wo_b = v(p + "attn.wo_b.weight");
-    if (L.type != V4Attn::Sliding) {
-      const std::string q = p + "attn.compressor.";
-      L.comp = {v(q + "wkv.weight"), v(q + "wgate.weight"), v(q + "ape"), v(q + "norm.weight")};
-    }
-    if (L.type == V4Attn::CSA) {
-      const std::string q = p + "attn.indexer.";
-      L.idx.wq_b = v(q + "wq_b.weight");
-      L.idx.weights_proj = v(q + "weights_proj.weight");
-      L.idx.comp = {v(q + "compressor.wkv.weight"), v(q + "compressor.wgate.weight"), v(q + "compressor.ape"),
-                    v(q + "compressor.norm.weight")};
-    }
-    L.gate = v(p + "ffn.gate.weight");
-    if (L.mlp == V4Mlp::Moe) L.gate_bias = v(p + "ffn.gate.bias");
-    else L.tid2eid = &w_.tid2eid[size_t(l)];
-    // The layout stores each kind of expert matrix for experts 0..E-1 back to back: one grouped tensor.
-    auto grouped = [&](const char* k, Shape s) {
-      Tensor t = v(p + "ffn.experts.0." + k + ".weight");
-      t.shape = std::move(s);
-      t.name = p + "ffn.experts." + k;
-      return t;
-    };
-    L.w1 = grouped("w1", {E, F, d});
-    L.w3 = grouped("w3", {E, F, d});
-    L.w2 = grouped("w2", {E, d, F});
-    L.sw1 = v(p + "ffn.shared_experts.w1.weight");
-    L.sw3 = v(p + "ffn.shared_experts.w3.weight");
-    L.sw2 = v(p + "ffn.shared_experts.w2.weight");
-    layers_.push_back(std::move(L));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) layers_.push_back(make_layer(l));
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    const std::string p = "mtp." + std::to_string(k) + ".";
+    V4MtpWeights m;
+    m.e_proj = v(p + "e_proj.weight");
+    m.h_proj = v(p + "h_proj.weight");
+    m.enorm = v(p + "enorm.weight");
+    m.hnorm = v(p + "hnorm.weight");
+    m.norm = v(p + "norm.weight");
+    m.hc_fn = v(p + "hc_head_fn");
+    m.hc_base = v(p + "hc_head_base");
+    m.hc_scale = v(p + "hc_head_scale");
+    m.block = make_layer(c.num_hidden_layers + k);
+    mtp_.push_back(std::move(m));
   }
   rope_main_.inv_freq = v4_inv_freq(c.rope_main, c.qk_rope_head_dim);
   rope_main_.attention_factor = float(c.rope_main.attention_factor);
@@ -76,7 +43,58 @@ V4Model::V4Model(V4Weights w, Backend& be) : w_(std::move(w)), be_(be) {
   rope_compress_.attention_factor = float(c.rope_compress.attention_factor);
 }
 
-Tensor V4Model::forward(const std::vector<int32_t>& ids, V4Cache& cache, bool all_logits) {
+V4LayerWeights V4Model::make_layer(int64_t l) const {
+  const V4Config& c = w_.cfg;
+  auto v = [&](const std::string& n) { return w_.view(n); };
+  const int64_t E = c.n_routed_experts, F = c.moe_intermediate_size, d = c.hidden_size;
+  const std::string p = c.block_prefix(l);
+  V4LayerWeights L;
+  L.index = l;
+  L.type = c.attn_type(l);
+  L.mlp = c.mlp_type(l);
+  L.attn_norm = v(p + "attn_norm.weight");
+  L.ffn_norm = v(p + "ffn_norm.weight");
+  L.hc_attn = {v(p + "hc_attn_fn"), v(p + "hc_attn_base"), v(p + "hc_attn_scale")};
+  L.hc_ffn = {v(p + "hc_ffn_fn"), v(p + "hc_ffn_base"), v(p + "hc_ffn_scale")};
+  L.sink = v(p + "attn.attn_sink");
+  L.wq_a = v(p + "attn.wq_a.weight");
+  L.q_norm = v(p + "attn.q_norm.weight");
+  L.wq_b = v(p + "attn.wq_b.weight");
+  L.wkv = v(p + "attn.wkv.weight");
+  L.kv_norm = v(p + "attn.kv_norm.weight");
+  L.wo_a = v(p + "attn.wo_a.weight");
+  L.wo_b = v(p + "attn.wo_b.weight");
+  if (L.type != V4Attn::Sliding) {
+    const std::string q = p + "attn.compressor.";
+    L.comp = {v(q + "wkv.weight"), v(q + "wgate.weight"), v(q + "ape"), v(q + "norm.weight")};
+  }
+  if (L.type == V4Attn::CSA) {
+    const std::string q = p + "attn.indexer.";
+    L.idx.wq_b = v(q + "wq_b.weight");
+    L.idx.weights_proj = v(q + "weights_proj.weight");
+    L.idx.comp = {v(q + "compressor.wkv.weight"), v(q + "compressor.wgate.weight"), v(q + "compressor.ape"),
+                  v(q + "compressor.norm.weight")};
+  }
+  L.gate = v(p + "ffn.gate.weight");
+  if (L.mlp == V4Mlp::Moe) L.gate_bias = v(p + "ffn.gate.bias");
+  else L.tid2eid = &w_.tid2eid[size_t(l)];
+  // The layout stores each kind of expert matrix for experts 0..E-1 back to back: one grouped tensor.
+  auto grouped = [&](const char* k, Shape s) {
+    Tensor t = v(p + "ffn.experts.0." + k + ".weight");
+    t.shape = std::move(s);
+    t.name = p + "ffn.experts." + k;
+    return t;
+  };
+  L.w1 = grouped("w1", {E, F, d});
+  L.w3 = grouped("w3", {E, F, d});
+  L.w2 = grouped("w2", {E, d, F});
+  L.sw1 = v(p + "ffn.shared_experts.w1.weight");
+  L.sw3 = v(p + "ffn.shared_experts.w3.weight");
+  L.sw2 = v(p + "ffn.shared_experts.w2.weight");
+  return L;
+}
+
+Tensor V4Model::forward(const std::vector<int32_t>& ids, V4Cache& cache, bool all_logits, Tensor* streams) {
   const V4Config& c = w_.cfg;
   const int64_t T = int64_t(ids.size()), N = c.hc_mult, d = c.hidden_size, V = c.vocab_size;
   if (T == 0) fail("forward: no tokens");
@@ -98,6 +116,7 @@ Tensor V4Model::forward(const std::vector<int32_t>& ids, V4Cache& cache, bool al
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < N; ++j) std::copy_n(e.f32() + t * d, d, X.f32() + (t * N + j) * d);
   for (const auto& L : layers_) X = layer_forward(L, X, ids, pos, cache.layers[size_t(L.index)]);
+  if (streams) *streams = X;
 
   Tensor h = v4_new(be_, {T, d}, "hc_head");
   v4_hc_head(be_, c, hc_head_fn_, hc_head_base_, hc_head_scale_, X, h);
@@ -134,6 +153,50 @@ Tensor V4Model::layer_forward(const V4LayerWeights& L, const Tensor& X, const st
   Tensor X2 = v4_new(be_, X.shape, "streams");
   v4_hc_post(c, X2, X1, f, post, comb);
   return X2;
+}
+
+Tensor V4Model::mtp_forward(int64_t k, const Tensor& X, const std::vector<int32_t>& next_ids, V4Cache& cache,
+                            Tensor* streams_out) {
+  const V4Config& c = w_.cfg;
+  const int64_t T = int64_t(next_ids.size()), N = c.hc_mult, d = c.hidden_size, V = c.vocab_size;
+  if (k < 0 || k >= mtp_depth()) fail("this model has no MTP block {} (it has {})", k, mtp_depth());
+  if (T == 0) fail("mtp_forward: no tokens");
+  if (X.shape != Shape{T, N, d}) fail("mtp_forward: streams {} for {} tokens", shape_str(X.shape), T);
+  if (int64_t(cache.mtp.size()) != mtp_depth()) fail("mtp_forward: the cache was made for another MTP depth");
+  for (int32_t id : next_ids)
+    if (id < 0 || id >= V) fail("token id {} is out of range for vocab_size {}", id, V);
+  const V4MtpWeights& M = mtp_[size_t(k)];
+  const int64_t len = cache.mtp_len[size_t(k)];
+  if (len + T > c.max_position_embeddings)
+    fail("sequence of {} tokens exceeds max_position_embeddings = {}", len + T, c.max_position_embeddings);
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = int32_t(len + t);
+  rope_main_.ensure(len + T);
+  rope_compress_.ensure(len + T);
+  const float eps = float(c.rms_norm_eps);
+  // X0_j = rmsnorm(X_j, hnorm) h_proj^T + rmsnorm(embed[next], enorm) e_proj^T
+  Tensor e = v4_new(be_, {T, d}, "mtp_embed"), en = v4_new(be_, {T, d}, "mtp_enorm"), pe = v4_new(be_, {T, d}, "mtp_e_proj");
+  be_.embedding(e, embed_, next_ids);
+  be_.rmsnorm(en, e, M.enorm, eps);
+  be_.linear(pe, en, M.e_proj);
+  Tensor Xs = X.reshape({T * N, d});
+  Tensor xh = v4_new(be_, {T * N, d}, "mtp_hnorm");
+  be_.rmsnorm(xh, Xs, M.hnorm, eps);
+  Tensor X0 = v4_new(be_, {T, N, d}, "mtp_streams");
+  Tensor X0r = X0.reshape({T * N, d});
+  be_.linear(X0r, xh, M.h_proj);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t i = 0; i < d; ++i) X0.f32()[(t * N + j) * d + i] += pe.f32()[t * d + i];
+  Tensor X1 = layer_forward(M.block, X0, next_ids, pos, cache.mtp[size_t(k)]);
+  if (streams_out) *streams_out = X1;
+  Tensor h = v4_new(be_, {T, d}, "mtp_hc_head"), hn = v4_new(be_, {T, d}, "mtp_hidden");
+  v4_hc_head(be_, c, M.hc_fn, M.hc_base, M.hc_scale, X1, h);
+  be_.rmsnorm(hn, h, M.norm, eps);
+  Tensor logits = v4_new(be_, {T, V}, "mtp_logits");
+  be_.linear(logits, hn, head_);
+  cache.mtp_len[size_t(k)] += T;
+  return logits;
 }
 
 int64_t V4Cache::values() const {

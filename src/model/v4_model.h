@@ -72,6 +72,15 @@ struct V4LayerWeights {
   Tensor sw1, sw3, sw2;     // shared expert [F, d], [F, d], [d, F]
 };
 
+// MTP block k (mtp.k.*): X0_j = rmsnorm(X_j, hnorm) h_proj^T + rmsnorm(embed[next id], enorm) e_proj^T for each stream
+// j of the previous stage's streams X, then a full block, its own hc_head and norm, the main model's head.
+struct V4MtpWeights {
+  Tensor e_proj, h_proj;             // [d, d]
+  Tensor enorm, hnorm, norm;         // [d]
+  Tensor hc_fn, hc_base, hc_scale;   // [N, N d], [N], [1]
+  V4LayerWeights block;              // layer id num_hidden_layers + k
+};
+
 class V4Model {
  public:
   V4Model(V4Weights w, Backend& be);
@@ -82,7 +91,14 @@ class V4Model {
   // Appends ids to the cache (positions cache.len ...) and returns host fp32 logits [rows, V]: every new token
   // with all_logits, else the last one. InputError on bad ids, positions past max_position_embeddings, or a
   // cache made for another config.
-  Tensor forward(const std::vector<int32_t>& ids, V4Cache& cache, bool all_logits = false);
+  // streams: when given, the final streams [T, N, d] of the new tokens (before hc_head; what MTP block 1 reads).
+  Tensor forward(const std::vector<int32_t>& ids, V4Cache& cache, bool all_logits = false, Tensor* streams = nullptr);
+  // MTP block k (0-based) over rows i of X [T, N, d] (the previous stage's streams at cache.mtp_len[k] + i) with
+  // next_ids[i] the token after row i's: logits [T, V] predicting the token after next_ids[i] (all rows);
+  // streams_out: the block's output streams (the next block's input).
+  int64_t mtp_depth() const { return int64_t(mtp_.size()); }
+  Tensor mtp_forward(int64_t k, const Tensor& X, const std::vector<int32_t>& next_ids, V4Cache& cache,
+                     Tensor* streams_out = nullptr);
 
  private:
   Tensor layer_forward(const V4LayerWeights& L, const Tensor& X, const std::vector<int32_t>& ids,
@@ -90,7 +106,9 @@ class V4Model {
 
   V4Weights w_;
   Backend& be_;
+  V4LayerWeights make_layer(int64_t block) const;
   std::vector<V4LayerWeights> layers_;
+  std::vector<V4MtpWeights> mtp_;
   Tensor embed_, final_norm_, head_, hc_head_fn_, hc_head_base_, hc_head_scale_;
   V4RopeTable rope_main_, rope_compress_;
 };

@@ -37,8 +37,9 @@ ParamLayout make_v4_param_layout(const V4Config& c, std::vector<V4Store>* store_
                 cI = c.index_head_dim, HI = c.index_n_heads, V = c.vocab_size;
   const int64_t mix = (2 + N) * N;  // mHC rows: N pre, N post, N*N residual
   add("embed.weight", {V, d});
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
+  // One V4 block (main layer l, or MTP block k = l - num_hidden_layers), names under prefix p.
+  auto block = [&](int64_t l) {
+    const std::string p = c.block_prefix(l);
     add(p + "attn_norm.weight", {d}, V4Store::Plain, true);
     add(p + "ffn_norm.weight", {d}, V4Store::Plain, true);
     for (const char* hc : {"hc_attn_", "hc_ffn_"}) {
@@ -54,7 +55,7 @@ ParamLayout make_v4_param_layout(const V4Config& c, std::vector<V4Store>* store_
     add(p + "attn.kv_norm.weight", {hd}, V4Store::Plain, true);
     add(p + "attn.wo_a.weight", {g * dg, H * hd / g}, V4Store::Fp8);
     add(p + "attn.wo_b.weight", {d, g * dg}, V4Store::Fp8);
-    const V4Attn t = c.layer_types[size_t(l)];
+    const V4Attn t = c.attn_type(l);
     if (t != V4Attn::Sliding) {
       const bool csa = t == V4Attn::CSA;
       const int64_t m = c.compress_rate(l), w = csa ? 2 * hd : hd;  // CSA: overlapped windows, two halves
@@ -72,7 +73,7 @@ ParamLayout make_v4_param_layout(const V4Config& c, std::vector<V4Store>* store_
       }
     }
     add(p + "ffn.gate.weight", {E, d});
-    if (c.mlp_layer_types[size_t(l)] == V4Mlp::Moe) add(p + "ffn.gate.bias", {E}, V4Store::Plain, false, true);
+    if (c.mlp_type(l) == V4Mlp::Moe) add(p + "ffn.gate.bias", {E}, V4Store::Plain, false, true);
     for (const char* w : {"w1", "w3", "w2"})  // experts of one kind contiguous: grouped [E, F, d] / [E, d, F]
       for (int64_t e = 0; e < E; ++e)
         add(p + "ffn.experts." + std::to_string(e) + "." + w + ".weight", std::string(w) == "w2" ? Shape{d, F} : Shape{F, d},
@@ -80,12 +81,27 @@ ParamLayout make_v4_param_layout(const V4Config& c, std::vector<V4Store>* store_
     add(p + "ffn.shared_experts.w1.weight", {F, d}, V4Store::Fp8);
     add(p + "ffn.shared_experts.w3.weight", {F, d}, V4Store::Fp8);
     add(p + "ffn.shared_experts.w2.weight", {d, F}, V4Store::Fp8);
-  }
+  };
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) block(l);
   add("norm.weight", {d}, V4Store::Plain, true);
   add("hc_head_fn", {N, N * d});
   add("hc_head_base", {N});
   add("hc_head_scale", {1});
   add("head.weight", {V, d});
+  // MTP blocks after the main model (so the main model's offsets do not depend on them): the input projections
+  // and norms, the block, its own hc_head and norm (the embedding and head are the main model's).
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    const std::string p = "mtp." + std::to_string(k) + ".";
+    add(p + "e_proj.weight", {d, d}, V4Store::Fp8);
+    add(p + "h_proj.weight", {d, d}, V4Store::Fp8);
+    add(p + "enorm.weight", {d}, V4Store::Plain, true);
+    add(p + "hnorm.weight", {d}, V4Store::Plain, true);
+    block(c.num_hidden_layers + k);
+    add(p + "norm.weight", {d}, V4Store::Plain, true);
+    add(p + "hc_head_fn", {N, N * d});
+    add(p + "hc_head_base", {N});
+    add(p + "hc_head_scale", {1});
+  }
   for (size_t i = 0; i < L.specs.size(); ++i) {
     auto& s = L.specs[i];
     int64_t& counter = s.is_bias ? L.num_bias : L.num_params;
@@ -154,10 +170,22 @@ Tensor V4Weights::view(const std::string& name) const {
   return t;
 }
 
-V4Weights load_v4_weights(const V4Config& c, const std::string& dir, bool dequantize) {
+V4Weights load_v4_weights(const V4Config& c_in, const std::string& dir, bool dequantize) {
   WeightSet ws(dir);
   V4Weights w;
-  w.cfg = c;
+  w.cfg = c_in;
+  // MTP blocks: read when the checkpoint has any mtp.0.* tensor (then every one must be there); a checkpoint
+  // without them (transformers drops mtp.* on save) loads with MTP off.
+  if (w.cfg.num_nextn_predict_layers > 0) {
+    bool any = false;
+    for (const auto& n : ws.names()) any = any || n.rfind("mtp.0.", 0) == 0 || n.rfind("model.mtp.0.", 0) == 0;
+    if (!any) {
+      w.mtp_absent = true;
+      w.cfg.num_nextn_predict_layers = 0;
+      w.cfg.mtp_layer_types.clear();
+    }
+  }
+  const V4Config& c = w.cfg;
   w.layout = make_v4_param_layout(c, &w.store);
   if (dequantize) {
     w.flat = Tensor::zeros(DType::F32, {w.layout.num_params}, "v4_params");
@@ -172,7 +200,13 @@ V4Weights load_v4_weights(const V4Config& c, const std::string& dir, bool dequan
   auto put = [&](size_t i) {
     const ParamSpec& s = w.layout.specs[i];
     const std::string src = find(s.name);
-    if (src.empty()) fail("missing tensor {} in {} (expected shape {})", s.name, dir, shape_str(s.shape));
+    if (src.empty()) {
+      if (s.name.rfind("mtp.", 0) == 0)
+        fail("missing tensor {} in {} (expected shape {}): the checkpoint has an incomplete MTP block (its other mtp.* "
+             "tensors are there; num_nextn_predict_layers = {})", s.name, dir, shape_str(s.shape),
+             c.num_nextn_predict_layers);
+      fail("missing tensor {} in {} (expected shape {})", s.name, dir, shape_str(s.shape));
+    }
     Tensor t = ws.get(src);
     Tensor& dst = s.is_bias ? w.bias_flat : w.flat;
     float* out = dequantize ? dst.ptr<float>() + s.offset : nullptr;
@@ -252,10 +286,14 @@ V4Weights load_v4_weights(const V4Config& c, const std::string& dir, bool dequan
   return w;
 }
 
-int64_t v4_total_params(const V4Config& c) {
-  ParamLayout L = make_v4_param_layout(c);
-  return L.num_params;
+int64_t v4_total_params(const V4Config& c_in) {
+  V4Config c = c_in;
+  c.num_nextn_predict_layers = 0;
+  c.mtp_layer_types.clear();
+  return make_v4_param_layout(c).num_params;
 }
+
+int64_t v4_mtp_params(const V4Config& c) { return make_v4_param_layout(c).num_params - v4_total_params(c); }
 
 int64_t v4_active_params(const V4Config& c) {
   const int64_t idle = c.num_hidden_layers * (c.n_routed_experts - c.num_experts_per_tok) * 3 *

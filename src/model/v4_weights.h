@@ -6,7 +6,8 @@
 //    UE8M0 scale per row per 32 columns, [N, K/32].
 // Both products are exact in fp32 (a small-mantissa value times a power of two). Checkpoints written by
 // transformers' save_pretrained (model.* prefixes, model.embed_tokens, model.hc_head.hc_fn, attn.norm for
-// kv_norm) are read too. The MTP block (mtp.*) is not part of the main model and is not read.
+// kv_norm) are read too. The MTP blocks (mtp.k.*, cfg.num_nextn_predict_layers of them) follow the main model in
+// the flat layout; a checkpoint without mtp.* tensors loads with cfg.num_nextn_predict_layers = 0.
 #include <string>
 #include <vector>
 
@@ -26,6 +27,7 @@ struct V4Weights {
   Tensor flat;                    // [num_params] fp32, host
   Tensor bias_flat;               // [num_bias] fp32
   std::vector<std::vector<int32_t>> tid2eid;  // per layer: [V * K] expert ids of hash_moe layers (empty otherwise)
+  bool mtp_absent = false;        // config.json asks for MTP blocks, the checkpoint has no mtp.* tensors: MTP off
   Tensor view(const std::string& name) const;
 };
 
@@ -36,8 +38,10 @@ ParamLayout make_v4_param_layout(const V4Config& c, std::vector<V4Store>* store 
 // checkpoint). Fails with one line naming the tensor.
 V4Weights load_v4_weights(const V4Config& c, const std::string& dir, bool dequantize = true);
 
-// Parameter counts: all (main model), and active per token (routed experts: the top-k only; embedding: one row).
+// Parameter counts: all (main model, as transformers counts), active per token (routed experts: the top-k only;
+// embedding: one row), and the MTP blocks' own (their embedding and head are the main model's).
 int64_t v4_total_params(const V4Config& c);
+int64_t v4_mtp_params(const V4Config& c);
 int64_t v4_active_params(const V4Config& c);
 
 // The dequantization kernels (host): fp4 pairs [N, K/2] x per-32 scales [N, K/32] (fp32 values of the UE8M0

@@ -53,7 +53,7 @@ ServingLimits v4_serving_limits(const V4Config& c) {
   ServingLimits l;
   l.vocab_size = c.vocab_size, l.max_positions = c.max_position_embeddings, l.hidden_size = c.hidden_size;
   l.eos_token_id = int32_t(c.eos_token_id);
-  l.has_mtp = false;  // V4's MTP block is not loaded
+  l.has_mtp = false;  // V4 drafts with its MTP block in dsv3 generate only; the engine's speculative path is V3's
   return l;
 }
 

@@ -87,18 +87,29 @@ struct V4TrainModel<T>::Impl {
   std::unique_ptr<Backend> be;  // the indexer (inference code, fp32)
   V4RopeTable rope_main, rope_comp;
   std::vector<V4IndexerWeights> idxw;
-  int64_t o_embed, o_norm, o_head, o_hfn, o_hbase, o_hscale;
-  // model-level saved state of the current sequence
-  Vec<T> Xf, rstd_h, xhat_h, mu_h, pre_h, h, rstd_fin, hn;
+  struct HeadOff {
+    int64_t fn, base, scale, norm;  // hc_head_fn / base / scale and the norm after it
+  };
+  struct MtpOff {
+    int64_t e_proj, h_proj, enorm, hnorm;
+    HeadOff head;
+  };
+  struct Mtp {  // saved state of MTP block k: input streams, embedding and its norm, normed streams, output streams
+    Vec<T> Xin, e, rstd_e, en, xh, rstd_h, X;
+  };
+  int64_t o_embed, o_head;
+  HeadOff main_head;
+  std::vector<MtpOff> mtp_off;
+  std::vector<Mtp> mtp;
   std::vector<int32_t> pos;
   double bal_alpha = 0, bal_scale = 0, bal_sum = 0;  // balance loss: alpha, gradient scale, sum of this run
 
   Impl(const V4Weights& w_, const T* P_, T* G_) : w(w_), c(w_.cfg), P(P_), G(G_) {
     auto at = [&](const std::string& n) { return w.layout.at(n).offset; };
-    o_embed = at("embed.weight"), o_norm = at("norm.weight"), o_head = at("head.weight");
-    o_hfn = at("hc_head_fn"), o_hbase = at("hc_head_base"), o_hscale = at("hc_head_scale");
-    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-      const std::string p = "layers." + std::to_string(l) + ".";
+    o_embed = at("embed.weight"), o_head = at("head.weight");
+    main_head = {at("hc_head_fn"), at("hc_head_base"), at("hc_head_scale"), at("norm.weight")};
+    for (int64_t l = 0; l < c.num_blocks(); ++l) {
+      const std::string p = c.block_prefix(l);
       Off o;
       o.attn_norm = at(p + "attn_norm.weight"), o.ffn_norm = at(p + "ffn_norm.weight");
       o.ha_fn = at(p + "hc_attn_fn"), o.ha_base = at(p + "hc_attn_base"), o.ha_scale = at(p + "hc_attn_scale");
@@ -106,7 +117,7 @@ struct V4TrainModel<T>::Impl {
       o.sink = at(p + "attn.attn_sink"), o.wq_a = at(p + "attn.wq_a.weight"), o.q_norm = at(p + "attn.q_norm.weight");
       o.wq_b = at(p + "attn.wq_b.weight"), o.wkv = at(p + "attn.wkv.weight"), o.kv_norm = at(p + "attn.kv_norm.weight");
       o.wo_a = at(p + "attn.wo_a.weight"), o.wo_b = at(p + "attn.wo_b.weight");
-      const V4Attn t = c.layer_types[static_cast<size_t>(l)];
+      const V4Attn t = c.attn_type(l);
       if (t != V4Attn::Sliding) {
         const std::string q = p + "attn.compressor.";
         o.c_wkv = at(q + "wkv.weight"), o.c_wgate = at(q + "wgate.weight"), o.c_ape = at(q + "ape");
@@ -122,14 +133,20 @@ struct V4TrainModel<T>::Impl {
       }
       idxw.push_back(iw);
       o.gate = at(p + "ffn.gate.weight");
-      if (c.mlp_layer_types[static_cast<size_t>(l)] == V4Mlp::Moe) o.bias = at(p + "ffn.gate.bias");
+      if (c.mlp_type(l) == V4Mlp::Moe) o.bias = at(p + "ffn.gate.bias");
       o.w1 = at(p + "ffn.experts.0.w1.weight"), o.w3 = at(p + "ffn.experts.0.w3.weight");
       o.w2 = at(p + "ffn.experts.0.w2.weight");
       o.sw1 = at(p + "ffn.shared_experts.w1.weight"), o.sw3 = at(p + "ffn.shared_experts.w3.weight");
       o.sw2 = at(p + "ffn.shared_experts.w2.weight");
       off.push_back(o);
     }
-    L.resize(static_cast<size_t>(c.num_hidden_layers));
+    for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+      const std::string p = "mtp." + std::to_string(k) + ".";
+      mtp_off.push_back({at(p + "e_proj.weight"), at(p + "h_proj.weight"), at(p + "enorm.weight"), at(p + "hnorm.weight"),
+                         {at(p + "hc_head_fn"), at(p + "hc_head_base"), at(p + "hc_head_scale"), at(p + "norm.weight")}});
+    }
+    L.resize(static_cast<size_t>(c.num_blocks()));
+    mtp.resize(static_cast<size_t>(c.num_nextn_predict_layers));
     be = make_cpu_backend();
     rope_main.inv_freq = v4_inv_freq(c.rope_main, c.qk_rope_head_dim);
     rope_main.attention_factor = float(c.rope_main.attention_factor);
@@ -209,7 +226,7 @@ struct V4TrainModel<T>::Impl {
 
   void attn_fwd(int64_t l, Attn& a, const T* xa, int64_t Tn) {
     const Off& o = off[static_cast<size_t>(l)];
-    const V4Attn type = c.layer_types[static_cast<size_t>(l)];
+    const V4Attn type = c.attn_type(l);
     const int64_t H = c.num_attention_heads, hd = c.head_dim, r = c.qk_rope_head_dim, dc = c.q_lora_rank,
                   g_ = c.o_groups, dg = c.o_lora_rank, gw = H * hd / g_, d = c.hidden_size;
     const V4RopeTable& rope = type == V4Attn::Sliding ? rope_main : rope_comp;
@@ -255,7 +272,7 @@ struct V4TrainModel<T>::Impl {
         Vec<float> xf(xa, xa + Tn * d), qf(a.qa.begin(), a.qa.end());
         V4CompressorState st;
         a.sel = v4_index_select(*be, c, idxw[static_cast<size_t>(l)], host_f32(xf, {Tn, d}, "xa"), host_f32(qf, {Tn, dc}, "qa"),
-                                pos, st, rope_comp, &a.k);
+                                std::vector<int32_t>(pos.begin(), pos.begin() + Tn), st, rope_comp, &a.k);
       }
     }
     // Sink attention per query head, then the values' rotation undone at the query position.
@@ -285,7 +302,7 @@ struct V4TrainModel<T>::Impl {
   // dxa (=) from da = dL/d(attention output).
   void attn_bwd(int64_t l, const Attn& a, const T* xa, const T* da, T* dxa, int64_t Tn) {
     const Off& o = off[static_cast<size_t>(l)];
-    const V4Attn type = c.layer_types[static_cast<size_t>(l)];
+    const V4Attn type = c.attn_type(l);
     const int64_t H = c.num_attention_heads, hd = c.head_dim, r = c.qk_rope_head_dim, dc = c.q_lora_rank,
                   g_ = c.o_groups, dg = c.o_lora_rank, gw = H * hd / g_, d = c.hidden_size;
     const V4RopeTable& rope = type == V4Attn::Sliding ? rope_main : rope_comp;
@@ -393,7 +410,7 @@ struct V4TrainModel<T>::Impl {
   void moe_fwd(int64_t l, Moe& mo, const T* y, const int32_t* ids, int64_t Tn, std::vector<int64_t>* load) {
     const Off& o = off[static_cast<size_t>(l)];
     const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, d = c.hidden_size, F = c.moe_intermediate_size;
-    const bool sig = c.scoring_func == "sigmoid", hash = c.mlp_layer_types[static_cast<size_t>(l)] == V4Mlp::Hash;
+    const bool sig = c.scoring_func == "sigmoid", hash = c.mlp_type(l) == V4Mlp::Hash;
     mo.logits.resize(static_cast<size_t>(Tn * E)), mo.s.resize(static_cast<size_t>(Tn * E)), mo.w.resize(static_cast<size_t>(Tn * K));
     mo.idx.resize(static_cast<size_t>(Tn * K));
     lin(mo.logits.data(), E, y, d, p(o.gate), Tn, E, d);
@@ -531,54 +548,133 @@ struct V4TrainModel<T>::Impl {
     hc_bwd(S.ha, dX.data(), dy.data(), dpost.data(), dcomb.data(), Tn, o.ha_fn, o.ha_base, o.ha_scale, o.attn_norm);
   }
 
-  // ---------------------------------------------------------------- one sequence
-  // Returns the summed CE of the rows with a target; grads += scale * d(sum CE)/dtheta when backward.
-  double sequence(const int32_t* ids, int64_t Tn, double scale, bool backward, int64_t* correct,
-                  std::vector<std::vector<int64_t>>& load, const std::vector<int64_t>& moe_row) {
+  // ---------------------------------------------------------------- the output head (main model and MTP blocks)
+  // logits = rmsnorm(h, norm) head^T with h = sum_j pre_j X_j, pre = sigmoid(scale . (fn . rms(X)) + base) + eps;
+  // CE against tg (-1: no target). Returns the summed CE; when backward, dX (=) d(scale * sum CE)/dX and the
+  // head's weight gradients (+=).
+  double head(const HeadOff& o, const T* X, int64_t Tn, const int32_t* tg, double scale, bool backward, int64_t* correct,
+              T* dX) {
     const int64_t N = c.hc_mult, d = c.hidden_size, Nd = N * d, V = c.vocab_size;
-    pos.resize(static_cast<size_t>(Tn));
-    std::iota(pos.begin(), pos.end(), 0);
-    rope_main.ensure(Tn), rope_comp.ensure(Tn);
-    Vec<T> e(static_cast<size_t>(Tn * d)), X(static_cast<size_t>(Tn * Nd));
-    cpu::embedding_forward(e.data(), p(o_embed), ids, Tn, d);
-    for (int64_t t = 0; t < Tn; ++t)
-      for (int64_t j = 0; j < N; ++j) std::copy_n(e.data() + t * d, d, X.data() + (t * N + j) * d);
-    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
-      layer_fwd(l, X, ids, Tn, moe_row[static_cast<size_t>(l)] >= 0 ? &load[static_cast<size_t>(moe_row[static_cast<size_t>(l)])] : nullptr);
-    // hc_head: pre = sigmoid(scale . (fn . rms(X)) + base) + eps; h = sum_j pre_j X_j
-    Xf = X;
-    rstd_h.resize(static_cast<size_t>(Tn)), xhat_h.resize(static_cast<size_t>(Tn * Nd)), mu_h.resize(static_cast<size_t>(Tn * N));
-    pre_h.resize(static_cast<size_t>(Tn * N)), h.resize(static_cast<size_t>(Tn * d)), rstd_fin.resize(static_cast<size_t>(Tn)), hn.resize(static_cast<size_t>(Tn * d));
-    for (int64_t t = 0; t < Tn; ++t) rstd_h[static_cast<size_t>(t)] = v4k::rms_row(xhat_h.data() + t * Nd, Xf.data() + t * Nd, Nd, eps());
-    lin(mu_h.data(), N, xhat_h.data(), Nd, p(o_hfn), Tn, N, Nd);
+    Vec<T> rstd(static_cast<size_t>(Tn)), xhat(static_cast<size_t>(Tn * Nd)), mu(static_cast<size_t>(Tn * N)),
+        pre(static_cast<size_t>(Tn * N)), h(static_cast<size_t>(Tn * d)), rstd_fin(static_cast<size_t>(Tn)),
+        hn(static_cast<size_t>(Tn * d));
+    for (int64_t t = 0; t < Tn; ++t) rstd[static_cast<size_t>(t)] = v4k::rms_row(xhat.data() + t * Nd, X + t * Nd, Nd, eps());
+    lin(mu.data(), N, xhat.data(), Nd, p(o.fn), Tn, N, Nd);
     for (int64_t t = 0; t < Tn; ++t) {
-      v4k::hc_head_weights(pre_h.data() + t * N, mu_h.data() + t * N, p(o_hbase), p(o_hscale), N, T(c.hc_eps));
-      v4k::hc_collapse(h.data() + t * d, pre_h.data() + t * N, Xf.data() + t * Nd, N, d);
+      v4k::hc_head_weights(pre.data() + t * N, mu.data() + t * N, p(o.base), p(o.scale), N, T(c.hc_eps));
+      v4k::hc_collapse(h.data() + t * d, pre.data() + t * N, X + t * Nd, N, d);
     }
-    cpu::rmsnorm_forward(hn.data(), rstd_fin.data(), h.data(), d, p(o_norm), Tn, d, eps());
+    cpu::rmsnorm_forward(hn.data(), rstd_fin.data(), h.data(), d, p(o.norm), Tn, d, eps());
     Vec<T> logits(static_cast<size_t>(Tn * V));
     lin(logits.data(), V, hn.data(), d, p(o_head), Tn, V, d);
-    std::vector<int32_t> tg(static_cast<size_t>(Tn));
-    for (int64_t t = 0; t < Tn; ++t) tg[static_cast<size_t>(t)] = t + 1 < Tn ? ids[t + 1] : -1;
     int64_t hits = 0;  // (the kernel overwrites its count)
-    const double loss = cpu::cross_entropy_forward_backward(logits.data(), logits.data(), tg.data(), Tn, V, scale, &hits);
+    const double loss = cpu::cross_entropy_forward_backward(logits.data(), logits.data(), tg, Tn, V, scale, &hits);
     *correct += hits;
     if (!backward) return loss;
     // logits = hn head^T;  hn = rmsnorm(h, norm)
     Vec<T> dhn(static_cast<size_t>(Tn * d)), dh(static_cast<size_t>(Tn * d), T(0));
     lin_bwd(dhn.data(), d, false, g(o_head), logits.data(), V, hn.data(), d, p(o_head), Tn, V, d);
-    cpu::rmsnorm_backward(dh.data(), d, g(o_norm), dhn.data(), h.data(), d, rstd_fin.data(), p(o_norm), Tn, d);
+    cpu::rmsnorm_backward(dh.data(), d, g(o.norm), dhn.data(), h.data(), d, rstd_fin.data(), p(o.norm), Tn, d);
     // h = sum_j pre_j X_j with pre from mu = fn . rms(X)
-    Vec<T> dX(static_cast<size_t>(Tn * Nd), T(0)), dpre(static_cast<size_t>(N)), dmu(static_cast<size_t>(Tn * N)), dxhat(static_cast<size_t>(Tn * Nd));
+    std::fill(dX, dX + Tn * Nd, T(0));
+    Vec<T> dpre(static_cast<size_t>(N)), dmu(static_cast<size_t>(Tn * N)), dxhat(static_cast<size_t>(Tn * Nd));
     for (int64_t t = 0; t < Tn; ++t) {
-      v4k::hc_collapse_backward(dpre.data(), dX.data() + t * Nd, dh.data() + t * d, pre_h.data() + t * N,
-                                Xf.data() + t * Nd, N, d);
-      v4k::hc_head_weights_backward(dmu.data() + t * N, g(o_hbase), g(o_hscale), dpre.data(), mu_h.data() + t * N,
-                                    p(o_hbase), p(o_hscale), N);
+      v4k::hc_collapse_backward(dpre.data(), dX + t * Nd, dh.data() + t * d, pre.data() + t * N, X + t * Nd, N, d);
+      v4k::hc_head_weights_backward(dmu.data() + t * N, g(o.base), g(o.scale), dpre.data(), mu.data() + t * N,
+                                    p(o.base), p(o.scale), N);
     }
-    lin_bwd(dxhat.data(), Nd, false, g(o_hfn), dmu.data(), N, xhat_h.data(), Nd, p(o_hfn), Tn, N, Nd);
+    lin_bwd(dxhat.data(), Nd, false, g(o.fn), dmu.data(), N, xhat.data(), Nd, p(o.fn), Tn, N, Nd);
     for (int64_t t = 0; t < Tn; ++t)
-      v4k::rms_row_backward(dX.data() + t * Nd, dxhat.data() + t * Nd, Xf.data() + t * Nd, rstd_h[static_cast<size_t>(t)], Nd);
+      v4k::rms_row_backward(dX + t * Nd, dxhat.data() + t * Nd, X + t * Nd, rstd[static_cast<size_t>(t)], Nd);
+    return loss;
+  }
+
+  // ---------------------------------------------------------------- MTP block k (0-based), rows i < Tk
+  // X0_j = rmsnorm(Xin_j, hnorm) h_proj^T + rmsnorm(embed[tok], enorm) e_proj^T (every stream j), X = block(X0).
+  void mtp_fwd(int64_t k, const T* Xin, const int32_t* tok, int64_t Tk, std::vector<int64_t>* load) {
+    const MtpOff& o = mtp_off[static_cast<size_t>(k)];
+    Mtp& m = mtp[static_cast<size_t>(k)];
+    const int64_t N = c.hc_mult, d = c.hidden_size, Nd = N * d;
+    m.Xin.assign(Xin, Xin + Tk * Nd);
+    m.e.resize(static_cast<size_t>(Tk * d)), m.en.resize(static_cast<size_t>(Tk * d)), m.rstd_e.resize(static_cast<size_t>(Tk));
+    m.xh.resize(static_cast<size_t>(Tk * Nd)), m.rstd_h.resize(static_cast<size_t>(Tk * N));
+    m.X.resize(static_cast<size_t>(Tk * Nd));
+    cpu::embedding_forward(m.e.data(), p(o_embed), tok, Tk, d);
+    cpu::rmsnorm_forward(m.en.data(), m.rstd_e.data(), m.e.data(), d, p(o.enorm), Tk, d, eps());
+    cpu::rmsnorm_forward(m.xh.data(), m.rstd_h.data(), Xin, d, p(o.hnorm), Tk * N, d, eps());
+    Vec<T> pe(static_cast<size_t>(Tk * d));
+    lin(pe.data(), d, m.en.data(), d, p(o.e_proj), Tk, d, d);
+    lin(m.X.data(), d, m.xh.data(), d, p(o.h_proj), Tk * N, d, d);
+    for (int64_t t = 0; t < Tk; ++t)
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t i = 0; i < d; ++i) m.X[static_cast<size_t>((t * N + j) * d + i)] += pe[static_cast<size_t>(t * d + i)];
+    layer_fwd(c.num_hidden_layers + k, m.X, tok, Tk, load);
+  }
+  // dX: the gradient w.r.t. the block's output streams in (destroyed); dXin (=) the gradient w.r.t. its input streams.
+  void mtp_bwd(int64_t k, Vec<T>& dX, const int32_t* tok, int64_t Tk, T* dXin) {
+    const MtpOff& o = mtp_off[static_cast<size_t>(k)];
+    const Mtp& m = mtp[static_cast<size_t>(k)];
+    const int64_t N = c.hc_mult, d = c.hidden_size;
+    layer_bwd(c.num_hidden_layers + k, dX, Tk);  // dX is now dL/dX0
+    // X0_j = xh_j h_proj^T + en e_proj^T
+    Vec<T> dxh(static_cast<size_t>(Tk * N * d)), dpe(static_cast<size_t>(Tk * d), T(0)), den(static_cast<size_t>(Tk * d)),
+        de(static_cast<size_t>(Tk * d), T(0));
+    lin_bwd(dxh.data(), d, false, g(o.h_proj), dX.data(), d, m.xh.data(), d, p(o.h_proj), Tk * N, d, d);
+    for (int64_t t = 0; t < Tk; ++t)
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t i = 0; i < d; ++i) dpe[static_cast<size_t>(t * d + i)] += dX[static_cast<size_t>((t * N + j) * d + i)];
+    lin_bwd(den.data(), d, false, g(o.e_proj), dpe.data(), d, m.en.data(), d, p(o.e_proj), Tk, d, d);
+    // xh = rmsnorm(Xin, hnorm) per stream; en = rmsnorm(embed[tok], enorm)
+    std::fill(dXin, dXin + Tk * N * d, T(0));
+    cpu::rmsnorm_backward(dXin, d, g(o.hnorm), dxh.data(), m.Xin.data(), d, m.rstd_h.data(), p(o.hnorm), Tk * N, d);
+    cpu::rmsnorm_backward(de.data(), d, g(o.enorm), den.data(), m.e.data(), d, m.rstd_e.data(), p(o.enorm), Tk, d);
+    cpu::embedding_backward(g(o_embed), de.data(), tok, Tk, d);
+  }
+
+  // ---------------------------------------------------------------- one sequence
+  // Returns the summed CE of the rows with a target; grads += scale * d(sum CE)/dtheta when backward. MTP block k
+  // (k < mtp_scale.size()) adds its summed CE to mtp_sum[k] and mtp_scale[k] * d(its sum CE)/dtheta to the grads:
+  // row i < Tn - k - 2 reads the previous stage's streams of row i (block 0: the main model's final streams) and
+  // token i + k + 1, and predicts token i + k + 2.
+  double sequence(const int32_t* ids, int64_t Tn, double scale, bool backward, int64_t* correct,
+                  std::vector<std::vector<int64_t>>& load, const std::vector<int64_t>& moe_row,
+                  const std::vector<double>& mtp_scale, std::vector<double>& mtp_sum, std::vector<int64_t>& mtp_correct) {
+    const int64_t N = c.hc_mult, d = c.hidden_size, Nd = N * d;
+    pos.resize(static_cast<size_t>(Tn));
+    std::iota(pos.begin(), pos.end(), 0);
+    rope_main.ensure(Tn), rope_comp.ensure(Tn);
+    auto load_of = [&](int64_t l) {
+      return moe_row[static_cast<size_t>(l)] >= 0 ? &load[static_cast<size_t>(moe_row[static_cast<size_t>(l)])] : nullptr;
+    };
+    Vec<T> e(static_cast<size_t>(Tn * d)), X(static_cast<size_t>(Tn * Nd));
+    cpu::embedding_forward(e.data(), p(o_embed), ids, Tn, d);
+    for (int64_t t = 0; t < Tn; ++t)
+      for (int64_t j = 0; j < N; ++j) std::copy_n(e.data() + t * d, d, X.data() + (t * N + j) * d);
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) layer_fwd(l, X, ids, Tn, load_of(l));
+    std::vector<int32_t> tg(static_cast<size_t>(Tn));
+    for (int64_t t = 0; t < Tn; ++t) tg[static_cast<size_t>(t)] = t + 1 < Tn ? ids[t + 1] : -1;
+    Vec<T> dX(static_cast<size_t>(backward ? Tn * Nd : 0));
+    const double loss = head(main_head, X.data(), Tn, tg.data(), scale, backward, correct, dX.data());
+    // MTP blocks: forward and head each, then backward from the last block down into the main model's streams.
+    const int64_t D = int64_t(mtp_scale.size());
+    std::vector<Vec<T>> dmtp(static_cast<size_t>(D));
+    for (int64_t k = 0; k < D; ++k) {
+      const int64_t Tk = Tn - k - 2;
+      const T* Xin = k == 0 ? X.data() : mtp[static_cast<size_t>(k - 1)].X.data();
+      mtp_fwd(k, Xin, ids + k + 1, Tk, load_of(c.num_hidden_layers + k));
+      dmtp[static_cast<size_t>(k)].resize(static_cast<size_t>(backward ? Tk * Nd : 0));
+      mtp_sum[static_cast<size_t>(k)] += head(mtp_off[static_cast<size_t>(k)].head, mtp[static_cast<size_t>(k)].X.data(), Tk,
+                                              ids + k + 2, mtp_scale[static_cast<size_t>(k)], backward,
+                                              &mtp_correct[static_cast<size_t>(k)], dmtp[static_cast<size_t>(k)].data());
+    }
+    if (!backward) return loss;
+    for (int64_t k = D - 1; k >= 0; --k) {
+      const int64_t Tk = Tn - k - 2;
+      Vec<T> dXin(static_cast<size_t>(Tk * Nd));
+      mtp_bwd(k, dmtp[static_cast<size_t>(k)], ids + k + 1, Tk, dXin.data());
+      T* into = k == 0 ? dX.data() : dmtp[static_cast<size_t>(k - 1)].data();  // rows i < Tk of the previous stage
+      for (int64_t i = 0; i < Tk * Nd; ++i) into[i] += dXin[static_cast<size_t>(i)];
+    }
     for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) layer_bwd(l, dX, Tn);
     // X_j = embed[ids] for every stream j
     Vec<T> de(static_cast<size_t>(Tn * d), T(0));
@@ -593,8 +689,8 @@ struct V4TrainModel<T>::Impl {
 template <typename T>
 V4TrainModel<T>::V4TrainModel(const V4Weights& w, const T* params, T* grads)
     : impl_(std::make_unique<Impl>(w, params, grads)) {
-  for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
-    if (w.cfg.mlp_layer_types[static_cast<size_t>(l)] == V4Mlp::Moe) moe_layers_.push_back(l);
+  for (int64_t l = 0; l < w.cfg.num_blocks(); ++l)
+    if (w.cfg.mlp_type(l) == V4Mlp::Moe) moe_layers_.push_back(l);
   reset_load();
 }
 
@@ -613,23 +709,40 @@ void V4TrainModel<T>::set_balance_alpha(double alpha) {
 }
 
 template <typename T>
-V4StepStats V4TrainModel<T>::run(const int32_t* ids, int64_t B, int64_t Tn, double grad_scale, bool backward) {
+V4StepStats V4TrainModel<T>::run(const int32_t* ids, int64_t B, int64_t Tn, double grad_scale, bool backward,
+                                 double mtp_lambda) {
   const V4Config& c = impl_->c;
   if (Tn < 2) fail("training needs sequences of at least 2 tokens, got {}", Tn);
   if (Tn > c.max_position_embeddings)
     fail("sequence length {} exceeds max_position_embeddings = {}", Tn, c.max_position_embeddings);
   for (int64_t i = 0; i < B * Tn; ++i)
     if (ids[i] < 0 || ids[i] >= c.vocab_size) fail("token id {} is out of range for vocab_size {}", ids[i], c.vocab_size);
-  std::vector<int64_t> moe_row(static_cast<size_t>(c.num_hidden_layers), -1);
+  std::vector<int64_t> moe_row(static_cast<size_t>(c.num_blocks()), -1);
   for (size_t r = 0; r < moe_layers_.size(); ++r) moe_row[static_cast<size_t>(moe_layers_[r])] = int64_t(r);
   V4StepStats st;
   st.count = B * (Tn - 1);
   const double scale = grad_scale / double(st.count);
+  // MTP: loss = main + lambda / D * sum_k mean CE_k over the blocks that have a row with a target (Tn - k - 2 > 0).
+  const int64_t D = mtp_lambda > 0 ? c.num_nextn_predict_layers : 0;
+  std::vector<double> mtp_scale, mtp_sum;
+  for (int64_t k = 0; k < D && Tn - k - 2 > 0; ++k) {
+    st.mtp_count.push_back(B * (Tn - k - 2));
+    mtp_scale.push_back(grad_scale * mtp_lambda / double(D) / double(st.mtp_count.back()));
+  }
+  mtp_sum.assign(mtp_scale.size(), 0.0);
+  st.mtp_correct.assign(mtp_scale.size(), 0);
   double sum = 0;
   impl_->bal_sum = 0, impl_->bal_scale = grad_scale / double(B);  // the balance loss: the mean over sequences
-  for (int64_t b = 0; b < B; ++b) sum += impl_->sequence(ids + b * Tn, Tn, scale, backward, &st.correct, load_, moe_row);
+  for (int64_t b = 0; b < B; ++b)
+    sum += impl_->sequence(ids + b * Tn, Tn, scale, backward, &st.correct, load_, moe_row, mtp_scale, mtp_sum,
+                           st.mtp_correct);
   st.loss = sum / double(st.count);
   st.balance_loss = impl_->bal_sum / double(B);
+  st.total = st.loss + st.balance_loss;
+  for (size_t k = 0; k < mtp_sum.size(); ++k) {
+    st.mtp_loss.push_back(mtp_sum[k] / double(st.mtp_count[k]));
+    st.total += mtp_lambda / double(D) * st.mtp_loss.back();
+  }
   return st;
 }
 

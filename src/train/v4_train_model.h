@@ -24,6 +24,9 @@ struct V4StepStats {
   int64_t count = 0;       // rows with a target: B (T - 1)
   int64_t correct = 0;     // argmax == target
   double balance_loss = 0; // the sequence-wise balance loss, summed over the moe layers, mean over sequences
+  double total = 0;        // loss + balance_loss + mtp_lambda / D * sum of mtp_loss (what the gradient differentiates)
+  std::vector<double> mtp_loss;       // per MTP block run: mean CE of its rows predicting token i + k + 2
+  std::vector<int64_t> mtp_count, mtp_correct;
 };
 
 template <typename T>
@@ -34,11 +37,16 @@ class V4TrainModel {
   // runs on w.flat (it has no gradient, so a perturbation of params elsewhere reaches it only through its inputs).
   V4TrainModel(const V4Weights& w, const T* params, T* grads);
   ~V4TrainModel();
-  // ids [B, Tn] row-major. grads += grad_scale * dL/dtheta when backward (L = CE + balance loss). Expert loads
-  // add to load().
-  V4StepStats run(const int32_t* ids, int64_t B, int64_t Tn, double grad_scale, bool backward);
+  // ids [B, Tn] row-major. grads += grad_scale * dL/dtheta when backward (L = CE + balance loss, + the MTP term).
+  // Expert loads add to load().
+  // mtp_lambda > 0: the MTP blocks run too and L = main + mtp_lambda / D * sum_k (mean CE of block k), as V3 trains
+  // them; block k reads the previous stage's final streams (block 0: the main model's, before hc_head) and the
+  // embedding of the next token, and its gradient reaches the main model through those streams and the shared
+  // embedding and head.
+  V4StepStats run(const int32_t* ids, int64_t B, int64_t Tn, double grad_scale, bool backward, double mtp_lambda = 0);
 
-  // Tokens routed to each expert since reset_load(), one row per `moe` layer (hash layers have no bias to steer).
+  // Tokens routed to each expert since reset_load(), one row per `moe` block (main layers, then MTP blocks; hash
+  // layers have no bias to steer). Block ids as V4Config::block_prefix numbers them.
   const std::vector<std::vector<int64_t>>& load() const { return load_; }
   const std::vector<int64_t>& moe_layers() const { return moe_layers_; }
   void reset_load();

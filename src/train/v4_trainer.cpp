@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include <unistd.h>
+#include <fmt/format.h>
 
 #include "core/rng.h"
 #include "dist/runtime.h"
@@ -191,6 +192,11 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   }
   const V4Config& cfg = w.cfg;
   const std::string cfg_text = read_file(cfg_src);
+  // The MTP blocks train with --mtp-lambda (as V3: when the model has them); validation measures them either way.
+  if (w.mtp_absent && a.mtp_lambda > 0)
+    std::fprintf(stderr, "note: %s has no mtp.* tensors: training without MTP\n", a.init_from.c_str());
+  const double mtp_lambda = cfg.num_nextn_predict_layers > 0 ? a.mtp_lambda : 0.0;
+  const double mtp_eval = cfg.num_nextn_predict_layers > 0 ? (a.mtp_lambda > 0 ? a.mtp_lambda : 0.3) : 0.0;
   if (a.seq > cfg.max_position_embeddings)
     fail("--seq {} exceeds the model's max_position_embeddings {}", a.seq, cfg.max_position_embeddings);
   const int64_t n = w.layout.num_params;
@@ -264,18 +270,29 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     std::vector<int32_t> ids(static_cast<size_t>(a.batch * a.seq));
     double loss = 0;
     int64_t correct = 0, count = 0;
+    std::vector<double> ml;
+    std::vector<int64_t> mc, mn;
     for (int64_t i = 0; i < nb; ++i) {
       data.val_batch(i, a.batch, a.seq, ids.data());
-      V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0, false);
+      V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0, false, mtp_eval);
       loss += s.loss, correct += s.correct, count += s.count;
+      ml.resize(s.mtp_loss.size()), mc.resize(s.mtp_loss.size()), mn.resize(s.mtp_loss.size());
+      for (size_t k = 0; k < s.mtp_loss.size(); ++k)
+        ml[k] += s.mtp_loss[k] / double(nb), mc[k] += s.mtp_correct[k], mn[k] += s.mtp_count[k];
+    }
+    json vml = json::array(), vma = json::array();
+    std::string mtp_s;
+    for (size_t k = 0; k < ml.size(); ++k) {
+      vml.push_back(ml[k]), vma.push_back(mn[k] ? double(mc[k]) / double(mn[k]) : 0.0);
+      mtp_s += fmt::format(" | mtp{} loss {:.4f} acc {:.3f}", k + 1, ml[k], vma.back().get<double>());
     }
     json j = {{"type", "val"}, {"step", step}, {"val_loss", loss / double(nb)},
-              {"val_acc", count ? double(correct) / double(count) : 0.0}, {"val_mtp_loss", json::array()},
-              {"val_mtp_acc", json::array()}};
+              {"val_acc", count ? double(correct) / double(count) : 0.0}, {"val_mtp_loss", vml},
+              {"val_mtp_acc", vma}};
     metrics << j.dump() << "\n", metrics.flush();
     if (on_step) on_step(j);
-    std::fprintf(stderr, "validation step %lld: loss %.4f acc %.3f\n", (long long)step, loss / double(nb),
-                 j["val_acc"].get<double>());
+    std::fprintf(stderr, "validation step %lld: loss %.4f acc %.3f%s\n", (long long)step, loss / double(nb),
+                 j["val_acc"].get<double>(), mtp_s.c_str());
   };
 
   const auto& moe_layers = tm.moe_layers();
@@ -288,7 +305,10 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
                a.optimizer.c_str(), (long long)n, moe_layers.size(), (long long)cfg.num_hash_layers(), (long long)total,
                (long long)tokens_per_step, (long long)a.batch, (long long)a.seq, (long long)a.grad_accum, a.data.c_str(),
                (long long)data.train_tokens(),
-               a.mtp_lambda > 0 ? " (no MTP for V4: --mtp-lambda is ignored)" : "");
+               "");
+  if (mtp_lambda > 0)
+    std::fprintf(stderr, "MTP: %lld block(s) (%lld params), loss = main + %g * mean MTP cross-entropy\n",
+                 (long long)cfg.num_nextn_predict_layers, (long long)v4_mtp_params(cfg), mtp_lambda);
   g_stop = false;
   struct Restore {
     bool active;
@@ -306,14 +326,17 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     std::fill(grads.begin(), grads.end(), 0.f);
     tm.reset_load();
     double loss = 0, bal = 0;
+    std::vector<double> mtp;
     for (int64_t micro = 0; micro < a.grad_accum; ++micro) {
       data.next_batch(a.batch, a.seq, ids.data());
-      V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0 / double(a.grad_accum), true);
-      if (!std::isfinite(s.loss + s.balance_loss))
+      V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0 / double(a.grad_accum), true, mtp_lambda);
+      if (!std::isfinite(s.total))
         fail("the loss is not finite ({}) at step {}: stopping without saving; lower --lr or check the data",
-             std::isnan(s.loss + s.balance_loss) ? "NaN" : "Inf", step + 1);
+             std::isnan(s.total) ? "NaN" : "Inf", step + 1);
       loss += s.loss / double(a.grad_accum);
       bal += s.balance_loss / double(a.grad_accum);
+      mtp.resize(s.mtp_loss.size());
+      for (size_t k = 0; k < s.mtp_loss.size(); ++k) mtp[k] += s.mtp_loss[k] / double(a.grad_accum);
     }
     const double gnorm = muon ? muon->step(w.flat.f32(), grads.data(), lr) : adam->step(w.flat.f32(), grads.data(), lr);
     if (!std::isfinite(gnorm)) fail("the gradient norm is not finite at step {}: stopping without saving", step + 1);
@@ -326,7 +349,7 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
       worst = std::max(worst, vio);
       maxvio.push_back(vio), loads.push_back(ld);
       if (a.bias_gamma <= 0) continue;
-      float* b = w.bias_flat.f32() + w.layout.at("layers." + std::to_string(moe_layers[r]) + ".ffn.gate.bias").offset;
+      float* b = w.bias_flat.f32() + w.layout.at(cfg.block_prefix(moe_layers[r]) + "ffn.gate.bias").offset;
       int64_t sum = 0;
       for (auto v : ld) sum += v;
       const double mean = double(sum) / double(E);
@@ -340,12 +363,13 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     tok_s = double(tokens_per_step) / dt;
     json mj = {{"type", "train"}, {"step", step}, {"loss", loss}, {"lr", lr}, {"grad_norm", gnorm},
                {"balance_loss", bal}, {"tokens", tokens}, {"tok_per_s", tok_s}, {"step_s", dt}, {"maxvio", maxvio},
-               {"load", loads}, {"moe_layers", moe_layers}, {"mtp_loss", json::array()}, {"optimizer", a.optimizer}};
+               {"load", loads}, {"moe_layers", moe_layers}, {"mtp_loss", mtp}, {"optimizer", a.optimizer}};
     metrics << mj.dump() << "\n", metrics.flush();
     bool stop = (on_step && !on_step(mj)) || g_stop;
     if (step % std::max<int64_t>(a.log_every, 1) == 0 || step == total || step == first_step + 1)
-      std::fprintf(stderr, "step %lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | maxvio %.3f\n",
-                   (long long)step, (long long)total, loss, lr, gnorm, tok_s, worst);
+      std::fprintf(stderr, "step %lld/%lld | loss %.4f%s | lr %.2e | gnorm %.3f | %.0f tok/s | maxvio %.3f\n",
+                   (long long)step, (long long)total, loss, mtp.empty() ? "" : fmt::format(" | mtp {:.4f}", mtp[0]).c_str(),
+                   lr, gnorm, tok_s, worst);
     if (a.eval_every > 0 && (step % a.eval_every == 0 || step == total)) evaluate();
     if (stop || (a.stop_after > 0 && step - first_step >= a.stop_after && step < total)) {
       save(stop ? "interrupted" : "--stop-after");

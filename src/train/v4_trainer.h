@@ -1,14 +1,14 @@
 #pragma once
 // `dsv3 train` for DeepSeek-V4 models (model_type deepseek_v4; run_training dispatches here): data windows ->
 // V4TrainModel forward/backward (gradient accumulation; CE plus the sequence-wise balance loss of the `moe`
-// layers, --balance-alpha) -> AdamW or Muon (--optimizer) -> the auxiliary-loss-free bias update of the `moe`
-// layers (hash_moe layers route by their fixed table and have neither bias nor balance loss) -> metrics,
-// validation, checkpoints in the hub layout (release names: dsv3 logits / generate / info / eval and train
-// --init-from read them) with the V3 trainer's state files (train/checkpoint.h): trainer_state.safetensors holds
-// adam.m, adam.v (and muon.momentum for Muon), f32 [num_params]; trainer_state.json the step, tokens, optimizer
-// step (adam_t), data RNG, model_type, optimizer and options. --resume continues exactly (the same losses bit for
-// bit as an uninterrupted run); the selection biases and hash tables travel in model.safetensors (f32).
-// CPU, fp32, one process. Not yet: MTP (transformers does not build V4's MTP block either), bf16 checkpoints.
+// layers, --balance-alpha; MTP blocks with --mtp-lambda, mtp_loss in the metrics) -> AdamW or Muon (--optimizer)
+// -> the auxiliary-loss-free bias update of the `moe` layers (hash_moe layers route by their fixed table and have
+// neither bias nor balance loss) -> metrics, validation, checkpoints in the hub layout (release names: dsv3 logits /
+// generate / info / eval and train --init-from read them) with the V3 trainer's state files (train/checkpoint.h):
+// trainer_state.safetensors holds adam.m, adam.v (and muon.momentum for Muon), f32 [num_params];
+// trainer_state.json the step, tokens, optimizer step (adam_t), data RNG, model_type, optimizer and options.
+// --resume continues exactly (the same losses bit for bit as an uninterrupted run); the selection biases and hash
+// tables travel in model.safetensors (f32). CPU, fp32, one process. Not yet: bf16 checkpoints.
 #include "model/v4_weights.h"
 #include "train/trainer.h"
 

@@ -242,10 +242,12 @@ TEST(CudaOps, MlaDecode) {
   struct S { int64_t nh, r, dr; std::vector<int64_t> lens; };
   uint64_t seed = 30;
   // 4100 keys: many 32-key tiles per split and a partial last tile; 128 heads: eight head groups (DeepSeek-V3);
-  // one sequence of 5000 keys: more than 128 splits for the merge kernel.
-  const std::vector<int64_t> mixed = {1, 37, 300, 4100};
+  // one sequence of 5000 keys: more than 128 splits for the merge kernel; 128 heads and eight long sequences: the
+  // deep (five-stage) pipeline of long splits.
+  const std::vector<int64_t> mixed = {1, 37, 300, 4100}, eight = {4100, 3000, 4096, 1, 2500, 4100, 77, 4000};
   for (const S& s : {S{16, 512, 64, mixed}, S{4, 64, 16, mixed}, S{20, 128, 16, mixed}, S{2, 48, 16, mixed},
-                     S{128, 512, 64, mixed}, S{16, 256, 32, mixed}, S{16, 512, 64, {5000}}}) {
+                     S{128, 512, 64, mixed}, S{16, 256, 32, mixed}, S{16, 512, 64, {5000}}, S{16, 512, 64, eight},
+                     S{16, 256, 32, eight}}) {
     const std::vector<int64_t>& lens = s.lens;
     Pools p = make_pools(s.r, s.dr, lens, 1, ++seed);
     const int64_t B = int64_t(lens.size());

@@ -266,6 +266,7 @@ def test_load_32_concurrent_streams_and_batching_speedup(server):
         ratios.append(agg / single)
     ratio = sorted(ratios)[len(ratios) // 2]
     print(f"batching speed-up at 16 streams: median {ratio:.2f}x of rounds " + ", ".join(f"{r:.2f}" for r in ratios))
-    # A server that did not batch would give about 1x. Medians measured on the 2-core VM: 3.8-4.6x (single
-    # rounds 2.4-4.7x); 3x keeps the test about batching rather than about the machine's noise.
-    assert ratio >= 3, ratios
+    # A server that did not batch would give about 1x. Medians measured on the 2-core VM: 3.8-4.6x alone, 2.5-2.9x
+    # while builds ran beside it (single rounds 1.5-4.7x); 2x still tells batching from none and keeps the test
+    # about batching rather than about the machine's load.
+    assert ratio >= 2, ratios

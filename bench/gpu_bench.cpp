@@ -337,55 +337,41 @@ int main(int argc, char** argv) {
                   fl / (ms * 1e-3) / 1e12, fl / (ms * 1e-3) / gemm);
       res["kernel_attention_prefill_ms"] = ms;
     }
-    {
-      // Absorbed decode over 32 sequences of 4096 cached tokens (one layer).
-      const int B = 32;
-      const int64_t ctx = 4096, nh = cfg.num_attention_heads, r = cfg.kv_lora_rank, dr = cfg.qk_rope_head_dim;
-      KvPoolSpec spec{1, B * ctx / 64, 64, r, dr};
+    // Absorbed decode alone: B sequences of ctx cached tokens each (one layer, random cache and queries), nh heads;
+    // returns the median ms. Its floor: the latent cache rows (r + dr bf16 each) read once.
+    const int64_t r_lat = cfg.kv_lora_rank, dr_lat = cfg.qk_rope_head_dim;
+    auto time_mla_decode = [&](int64_t nh, int B, int64_t ctx) {
+      KvPoolSpec spec{1, B * ctx / 64, 64, r_lat, dr_lat};
       Tensor pool = be.alloc_kv_pool(spec);
       be.fill_normal(pool, 0, 1, 4);
-      std::vector<std::vector<int32_t>> tables(B);
-      std::vector<SeqSlice> seqs(B);
+      std::vector<std::vector<int32_t>> tables(static_cast<size_t>(B));
+      std::vector<SeqSlice> seqs(static_cast<size_t>(B));
       for (int b = 0; b < B; ++b) {
         for (int64_t i = 0; i < ctx / 64; ++i) tables[size_t(b)].push_back(int32_t(b * (ctx / 64) + i));
         seqs[size_t(b)] = SeqSlice{b, 1, ctx - 1, tables[size_t(b)].data(), ctx / 64};
       }
-      Tensor ql = be.alloc(DType::BF16, {B, nh, r}, "q_lat"), qp = be.alloc(DType::BF16, {B, nh, dr}, "q_pe"),
-             ol = be.alloc(DType::BF16, {B, nh, r}, "o_lat");
+      Tensor ql = be.alloc(DType::BF16, {B, nh, r_lat}, "q_lat"), qp = be.alloc(DType::BF16, {B, nh, dr_lat}, "q_pe"),
+             ol = be.alloc(DType::BF16, {B, nh, r_lat}, "o_lat");
       be.fill_normal(ql, 0, 0.1f, 5);
       be.fill_normal(qp, 0, 0.1f, 6);
-      const double ms = cuda::time_ms(be, 3, 20, [&] { be.mla_decode(ol, ql, qp, pool, spec, 0, seqs, 0.07f); });
-      const double bytes = double(B) * ctx * spec.row() * 2;
+      return cuda::time_ms(be, 3, 20, [&] { be.mla_decode(ol, ql, qp, pool, spec, 0, seqs, 0.07f); });
+    };
+    auto cache_bytes = [&](int B, int64_t ctx) { return double(B) * double(ctx) * double(r_lat + dr_lat) * 2; };
+    {
+      const double ms = time_mla_decode(cfg.num_attention_heads, 32, 4096), bytes = cache_bytes(32, 4096);
       std::printf("  %-44s %8.3f ms  %6.0f GB/s      %.2f of the copy bandwidth\n", "mla_decode B 32 x 4096 tokens", ms,
                   bytes / (ms * 1e-3) / 1e9, bytes / (ms * 1e-3) / copy_bw);
       res["kernel_mla_decode_ms"] = ms;
     }
     if (long_context) {
-      // Absorbed decode alone over long contexts: B sequences of ctx cached tokens (one layer), with this model's
-      // heads and with DeepSeek-V3's 128. Floor: the latent cache rows (r + dr bf16 each) read once.
+      // Absorbed decode alone over long contexts, with this model's heads and with DeepSeek-V3's 128.
       std::printf("\n  MLA decode over long contexts, kernel alone (median of 20; floor: the latent cache bytes)\n");
       std::printf("  | heads | batch | cached tokens | ms | GB/s | of the copy bandwidth |\n  | --- | --- | --- | --- | --- | --- |\n");
       json rows = json::array();
-      const int64_t r = cfg.kv_lora_rank, dr = cfg.qk_rope_head_dim;
       for (int64_t nh : {cfg.num_attention_heads, int64_t(128)})
         for (int B : {1, 8})
           for (int64_t ctx : {int64_t(4096), int64_t(32768), int64_t(131072)}) {
-            KvPoolSpec spec{1, B * ctx / 64, 64, r, dr};
-            Tensor pool = be.alloc_kv_pool(spec);
-            be.fill_normal(pool, 0, 1, 4);
-            std::vector<std::vector<int32_t>> tables(static_cast<size_t>(B));
-            std::vector<SeqSlice> seqs(static_cast<size_t>(B));
-            for (int b = 0; b < B; ++b) {
-              for (int64_t i = 0; i < ctx / 64; ++i) tables[size_t(b)].push_back(int32_t(b * (ctx / 64) + i));
-              seqs[size_t(b)] = SeqSlice{b, 1, ctx - 1, tables[size_t(b)].data(), ctx / 64};
-            }
-            Tensor ql = be.alloc(DType::BF16, {B, nh, r}, "q_lat"), qp = be.alloc(DType::BF16, {B, nh, dr}, "q_pe"),
-                   ol = be.alloc(DType::BF16, {B, nh, r}, "o_lat");
-            be.fill_normal(ql, 0, 0.1f, 5);
-            be.fill_normal(qp, 0, 0.1f, 6);
-            const double ms = cuda::time_ms(be, 3, 20, [&] { be.mla_decode(ol, ql, qp, pool, spec, 0, seqs, 0.07f); });
-            const double bytes = double(B) * double(ctx) * double(spec.row()) * 2;
-            const double bw = bytes / (ms * 1e-3);
+            const double ms = time_mla_decode(nh, B, ctx), bw = cache_bytes(B, ctx) / (ms * 1e-3);
             std::printf("  | %lld | %d | %lld | %.3f | %.0f | %.2f |\n", (long long)nh, B, (long long)ctx, ms, bw / 1e9,
                         bw / copy_bw);
             rows.push_back({{"heads", nh}, {"batch", B}, {"ctx", ctx}, {"ms", ms}, {"of_bw", bw / copy_bw}});

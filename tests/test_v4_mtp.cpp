@@ -16,6 +16,7 @@
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
 #include "model/v4_model.h"
+#include "serve/serving_model.h"
 #include "train/v4_train_model.h"
 #include "train/v4_trainer.h"
 
@@ -263,4 +264,86 @@ TEST(V4Mtp, FiniteDifferencesOfTheMtpLoss) {
   }
   std::printf("[v4 mtp fd] %lld entries of %lld tensors: worst rel err %.2e (%s); MTP tensors %.2e, main-model %.2e\n",
               (long long)checked, (long long)tensors, worst, worst_name.c_str(), worst_mtp, worst_main);
+}
+
+// The serving hooks that let the engine's speculative path run V4 (serve/serving_model.h): hidden rows are the
+// final streams MTP block 0 reads, mtp_logits equals mtp_forward on the sequence's own MTP cache, and a rejected
+// draft leaves the cache as if only the current token had been fed (the next token's logits equal a plain
+// token-by-token forward); an accepted one keeps the two-token pass.
+TEST(V4Mtp, ServingDraftHooksRestoreTheCache) {
+  const V4Config c = V4Config::from_json(tiny_config(1));
+  V4Weights w = random_weights(c, 5);
+  std::unique_ptr<Backend> be = make_cpu_backend();
+  V4Model m(w, *be);
+  V4ServingModel sm(m, 256, 16);
+  const ServingLimits lim = sm.limits();
+  ASSERT_TRUE(lim.has_mtp);
+  ASSERT_EQ(lim.hidden_row, c.hc_mult * c.hidden_size);
+  const int64_t V = c.vocab_size;
+  const std::vector<int32_t> prompt = {5, 9, 17, 33, 2, 40, 11, 8, 21};  // past one CSA / HCA window
+  SeqCache s, mtp;
+  ASSERT_TRUE(sm.reserve(s, 40) && sm.reserve(mtp, 40));
+  auto run = [&](std::vector<int32_t> toks, bool all, bool draft) {
+    std::vector<BatchSeq> b(1);
+    b[0].cache = &s, b[0].tokens = std::move(toks), b[0].all_logits = all;
+    if (draft) sm.mark_draft(s);
+    ForwardOptions fo;
+    fo.keep_hidden = true;
+    return sm.forward(b, fo);
+  };
+  // Reference: the plain model, token by token after the prompt.
+  V4Cache ref(c);
+  Tensor Xref;
+  m.forward(prompt, ref, false, &Xref);
+  ForwardResult r = run(prompt, false, false);
+  ASSERT_EQ(r.hidden.numel(), int64_t(prompt.size()) * lim.hidden_row);
+  double worst = 0;
+  for (int64_t i = 0; i < Xref.numel(); ++i) worst = std::max(worst, double(std::fabs(r.hidden.f32()[i] - Xref.f32()[i])));
+  EXPECT_EQ(worst, 0.0);
+  // mtp_logits over the prompt rows (row j consumes token j + 1) equals mtp_forward.
+  {
+    std::vector<BatchSeq> b(1);
+    b[0].cache = &mtp, b[0].tokens.assign(prompt.begin() + 1, prompt.end());
+    const int64_t T = int64_t(b[0].tokens.size());
+    std::vector<float> h(r.hidden.f32(), r.hidden.f32() + T * lim.hidden_row);
+    Tensor got = sm.mtp_logits(b, h);
+    V4Cache ref_mtp(c);
+    Tensor want = m.mtp_forward(0, Xref.rows(0, T), b[0].tokens, ref_mtp);
+    ASSERT_EQ(got.shape, want.shape);
+    for (int64_t i = 0; i < got.numel(); ++i) ASSERT_EQ(got.f32()[i], want.f32()[i]);
+    EXPECT_EQ(mtp.len, T);
+  }
+  auto max_diff = [&](const float* a, const float* b) {
+    double d = 0, mx = 0;
+    for (int64_t v = 0; v < V; ++v) d = std::max(d, double(std::fabs(a[v] - b[v]))), mx = std::max(mx, double(std::fabs(b[v])));
+    return d / mx;
+  };
+  // Steps: rejected, accepted, rejected drafts; the reference feeds the kept tokens one at a time.
+  int32_t t = 3;
+  for (int step = 0; step < 3; ++step) {
+    const bool reject = step != 1;
+    const int32_t d = int32_t((7 * step + 12) % V);
+    ForwardResult v = run({t, d}, true, true);
+    ASSERT_EQ(v.logits.dim(0), 2);
+    Tensor l1 = m.forward({t}, ref);
+    EXPECT_LT(max_diff(v.logits.f32(), l1.f32()), 1e-5) << step;
+    if (reject) {
+      sm.reject_draft(s);
+      EXPECT_EQ(s.len, ref.len);
+    } else {
+      Tensor l2 = m.forward({d}, ref);
+      EXPECT_LT(max_diff(v.logits.f32() + V, l2.f32()), 1e-5) << step;
+    }
+    t = int32_t((t * 5 + 1) % V);
+    ForwardResult n = run({t}, false, false);  // the next token sees exactly the kept tokens
+    Tensor ln = m.forward({t}, ref);
+    EXPECT_LT(max_diff(n.logits.f32(), ln.f32()), 1e-5) << step;
+    EXPECT_EQ(s.len, ref.len);
+    t = int32_t((t * 3 + 2) % V);
+  }
+  // reject_draft without a draft step is an internal error, not a silent corruption.
+  EXPECT_THROW(sm.reject_draft(s), std::exception);
+  sm.release(s);
+  sm.release(mtp);
+  EXPECT_EQ(sm.free_blocks(), sm.total_blocks());
 }

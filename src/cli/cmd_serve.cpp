@@ -73,9 +73,10 @@ void add_serve_commands(CLI::App& app) {
         if (ranks) fail("DeepSeek-V4 models do not run under mpirun with several ranks yet");
         LoadedV4Model lm4 = open_v4_model(a->dir, a->device, a->dtype);
         V4Model& m4 = *lm4.model;
-        ServingLimits lim;
-        lim.vocab_size = m4.config().vocab_size, lim.max_positions = m4.config().max_position_embeddings;
-        lim.hidden_size = m4.config().hidden_size, lim.eos_token_id = int32_t(m4.config().eos_token_id);
+        // --speculative mtp: greedy requests draft with MTP block 0 (the engine's speculative path, as V3).
+        if (a->ec.speculative_mtp && m4.mtp_depth() < 1)
+          fail("--speculative mtp needs a model with an MTP block (mtp.0.* tensors; this checkpoint has none)");
+        const ServingLimits lim = v4_serving_limits(m4.config());
         Tokenizer tok = tokenizer_for_model(a->dir, a->tokenizer, lim.vocab_size);
         ServerOptions so = server_options();
         check_serve_options(lim, a->ec, so);

@@ -378,6 +378,7 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
     } else if (s.spec && s.draft >= 0) {
       b.tokens = {s.last, s.draft};  // verify the draft in the same pass
       b.all_logits = true;
+      sm_->mark_draft(s.cache);
     } else {
       b.tokens = {s.last};
     }
@@ -390,7 +391,7 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
   ForwardOptions fo;
   fo.keep_hidden = any_spec;
   ForwardResult r = sm_->forward(batch, fo);
-  const int64_t V = lim_.vocab_size, H = lim_.hidden_size;
+  const int64_t V = lim_.vocab_size, H = lim_.hidden_row;
   Tensor hidden = any_spec ? r.hidden : Tensor();
   auto hrow = [&](int64_t row) { return std::vector<float>(hidden.f32() + row * H, hidden.f32() + (row + 1) * H); };
   int64_t generated = 0, drafted = 0, accepted = 0, lrow = 0, hbase = 0;
@@ -455,7 +456,7 @@ void Engine::step(std::vector<std::unique_ptr<Seq>>& running) {
         if (accept_token(s, g1) && accept_token(s, g2))
           s.mtp_tokens = {g1, g2}, s.mtp_h = {hrow(h0), hrow(h0 + 1)};
       } else {
-        s.cache.len -= 1;  // drop the rejected draft's cache row; it is overwritten later
+        sm_->reject_draft(s.cache);  // the cache as if the draft had not been fed
         if (accept_token(s, g1)) s.mtp_tokens = {g1}, s.mtp_h = {hrow(h0)};
       }
       s.draft = -1;

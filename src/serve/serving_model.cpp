@@ -14,7 +14,7 @@ ServingLimits LatentServingModel::limits() const { return latent_serving_limits(
 
 ServingLimits latent_serving_limits(const ModelConfig& c) {
   ServingLimits l;
-  l.vocab_size = c.vocab_size, l.max_positions = c.max_position_embeddings, l.hidden_size = c.hidden_size;
+  l.vocab_size = c.vocab_size, l.max_positions = c.max_position_embeddings, l.hidden_row = c.hidden_size;
   l.eos_token_id = int32_t(c.eos_token_id);
   l.has_mtp = c.num_nextn_predict_layers >= 1;
   return l;
@@ -51,9 +51,10 @@ ServingLimits V4ServingModel::limits() const { return v4_serving_limits(m_.confi
 
 ServingLimits v4_serving_limits(const V4Config& c) {
   ServingLimits l;
-  l.vocab_size = c.vocab_size, l.max_positions = c.max_position_embeddings, l.hidden_size = c.hidden_size;
+  l.vocab_size = c.vocab_size, l.max_positions = c.max_position_embeddings;
+  l.hidden_row = c.hc_mult * c.hidden_size;  // MTP block 0 reads the main model's final streams [N, d] per token
   l.eos_token_id = int32_t(c.eos_token_id);
-  l.has_mtp = false;  // V4 drafts with its MTP block in dsv3 generate only; the engine's speculative path is V3's
+  l.has_mtp = c.num_nextn_predict_layers >= 1;
   return l;
 }
 
@@ -71,37 +72,92 @@ void V4ServingModel::release(SeqCache& s) {
   s.blocks.clear();
   s.len = 0;
   caches_.erase(&s);
+  undo_.erase(&s);
 }
 
-ForwardResult V4ServingModel::forward(std::vector<BatchSeq>& batch, const ForwardOptions& opt) {
-  DSV3_CHECK(!opt.keep_hidden, "DeepSeek-V4 serving keeps no hidden states (no MTP drafts)");
-  const int64_t V = m_.config().vocab_size;
-  std::vector<Tensor> parts;
+V4Cache& V4ServingModel::cache_of(SeqCache& s) {
+  auto& c = caches_[&s];
+  if (!c) c = std::make_unique<V4Cache>(m_.config());
+  return *c;
+}
+
+// Checks that n more positions fit the blocks s reserved.
+static void check_reserved(const SeqCache& s, int64_t n, int64_t block) {
+  DSV3_CHECK(s.len + n <= int64_t(s.blocks.size()) * block, "forward: {} positions beyond the sequence's reserved {}",
+             s.len + n, int64_t(s.blocks.size()) * block);
+}
+
+// Host fp32 rows of every part, one after another: [sum of rows, cols].
+static Tensor concat_rows(const std::vector<Tensor>& parts, int64_t cols) {
   int64_t rows = 0;
-  for (BatchSeq& b : batch) {
-    DSV3_CHECK(b.cache && !b.tokens.empty(), "forward: a batch entry without a cache or tokens");
-    DSV3_CHECK(b.cache->len + int64_t(b.tokens.size()) <= int64_t(b.cache->blocks.size()) * block_,
-               "forward: {} positions beyond the sequence's reserved {}", b.cache->len + int64_t(b.tokens.size()),
-               int64_t(b.cache->blocks.size()) * block_);
-    auto& c = caches_[b.cache];
-    if (!c) c = std::make_unique<V4Cache>(m_.config());
-    Tensor l = m_.forward(b.tokens, *c, b.all_logits || opt.all_logits);
-    b.cache->len = c->len;
-    rows += l.dim(0);
-    parts.push_back(std::move(l));
-  }
-  ForwardResult r;
-  r.logits = Tensor::f32_from(std::vector<float>(size_t(rows * V)), {rows, V});
-  float* dst = r.logits.f32();
+  for (const Tensor& p : parts) rows += p.numel() / cols;
+  Tensor t = Tensor::f32_from(std::vector<float>(size_t(rows * cols)), {rows, cols});
+  float* dst = t.f32();
   for (const Tensor& p : parts) {
     std::memcpy(dst, p.f32(), size_t(p.numel()) * sizeof(float));
     dst += p.numel();
   }
+  return t;
+}
+
+ForwardResult V4ServingModel::forward(std::vector<BatchSeq>& batch, const ForwardOptions& opt) {
+  const V4Config& cfg = m_.config();
+  std::vector<Tensor> logits, streams;
+  for (BatchSeq& b : batch) {
+    DSV3_CHECK(b.cache && !b.tokens.empty(), "forward: a batch entry without a cache or tokens");
+    check_reserved(*b.cache, int64_t(b.tokens.size()), block_);
+    V4Cache& c = cache_of(*b.cache);
+    auto u = undo_.find(b.cache);
+    if (u != undo_.end() && u->second.armed) {  // a verify step: keep what a rejected draft restores
+      DSV3_CHECK(b.tokens.size() >= 2, "forward: a draft step needs the current token and the draft");
+      u->second.armed = false;
+      u->second.before = std::make_unique<V4Cache>(c);
+      u->second.kept.assign(b.tokens.begin(), b.tokens.end() - 1);
+    } else if (u != undo_.end()) {
+      undo_.erase(u);  // the previous verify step's draft was kept
+    }
+    Tensor X;
+    logits.push_back(m_.forward(b.tokens, c, b.all_logits || opt.all_logits, opt.keep_hidden ? &X : nullptr));
+    if (opt.keep_hidden) streams.push_back(X);
+    b.cache->len = c.len;
+  }
+  ForwardResult r;
+  r.logits = concat_rows(logits, cfg.vocab_size);
+  if (opt.keep_hidden) r.hidden = concat_rows(streams, cfg.hc_mult * cfg.hidden_size);
   return r;
 }
 
-Tensor V4ServingModel::mtp_logits(std::vector<BatchSeq>&, const std::vector<float>&) {
-  fail("DeepSeek-V4 serving has no MTP drafts");
+Tensor V4ServingModel::mtp_logits(std::vector<BatchSeq>& batch, const std::vector<float>& h) {
+  const V4Config& cfg = m_.config();
+  DSV3_CHECK(m_.mtp_depth() >= 1, "DeepSeek-V4 serving: this model has no MTP block");
+  const int64_t N = cfg.hc_mult, d = cfg.hidden_size;
+  std::vector<Tensor> logits;
+  size_t off = 0;
+  for (BatchSeq& b : batch) {
+    DSV3_CHECK(b.cache && !b.tokens.empty(), "mtp_logits: a batch entry without a cache or tokens");
+    const int64_t T = int64_t(b.tokens.size());
+    DSV3_CHECK(off + size_t(T * N * d) <= h.size(), "mtp_logits: {} hidden values for more rows", h.size());
+    check_reserved(*b.cache, T, block_);
+    V4Cache& c = cache_of(*b.cache);  // only its MTP block state is used
+    Tensor X = Tensor::f32_from(std::vector<float>(h.begin() + off, h.begin() + off + size_t(T * N * d)), {T, N, d});
+    off += size_t(T * N * d);
+    logits.push_back(m_.mtp_forward(0, X, b.tokens, c));
+    b.cache->len = c.mtp_len[0];
+  }
+  DSV3_CHECK(off == h.size(), "mtp_logits: {} hidden values for {} rows", h.size(), off / size_t(N * d));
+  return concat_rows(logits, cfg.vocab_size);
+}
+
+void V4ServingModel::mark_draft(SeqCache& s) { undo_[&s].armed = true; }
+
+void V4ServingModel::reject_draft(SeqCache& s) {
+  auto u = undo_.find(&s);
+  DSV3_CHECK(u != undo_.end() && u->second.before, "reject_draft: the sequence's last forward was no draft step");
+  V4Cache& c = cache_of(s);
+  c = std::move(*u->second.before);
+  m_.forward(u->second.kept, c);  // the current token again, without the draft
+  s.len = c.len;
+  undo_.erase(u);
 }
 
 }  // namespace dsv3

@@ -6,7 +6,6 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -24,6 +23,7 @@
 #include "train/param_memory.h"
 #include "train/profile.h"
 #include "train/report.h"
+#include "train/stop_signal.h"
 #include "train/train_model.h"
 #include "train/v4_trainer.h"
 #include "model/v4_config.h"
@@ -64,11 +64,7 @@ TrainArgs TrainArgs::from_json(const json& j) {
 
 namespace {
 
-std::atomic<bool> g_stop{false};
-void on_sigint(int) {
-  g_stop = true;
-  std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C kills at once
-}
+std::atomic<bool>& g_stop = training_stop_requested();  // Ctrl-C (train/stop_signal.h) or a stop from inside
 
 std::string fmt_eta(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
@@ -329,14 +325,7 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
     std::fprintf(stderr, "distributed over %s: %lld sequences per rank, %lld of %lld experts per MoE layer, %lld "
                  "optimizer values per rank (ZeRO-1)\n", par.describe().c_str(), (long long)local_batch,
                  (long long)params.layout.expert_n, (long long)cfg.n_routed_experts, (long long)zero->state_elements());
-  g_stop = false;
-  struct Restore {
-    bool active;
-    void (*h)(int);
-    ~Restore() {
-      if (active) std::signal(SIGINT, h);
-    }
-  } restore{handle_sigint, handle_sigint ? std::signal(SIGINT, on_sigint) : nullptr};
+  const SigintStop sigint_stop(handle_sigint);  // clears g_stop
   result.checkpoint = ckpt_dir;
 
   std::vector<int32_t> ids(a.batch * a.seq);

@@ -4,7 +4,6 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -20,6 +19,7 @@
 #include "train/data.h"
 #include "train/muon.h"
 #include "train/report.h"
+#include "train/stop_signal.h"
 #include "train/v4_train_model.h"
 
 namespace dsv3 {
@@ -35,12 +35,7 @@ bool ends_with(const std::string& s, const std::string& t) {
 
 std::string config_path(const std::string& p) { return fs::is_directory(p) ? (fs::path(p) / "config.json").string() : p; }
 
-// Ctrl-C: finish the step, save the checkpoint, stop (a second Ctrl-C kills at once), as the V3 trainer.
-std::atomic<bool> g_stop{false};
-void on_sigint(int) {
-  g_stop = true;
-  std::signal(SIGINT, SIG_DFL);
-}
+std::atomic<bool>& g_stop = training_stop_requested();  // Ctrl-C (train/stop_signal.h) or a stop from inside
 
 double max_vio(const std::vector<int64_t>& load) {
   int64_t sum = 0, mx = 0;
@@ -309,14 +304,7 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   if (mtp_lambda > 0)
     std::fprintf(stderr, "MTP: %lld block(s) (%lld params), loss = main + %g * mean MTP cross-entropy\n",
                  (long long)cfg.num_nextn_predict_layers, (long long)v4_mtp_params(cfg), mtp_lambda);
-  g_stop = false;
-  struct Restore {
-    bool active;
-    void (*h)(int);
-    ~Restore() {
-      if (active) std::signal(SIGINT, h);
-    }
-  } restore{handle_sigint, handle_sigint ? std::signal(SIGINT, on_sigint) : nullptr};
+  const SigintStop sigint_stop(handle_sigint);  // clears g_stop
   std::vector<int32_t> ids(static_cast<size_t>(a.batch * a.seq));
   const auto t_start = std::chrono::steady_clock::now();
   double tok_s = 0;

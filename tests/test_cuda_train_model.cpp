@@ -184,6 +184,34 @@ TEST_P(CudaTrainModel, AdamWStepsFollowCpu) {
               losses[0][4], losses[1][0], losses[1][4]);
 }
 
+// --precision fp8: the recipe's products on both devices (CPU: exact emulation; CUDA: e4m3 tensor cores) for the
+// linear layers and the routed experts, the rest in each mode's precision. The operands' codes agree wherever the
+// fp32 inputs agree, so with fp32 products elsewhere the two differ by summation order and the occasional code
+// on a rounding boundary; tolerances are the bf16 mode's.
+TEST_P(CudaTrainModel, Fp8PrecisionFollowsCpuEmulation) {
+  REQUIRE_CUDA();
+  const bool f32 = GetParam();
+  const std::string dir = test::data_dir("tiny-mtp");
+  ModelConfig cfg = ModelConfig::load(dir);
+  ModelWeights w = load_f32(dir, cfg);
+  const int64_t B = 3, T = 45;
+  std::vector<int32_t> ids = random_ids(B * T, cfg.vocab_size, 9);
+  LossOptions opt;
+  opt.mtp = true;
+  opt.mtp_lambda = 0.3;
+  opt.balance_alpha = 1e-2;
+  auto cpu = make_cpu_train_backend();
+  auto gpu = make_gpu(f32);
+  cpu->set_precision(TrainBackend::Precision::FP8);
+  gpu->set_precision(TrainBackend::Precision::FP8);
+  Result c = run_on(*cpu, cfg, w, ids, B, T, opt);
+  Result g = run_on(*gpu, cfg, w, ids, B, T, opt);
+  if (f32) {
+    EXPECT_LT(std::abs(g.st.loss - c.st.loss) / c.st.loss, 1e-3) << "fp8 main loss";
+  }
+  compare(std::string("tiny-mtp fp8 vs cpu fp8") + (f32 ? " (fp32 elsewhere)" : ""), g, c, false);
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, CudaTrainModel, ::testing::Values(true, false),
                          [](const ::testing::TestParamInfo<bool>& i) { return i.param ? "fp32" : "bf16"; });
 

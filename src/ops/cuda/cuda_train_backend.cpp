@@ -20,6 +20,7 @@
 
 #include "core/error.h"
 #include "ops/cuda/device.h"
+#include "ops/cuda/fp8_train.h"
 #include "ops/cuda/grouped_gemm.h"
 #include "ops/cuda/op_profile.h"
 #include "ops/cuda/sm90/grouped.h"
@@ -120,6 +121,17 @@ class CudaTrainBackend final : public TrainBackend {
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override { DSV3_TRAIN_PROF("gemm");
     gemm_batched(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+  }
+
+  // ---- FP8 products (--precision fp8): fp8_train.h, a dense layer is one segment of rows.
+  void fp8_linear_forward(float* y, const float* x, const float* W, int64_t M, int64_t N, int64_t K) override {
+    DSV3_TRAIN_PROF("fp8_linear_forward");
+    fp8().forward({0, M}, x, K, N, {{y, W}});
+  }
+  void fp8_linear_backward(float* dx, bool dx_accumulate, float* dW, const float* dy, const float* x, const float* W,
+                           int64_t M, int64_t N, int64_t K) override {
+    DSV3_TRAIN_PROF("fp8_linear_backward");
+    fp8().backward({0, M}, dx, dx_accumulate, dW, dy, x, W, K, N);
   }
 
   // ---- norms, rope, swiglu, embedding
@@ -311,6 +323,13 @@ class CudaTrainBackend final : public TrainBackend {
     float* Xs = scratch<float>(kMoeX, size_t(NK * H));
     float* A = scratch<float>(kMoeA, size_t(NK * I));
     k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
+    if (precision() == Precision::FP8) {  // the recipe's products per expert (CPU: cpu/backward_moe.cpp)
+      fp8().forward(s.offsets, Xs, H, I, {{G, Wg}, {U, Wu}});
+      k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
+      fp8().forward(s.offsets, A, I, H, {{Y, Wd}});
+      k::moe_combine(out, Y, w, s.rows.data() + 2 * NK, N, K, H, ctx_.stream);
+      return;
+    }
     if (use_grouped_kernel(H, I)) {
       experts_forward_grouped(s, Xs, A, Wg, Wu, Wd, NK, H, I, E);
       k::moe_combine(out, Y, w, s.rows.data() + 2 * NK, N, K, H, ctx_.stream);
@@ -351,6 +370,16 @@ class CudaTrainBackend final : public TrainBackend {
     float* A = scratch<float>(kMoeA, size_t(NK * I));
     k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
     k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
+    if (precision() == Precision::FP8) {
+      // dWd += dY^T A, dA = dY Wd (into A); dG, dU in place; dX = dG Wg + dU Wu into dY's buffer; dWg, dWu.
+      fp8().backward(s.offsets, A, false, dWd, dY, A, Wd, I, H);
+      k::swiglu_backward(G, U, A, G, U, NK * I, ctx_.stream);
+      float* DX = dY;
+      fp8().backward(s.offsets, DX, false, dWg, G, Xs, Wg, H, I);
+      fp8().backward(s.offsets, DX, true, dWu, U, Xs, Wu, H, I);
+      k::moe_sum_pairs(dx, DX, where, N, K, H, ctx_.stream);
+      return;
+    }
     if (use_grouped_kernel(H, I)) {
       experts_backward_grouped(s, Xs, A, dY, dWg, dWu, dWd, Wg, Wu, Wd, NK, H, I, E);
       k::moe_sum_pairs(dx, Y, where, N, K, H, ctx_.stream);
@@ -549,6 +578,11 @@ class CudaTrainBackend final : public TrainBackend {
     return static_cast<T*>(s.p);
   }
 
+  cuda::Fp8TrainProducts& fp8() {
+    if (!fp8_) fp8_ = std::make_unique<cuda::Fp8TrainProducts>(ctx_);
+    return *fp8_;
+  }
+
   static CudaMoeState& as_state(MoeSavedState& st) {
     auto* s = dynamic_cast<CudaMoeState*>(&st);
     if (!s) fail("experts_forward/backward: the MoE state was not made by this CUDA backend");
@@ -686,6 +720,7 @@ class CudaTrainBackend final : public TrainBackend {
   bool sm90_ = false;  // the list products on sm90/grouped.h's wgmma/TMA kernel
   bool experts_kernel_ = true;  // routed experts on the grouped GEMM kernel (DSV3_CUDA_TRAIN_EXPERTS=cublas: off)
   std::vector<int32_t> col_src_;
+  std::unique_ptr<cuda::Fp8TrainProducts> fp8_;  // made on the first FP8 product
   std::unordered_map<void*, size_t> sizes_;  // live raw_alloc blocks -> their allocator size class
   Scratch scratch_[kNumSlots];
   std::vector<int32_t> host_i32_, plan_;

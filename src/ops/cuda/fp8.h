@@ -31,10 +31,30 @@ void quantize_128x128(uint8_t* codes, float* scales, const void* w, DType wt, in
 // out [N, K] (bf16 or fp32) = codes x block scales (the inverse; tests and fallbacks).
 void dequantize_128x128(void* out, DType ot, const uint8_t* codes, const float* scales, int64_t N, int64_t K,
                         cudaStream_t s);
+// The transposed operands of the training products (TrainBackend's FP8 Dgrad and Wgrad), all fp32 inputs:
+// w [batch][N, K] -> codes of w^T [batch][K, N] and scales [batch][tiles(K), tiles(N)]: the 128x128 blocks of w
+// (the same codes and scales as quantize_128x128, stored transposed).
+void quantize_128x128_t(uint8_t* codes_t, float* scales_t, const float* w, int64_t N, int64_t K, int64_t batch,
+                        cudaStream_t s);
+// 128x1 tiles along the rows of x [M, K] (ldx elements), written transposed: one tile = rows [row0, row0 + rows)
+// of x (rows <= 128), each column k quantized with its own scale (core/fp8.h's quantize_128x1), codes to
+// codes_t[k * ldq + col0 + i] for i < round_up(rows, 16) (zeros past rows) and the scale to
+// scales_t[k * lds + scale_col]. ldq and every col0 are multiples of 16. `tiles` is device memory.
+struct ColTile {
+  int row0, rows, col0, scale_col;
+};
+void quantize_128x1_t(uint8_t* codes_t, int64_t ldq, float* scales_t, int64_t lds, const float* x, int64_t ldx,
+                      int64_t K, const ColTile* tiles, int64_t n_tiles, cudaStream_t s);
+// out [rows, cols] fp32 dense = e4m3(codes[r * ldq + c]) * scales[(r / row_div) * lds + c / 128]: one operand of an
+// Fp8Problem as fp32 (row_div 1: a scale per row, 128: block scales), for the fp32 fallback of its product.
+void dequantize_operand(float* out, const uint8_t* codes, int64_t ldq, const float* scales, int64_t lds, int64_t rows,
+                        int64_t cols, int row_div, cudaStream_t s);
 
 // ---- fp8_grouped_gemm.cu
 // One problem: C[M, N] (=, or += when accumulate) sum over 128-blocks kb of
 //   (sum_{k in kb} A[m, k] B[n, k]) * sa[m * lds_a + kb] * sb[(n / 128) * lds_b + kb]
+// or, with b_rows set, sb[n * lds_b + kb] (B scaled per row: the Wgrad product, whose operands both carry 1x128
+// tiles along the token dimension); one launch takes problems of one kind only.
 // A [M, K] and B [N, K] e4m3 codes, row-major with leading dimensions in bytes; C bf16 or fp32 (ldc elements).
 struct Fp8Problem {
   const uint8_t* A;
@@ -46,6 +66,7 @@ struct Fp8Problem {
   int c_f32;       // C is fp32 (else bf16)
   int accumulate;  // C += product (else C = product)
   int tile0;       // first tile of this problem in the launch (filled by fp8_grouped_gemm)
+  int b_rows = 0;  // B has one scale per row and K block (else per 128 rows and K block)
 };
 // K, lda, ldb multiples of 16 and A, B 16-byte aligned (rows are read in 16-byte chunks).
 bool fp8_problem_ok(const Fp8Problem& p);

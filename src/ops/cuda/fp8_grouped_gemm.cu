@@ -6,7 +6,8 @@
 // Block scaling: two stages make one 128-wide K block. Its products accumulate in `part` from zero; at the end of
 // the block part is multiplied by the row's activation scale and the tile's weight scale and added to `acc`
 // (fp32): this is the promotion every 128 elements of K of the DeepSeek-V3 recipe, done in registers. A tile's
-// 128 columns lie in one 128-row block of B (tiles start at multiples of 128), so B has one scale per K block.
+// 128 columns lie in one 128-row block of B (tiles start at multiples of 128), so B has one scale per K block;
+// with b_rows (Wgrad: B = x^T in 128x1 tiles) each output column has its own, read at each promotion.
 #include <algorithm>
 
 #include "ops/cuda/common.cuh"
@@ -23,7 +24,7 @@ constexpr int kRowUnits = BKB / 2;                           // a row of a stage
 
 __device__ __forceinline__ int swz(int r, int chunk) { return r * kRowUnits + ((chunk ^ ((r >> 1) & 3)) << 3); }
 
-template <int MI>
+template <int MI, bool BROWS>
 __global__ void __launch_bounds__(THREADS, MI == 2 ? 2 : 1) fp8_grouped_kernel(const Fp8Problem* __restrict__ probs,
                                                                                int nprob) {
   constexpr int BM = MI * 32;
@@ -68,6 +69,9 @@ __global__ void __launch_bounds__(THREADS, MI == 2 ? 2 : 1) fp8_grouped_kernel(c
 #pragma unroll
     for (int h = 0; h < 2; ++h) srow[mi][h] = min(m0 + wm + mi * 16 + (lane >> 2) + h * 8, p.M - 1);
   const float* sb_row = p.sb + size_t(n0 / 128) * p.lds_b;
+  // b_rows: this thread's 8 output columns are c0 + 8 ni + v; columns past N are never stored (scale 0 there).
+  const int c0 = n0 + wn + 2 * (lane & 3);
+  const float* sb_c0 = p.sb + size_t(c0) * p.lds_b;
 
   const int ktiles = (p.K + BKB - 1) / BKB;
   load(0, 0);
@@ -101,17 +105,22 @@ __global__ void __launch_bounds__(THREADS, MI == 2 ? 2 : 1) fp8_grouped_kernel(c
     __syncthreads();  // the stage is refilled by the next iteration's load
     if ((kt & 1) || kt + 1 == ktiles) {  // end of a 128-wide K block: promote to fp32 with both scales
       const int kb = kt >> 1;
-      const float sbv = sb_row[kb];
+      float sbv[4][2];
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int v = 0; v < 2; ++v)
+          sbv[ni][v] = !BROWS ? sb_row[kb] : c0 + ni * 8 + v < p.N ? sb_c0[(ni * 8 + v) * p.lds_b + kb] : 0.f;
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float f = p.sa[size_t(srow[mi][h]) * p.lds_a + kb] * sbv;
+          const float f = p.sa[size_t(srow[mi][h]) * p.lds_a + kb];
 #pragma unroll
           for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int v = 0; v < 2; ++v) {
-              acc[mi][ni][2 * h + v] += part[mi][ni][2 * h + v] * f;
+              acc[mi][ni][2 * h + v] += part[mi][ni][2 * h + v] * (f * sbv[ni][v]);
               part[mi][ni][2 * h + v] = 0.f;
             }
         }
@@ -163,8 +172,10 @@ void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cud
   }
   DSV3_CHECK(tile_m == 64 || tile_m == 128, "fp8_grouped_gemm: tile_m {} (64 or 128)", tile_m);
   const int BM = tile_m;
+  const bool b_rows = probs[0].b_rows != 0;
   int tiles = 0;
   for (auto& p : probs) {
+    DSV3_CHECK((p.b_rows != 0) == b_rows, "fp8_grouped_gemm: problems with row and block scales of B in one launch");
     DSV3_CHECK(fp8_problem_ok(p), "fp8_grouped_gemm: unsupported problem M {} N {} K {} lda {} ldb {}", p.M, p.N, p.K,
                p.lda, p.ldb);
     p.tile0 = tiles;
@@ -172,8 +183,9 @@ void fp8_grouped_gemm(std::vector<Fp8Problem>& probs, Fp8Problem* dev_probs, cud
   }
   DSV3_CUDA_CHECK(
       cudaMemcpyAsync(dev_probs, probs.data(), probs.size() * sizeof(Fp8Problem), cudaMemcpyHostToDevice, s));
-  if (BM == 128) fp8_grouped_kernel<4><<<tiles, THREADS, 0, s>>>(dev_probs, int(probs.size()));
-  else fp8_grouped_kernel<2><<<tiles, THREADS, 0, s>>>(dev_probs, int(probs.size()));
+  auto* kernel = BM == 128 ? (b_rows ? fp8_grouped_kernel<4, true> : fp8_grouped_kernel<4, false>)
+                           : (b_rows ? fp8_grouped_kernel<2, true> : fp8_grouped_kernel<2, false>);
+  kernel<<<tiles, THREADS, 0, s>>>(dev_probs, int(probs.size()));
   DSV3_CUDA_KERNEL_CHECK();
 }
 

@@ -2,6 +2,8 @@
 // is an IEEE division (amax / 448, __fdiv_rn), the code is cvt.rn.satfinite.e4m3 of an IEEE division (x / scale).
 #include <cuda_fp8.h>
 
+#include <cstdint>
+
 #include "ops/cuda/common.cuh"
 #include "ops/cuda/fp8.h"
 
@@ -101,6 +103,109 @@ __global__ void pad_scale_rows_kernel(float* out, const float* in, int64_t rows,
   }
 }
 
+// 128x128 blocks of w written transposed: one block of 256 threads per block (z = matrix of the batch), the
+// amax as in quantize_128x128_kernel, the codes staged in shared memory [k][n] and written as rows of w^T (16
+// bytes per store where N allows).
+__global__ void quantize_128x128_t_kernel(uint8_t* codes_t, float* scales_t, const float* w, int64_t N, int64_t K) {
+  const int64_t nt = (N + 127) / 128, kt = (K + 127) / 128;
+  const int64_t bn = blockIdx.y, bk = blockIdx.x, z = blockIdx.z;
+  w += z * N * K;
+  codes_t += z * N * K;
+  scales_t += z * nt * kt;
+  const int64_t n0 = bn * 128, k0 = bk * 128;
+  const int tid = threadIdx.x, kl = tid & 127;
+  const int64_t k = k0 + kl;
+  float amax = 0.f;
+  for (int i = tid >> 7; i < 128; i += 2) {
+    const int64_t n = n0 + i;
+    if (n < N && k < K) amax = fmaxf(amax, fabsf(w[n * K + k]));
+  }
+  __shared__ float red[8];
+  __shared__ alignas(16) uint8_t q[128][144];  // [k - k0][n - n0]; rows of 144 bytes keep 16-byte alignment
+  amax = warp_max(amax);
+  if ((tid & 31) == 0) red[tid >> 5] = amax;
+  __syncthreads();
+  amax = red[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i) amax = fmaxf(amax, red[i]);
+  const float s = scale_of(amax);
+  if (tid == 0) scales_t[bk * nt + bn] = s;
+  for (int i = tid >> 7; i < 128; i += 2) {
+    const int64_t n = n0 + i;
+    q[kl][i] = n < N && k < K ? e4m3(__fdiv_rn(w[n * K + k], s)) : uint8_t(0);
+  }
+  __syncthreads();
+  // Output row k0 + r, bytes n0 + 64 h .. + 64 (thread: r = tid / 2, h = tid % 2).
+  const int r = tid >> 1, h = tid & 1;
+  const int64_t ko = k0 + r;
+  if (ko >= K) return;
+  uint8_t* dst = codes_t + ko * N + n0 + 64 * h;
+  const int64_t left = N - (n0 + 64 * h);
+  if (N % 16 == 0) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (16 * c < left) *reinterpret_cast<uint4*>(dst + 16 * c) = *reinterpret_cast<const uint4*>(&q[r][64 * h + 16 * c]);
+  } else {
+    for (int b = 0; b < 64 && b < left; ++b) dst[b] = q[r][64 * h + b];
+  }
+}
+
+// 128x1 tiles written transposed (see fp8.h): one block of 256 threads per (tile, 32 columns of x). Loads are rows
+// of 32 floats; each column's amax is reduced over the 8 warps; each thread then writes 16 codes of one column.
+__global__ void quantize_128x1_t_kernel(uint8_t* codes_t, int64_t ldq, float* scales_t, int64_t lds, const float* x,
+                                        int64_t ldx, int64_t K, const ColTile* tiles) {
+  const ColTile t = tiles[blockIdx.x];
+  const int64_t k0 = int64_t(blockIdx.y) * 32;
+  __shared__ float v[128][33];
+  __shared__ float red[8][32];
+  __shared__ float sc[32];
+  const int tid = threadIdx.x, c = tid & 31, r0 = tid >> 5;
+  const int64_t k = k0 + c;
+  float amax = 0.f;
+#pragma unroll 4
+  for (int i = 0; i < 16; ++i) {
+    const int r = r0 + 8 * i;
+    const float val = r < t.rows && k < K ? x[int64_t(t.row0 + r) * ldx + k] : 0.f;
+    v[r][c] = val;
+    amax = fmaxf(amax, fabsf(val));
+  }
+  red[r0][c] = amax;
+  __syncthreads();
+  if (tid < 32) {
+    float a = red[0][tid];
+#pragma unroll
+    for (int j = 1; j < 8; ++j) a = fmaxf(a, red[j][tid]);
+    const float sv = scale_of(a);
+    sc[tid] = sv;
+    if (k0 + tid < K) scales_t[(k0 + tid) * lds + t.scale_col] = sv;
+  }
+  __syncthreads();
+  const int cc = tid >> 3, j = tid & 7;
+  const int64_t kk = k0 + cc;
+  const int width = (t.rows + 15) & ~15;
+  if (kk >= K || 16 * j >= width) return;
+  const float sv = sc[cc];
+  uint32_t wd[4];
+#pragma unroll
+  for (int qd = 0; qd < 4; ++qd) {
+    wd[qd] = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) wd[qd] |= uint32_t(e4m3(__fdiv_rn(v[16 * j + 4 * qd + b][cc], sv))) << (8 * b);
+  }
+  *reinterpret_cast<uint4*>(codes_t + kk * ldq + t.col0 + 16 * j) = make_uint4(wd[0], wd[1], wd[2], wd[3]);
+}
+
+__global__ void dequantize_operand_kernel(float* out, const uint8_t* codes, int64_t ldq, const float* scales,
+                                          int64_t lds, int64_t rows, int64_t cols, int row_div) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * cols;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    __nv_fp8_e4m3 q;
+    q.__x = codes[r * ldq + c];
+    out[i] = float(q) * scales[(r / row_div) * lds + c / 128];
+  }
+}
+
 int blocks_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 65535)); }
 
 }  // namespace
@@ -147,6 +252,33 @@ void dequantize_128x128(void* out, DType ot, const uint8_t* codes, const float* 
     dequantize_128x128_kernel<float><<<blocks, 256, 0, s>>>(static_cast<float*>(out), codes, scales, N, K);
   else
     fail("dequantize_128x128: unsupported output dtype {}", dtype_name(ot));
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+void quantize_128x128_t(uint8_t* codes_t, float* scales_t, const float* w, int64_t N, int64_t K, int64_t batch,
+                        cudaStream_t s) {
+  if (N <= 0 || K <= 0 || batch <= 0) return;
+  dim3 grid(unsigned((K + 127) / 128), unsigned((N + 127) / 128), unsigned(batch));
+  quantize_128x128_t_kernel<<<grid, 256, 0, s>>>(codes_t, scales_t, w, N, K);
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+void quantize_128x1_t(uint8_t* codes_t, int64_t ldq, float* scales_t, int64_t lds, const float* x, int64_t ldx,
+                      int64_t K, const ColTile* tiles, int64_t n_tiles, cudaStream_t s) {
+  if (K <= 0 || n_tiles <= 0) return;
+  DSV3_CHECK(ldq % 16 == 0 && (reinterpret_cast<uintptr_t>(codes_t) & 15) == 0,
+             "quantize_128x1_t: code rows must be 16-byte aligned (ld {})", ldq);
+  DSV3_CHECK(n_tiles <= INT32_MAX && (K + 31) / 32 <= 65535, "quantize_128x1_t: {} tiles x {} columns", n_tiles, K);
+  dim3 grid(unsigned(n_tiles), unsigned((K + 31) / 32));
+  quantize_128x1_t_kernel<<<grid, 256, 0, s>>>(codes_t, ldq, scales_t, lds, x, ldx, K, tiles);
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+void dequantize_operand(float* out, const uint8_t* codes, int64_t ldq, const float* scales, int64_t lds, int64_t rows,
+                        int64_t cols, int row_div, cudaStream_t s) {
+  if (rows <= 0 || cols <= 0) return;
+  dequantize_operand_kernel<<<blocks_for(rows * cols, 256), 256, 0, s>>>(out, codes, ldq, scales, lds, rows, cols,
+                                                                         row_div);
   DSV3_CUDA_KERNEL_CHECK();
 }
 

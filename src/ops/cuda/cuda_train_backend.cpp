@@ -58,16 +58,17 @@ class CudaTrainBackend final : public TrainBackend {
     f32_ = e && std::string(e) == "1";
     // DSV3_CUDA_TRAIN_MATH=tf32: the fp32 products on TF32 tensor cores (read fp32 directly, 10-bit mantissas)
     // instead of cuBLAS' bf16 conversion of the operands (the default).
-    const char* m = std::getenv("DSV3_CUDA_TRAIN_MATH");
-    tf32_ = m && std::string(m) == "tf32";
     // Dense products either hand cuBLAS the fp32 operands (it rounds them to bf16 inside its kernels) or first
     // convert them to bf16 copies (one pass each) and run its bf16 x bf16 -> fp32 kernels, which are 1.5-3x faster
     // but pay the conversion. gpu_train_gemm_bench measures both on train-s' shapes: the copies win on large
     // products (lm_head, the dense MLP) and on large weight gradients (cuBLAS' fp32-operand TN kernels are its
     // slowest), and lose on the small projections, so by default they are used there only.
     // DSV3_CUDA_TRAIN_MATH=bf16: copies for every packed product; =fp32ops: never.
-    bf16_ops_ = m && std::string(m) == "bf16";
-    bf16_rule_ = !(m && (std::string(m) == "fp32ops" || std::string(m) == "bf16"));
+    const std::string m = std::getenv("DSV3_CUDA_TRAIN_MATH") ? std::getenv("DSV3_CUDA_TRAIN_MATH") : "";
+    if (m == "tf32") math_ = Math::Tf32;
+    else if (m == "bf16") math_ = Math::Bf16Copies;
+    else if (m == "fp32ops") math_ = Math::Fp32Operands;
+    else if (!m.empty() && m != "default") fail("DSV3_CUDA_TRAIN_MATH={}: use default, bf16, fp32ops or tf32", m);
     const char* x = std::getenv("DSV3_CUDA_TRAIN_EXPERTS");
     experts_kernel_ = !(x && std::string(x) == "cublas");
     // DSV3_CUDA_TRAIN_EXPERTS=mma: the mma.sync grouped kernel instead of the sm90 wgmma/TMA one (where built).
@@ -648,7 +649,7 @@ class CudaTrainBackend final : public TrainBackend {
       auto* dptr = scratch<const void*>(kGemmPtrs, 3 * n);
       upload(dptr, ptrs.data(), ptrs.size() * sizeof(void*));  // stream-ordered after the previous group's use
       const cublasComputeType_t ct =
-        f32_ ? CUBLAS_COMPUTE_32F : (tf32_ ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_FAST_16BF);
+        f32_ ? CUBLAS_COMPUTE_32F : (math_ == Math::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_FAST_16BF);
       DSV3_CUDA_CHECK(cudaSetDevice(dev_));
       const cublasStatus_t st = cublasGemmGroupedBatchedEx(
           ctx_.blas, ta.data(), tb.data(), m.data(), nn.data(), kk.data(), alpha.data(), dptr, CUDA_R_32F, lda.data(),
@@ -681,7 +682,8 @@ class CudaTrainBackend final : public TrainBackend {
                                          : std::string();
     DSV3_TRAIN_PROF(shape.c_str());
     const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const cublasComputeType_t ct = f32_ ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
+    const cublasComputeType_t ct =
+        f32_ ? CUBLAS_COMPUTE_32F : (math_ == Math::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_FAST_16BF);
     const int m = as_int(N, "N"), n = as_int(M, "M"), kk = as_int(K, "K");
     // K = 0 leaves C = beta C (as BLAS); leading dimensions must still be >= 1 for cuBLAS.
     const int la = as_int(std::max<int64_t>(lda, 1), "lda"), lb = as_int(std::max<int64_t>(ldb, 1), "ldb");
@@ -691,7 +693,8 @@ class CudaTrainBackend final : public TrainBackend {
     // lda = its column count, B likewise; C stays fp32 with beta.
     const int64_t a_cols = ta ? M : K, b_cols = tb ? K : N;
     const double mnk = double(M) * double(N) * double(K);
-    const bool copies = bf16_ops_ || (bf16_rule_ && !tf32_ && (mnk >= 0x1p34 || (ta && mnk >= 0x1p32 && std::min(M, N) >= 512)));
+    const bool copies = math_ == Math::Bf16Copies ||
+                        (math_ == Math::Rule && (mnk >= 0x1p34 || (ta && mnk >= 0x1p32 && std::min(M, N) >= 512)));
     if (batch == 1 && copies && !f32_ && lda == a_cols && ldb == b_cols && K > 0) {
       const int64_t na = M * K, nb = N * K;
       auto* ab = scratch<cuda::bf16>(kGemmA, size_t(na));
@@ -715,7 +718,10 @@ class CudaTrainBackend final : public TrainBackend {
   int dev_;
   cuda::OpProfiler prof_{"training steps"};
   DeviceContext& ctx_;
-  bool f32_ = false, tf32_ = false, bf16_ops_ = false, bf16_rule_ = true;
+  bool f32_ = false;
+  // How the non-exact fp32 products run (DSV3_CUDA_TRAIN_MATH): bf16 operand copies by the size rule (default),
+  // copies always, cuBLAS on the fp32 operands (bf16 inside its kernels) always, or TF32 tensor cores.
+  enum class Math { Rule, Bf16Copies, Fp32Operands, Tf32 } math_ = Math::Rule;
   bool grouped_ok_ = true;  // cuBLAS accepted the grouped form (gemm_group)
   bool sm90_ = false;  // the list products on sm90/grouped.h's wgmma/TMA kernel
   bool experts_kernel_ = true;  // routed experts on the grouped GEMM kernel (DSV3_CUDA_TRAIN_EXPERTS=cublas: off)

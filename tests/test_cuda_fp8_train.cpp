@@ -23,6 +23,8 @@
 #include "ops/cpu/fp8_linear.h"
 #include "ops/cpu/train_ops.h"
 #include "ops/train_backend.h"
+#include "test_helpers.h"
+#include "train_buf_helpers.h"
 
 #if DSV3_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -55,7 +57,6 @@ double rel(const V& got, const std::vector<double>& ref) {
   }
   return std::sqrt(n / std::max(d, 1e-300));
 }
-double rel(const V& got, const V& ref) { return rel(got, std::vector<double>(ref.begin(), ref.end())); }
 cudaStream_t stream() { return cuda::DeviceContext::get(0).stream; }
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
 
@@ -225,7 +226,7 @@ TEST(CudaFp8Train, KernelPathEqualsDequantizedPath) {
   }
   const char* names[3] = {"fprop", "dgrad +=", "wgrad +="};
   for (int j = 0; j < 3; ++j) {
-    const double e = rel(got[0][j], got[1][j]);
+    const double e = test::rel_err(got[0][j].data(), got[1][j].data(), int64_t(got[1][j].size()));
     std::printf("[ cuda fp8 train ] kernel vs dequantized %s: rel err %.2e\n", names[j], e);
     EXPECT_LE(e, 1e-3) << names[j];
   }
@@ -233,22 +234,10 @@ TEST(CudaFp8Train, KernelPathEqualsDequantizedPath) {
 
 namespace {
 
-template <typename T>
-TBuf<T> up(TrainBackend& be, const std::vector<T>& h) {
-  TBuf<T> b(&be);
-  T* p = b.resize(std::max<size_t>(h.size(), 1));
-  be.upload(p, h.data(), h.size() * sizeof(T));
-  b.resize(h.size());
-  return b;
-}
-template <typename T>
-std::vector<T> down(TrainBackend& be, const TBuf<T>& b) {
-  std::vector<T> h(b.size());
-  be.download(h.data(), b.data(), h.size() * sizeof(T));
-  return h;
-}
+using test::down;
+using test::up;
 void expect_close(const char* what, const V& got, const V& ref, double tol) {
-  const double e = rel(got, ref);
+  const double e = test::rel_err(got.data(), ref.data(), int64_t(ref.size()));
   std::printf("[ cuda fp8 train ] %-36s rel err %.2e (tol %.0e)\n", what, e, tol);
   EXPECT_LE(e, tol) << what;
 }

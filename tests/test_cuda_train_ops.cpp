@@ -19,6 +19,7 @@
 #include "ops/cpu/blas.h"
 #include "ops/cpu/train_ops.h"
 #include "ops/train_backend.h"
+#include "train_buf_helpers.h"
 #include "cuda_test_helpers.h"
 #include "test_helpers.h"
 #include "train/optimizer.h"
@@ -52,20 +53,8 @@ V randn(size_t n, uint64_t seed, double scale = 1.0) {
   return v;
 }
 
-template <typename T>
-TBuf<T> up(TrainBackend& be, const std::vector<T>& h) {
-  TBuf<T> b(&be);
-  T* p = b.resize(std::max<size_t>(h.size(), 1));
-  be.upload(p, h.data(), h.size() * sizeof(T));
-  b.resize(h.size());
-  return b;
-}
-template <typename T>
-std::vector<T> down(TrainBackend& be, const TBuf<T>& b) {
-  std::vector<T> h(b.size());
-  be.download(h.data(), b.data(), h.size() * sizeof(T));
-  return h;
-}
+using test::down;
+using test::up;
 
 double check(const char* what, const V& got, const V& ref, double tol) {
   EXPECT_EQ(got.size(), ref.size()) << what;

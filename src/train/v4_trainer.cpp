@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "core/rng.h"
+#include "dist/parallel.h"
 #include "dist/runtime.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
@@ -157,8 +158,17 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   if (a.device != "cpu") fail("DeepSeek-V4 training runs on the CPU for now (--device cpu), got --device {}", a.device);
   if (a.precision != "default") fail("DeepSeek-V4 training is fp32 only for now, got --precision {}", a.precision);
   if (a.save_dtype != "f32") fail("DeepSeek-V4 checkpoints are written in f32 for now, got --save-dtype {}", a.save_dtype);
-  if (dist::world().size() > 1 || a.ep > 1 || a.dp > 1)
-    fail("DeepSeek-V4 training runs in one process for now (no mpirun, --ep or --dp)");
+  // Under mpirun: data parallelism only (every rank holds the whole model and trains its slice of the global batch;
+  // gradients are summed over the ranks, then every rank takes the same optimizer step).
+  Communicator& world = dist::world();
+  const int P = world.size();
+  const bool distributed = P > 1;
+  if (a.ep > 1) fail("expert parallelism (--ep) is not implemented for DeepSeek-V4 training: use data parallelism (--dp)");
+  if (a.dp > 0 && a.dp != P) fail("--dp {} must equal the {} ranks (DeepSeek-V4 training is data-parallel only)", a.dp, P);
+  if (a.batch % P != 0) fail("--batch {} (the global batch) must be a multiple of the {} ranks", a.batch, P);
+  const int rank = world.rank();
+  const bool root = rank == 0;
+  const int64_t local_batch = a.batch / P, first_seq = local_batch * rank;
   if (a.optimizer != "adamw" && a.optimizer != "muon") fail("unknown --optimizer '{}' (adamw or muon)", a.optimizer);
   if (!(a.balance_alpha >= 0)) fail("--balance-alpha must be >= 0, got {}", a.balance_alpha);
   const int64_t tokens_per_step = a.batch * a.seq * a.grad_accum;
@@ -190,6 +200,9 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   // The MTP blocks train with --mtp-lambda (as V3: when the model has them); validation measures them either way.
   if (w.mtp_absent && a.mtp_lambda > 0)
     std::fprintf(stderr, "note: %s has no mtp.* tensors: training without MTP\n", a.init_from.c_str());
+  if (distributed)
+    check_same_on_all_ranks(world, cfg_text + a.to_json().dump() + a.resume + std::to_string(a.stop_after),
+                            "model config or training options");
   const double mtp_lambda = cfg.num_nextn_predict_layers > 0 ? a.mtp_lambda : 0.0;
   const double mtp_eval = cfg.num_nextn_predict_layers > 0 ? (a.mtp_lambda > 0 ? a.mtp_lambda : 0.3) : 0.0;
   if (a.seq > cfg.max_position_embeddings)
@@ -216,19 +229,26 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   DataLoader data(a.data, a.seed);
   data.check_vocab(cfg.vocab_size);
   if (!a.resume.empty()) data.rng().set_state(rs.rng);  // the data position: the window sampler's RNG
-  fs::create_directories(a.out);
   const std::string ckpt = fs::absolute(fs::path(a.out) / "checkpoint").string();
   const std::string metrics_path = (fs::path(a.out) / "metrics.jsonl").string();
-  if (!a.resume.empty()) truncate_metrics(metrics_path, rs.step);
-  else std::remove(metrics_path.c_str());
-  std::ofstream metrics(metrics_path, std::ios::app);
-  if (!metrics) fail("cannot write {}", metrics_path);
+  std::ofstream metrics;
+  if (root) {  // only rank 0 writes (metrics, checkpoints, the report)
+    fs::create_directories(a.out);
+    if (!a.resume.empty()) truncate_metrics(metrics_path, rs.step);
+    else std::remove(metrics_path.c_str());
+    metrics.open(metrics_path, std::ios::app);
+    if (!metrics) fail("cannot write {}", metrics_path);
+  }
   int64_t step = rs.step, tokens = rs.tokens;
   const int64_t first_step = step;
   // The checkpoint as the V3 trainer writes it (train/checkpoint.h): the hub directory, trainer_state.safetensors
   // (adam.m, adam.v and for Muon muon.momentum, f32 [num_params]) and trainer_state.json (step, tokens, the
   // optimizer's step count adam_t, the data RNG, the run's options); built in a sibling and swapped in.
   auto save = [&](const char* why) {
+    if (!root) {  // every rank holds the same parameters and optimizer state: rank 0 writes, the others wait
+      world.barrier();
+      return;
+    }
     const fs::path fin(ckpt);
     const std::string tmp = (fin.parent_path() / ("." + fin.filename().string() + ".tmp." + std::to_string(getpid()))).string();
     try {
@@ -257,6 +277,7 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
       fs::remove_all(tmp, ec);
       fail("saving checkpoint {} failed (the previous checkpoint is untouched): {}", ckpt, e.what());
     }
+    if (distributed) world.barrier();  // a failed write ends the job through abort instead
     std::fprintf(stderr, "saved %s (%s, step %lld)\n", ckpt.c_str(), why, (long long)step);
   };
   auto evaluate = [&] {
@@ -265,16 +286,23 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     std::vector<int32_t> ids(static_cast<size_t>(a.batch * a.seq));
     double loss = 0;
     int64_t correct = 0, count = 0;
-    std::vector<double> ml;
-    std::vector<int64_t> mc, mn;
-    for (int64_t i = 0; i < nb; ++i) {
+    const size_t D = size_t(mtp_eval > 0 ? cfg.num_nextn_predict_layers : 0);
+    std::vector<double> ml(D, 0.0);
+    std::vector<int64_t> mc(D, 0), mn(D, 0);
+    for (int64_t i = 0; i < nb; ++i) {  // each rank its slice of every batch; a batch's loss is the ranks' mean
       data.val_batch(i, a.batch, a.seq, ids.data());
-      V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0, false, mtp_eval);
-      loss += s.loss, correct += s.correct, count += s.count;
-      ml.resize(s.mtp_loss.size()), mc.resize(s.mtp_loss.size()), mn.resize(s.mtp_loss.size());
-      for (size_t k = 0; k < s.mtp_loss.size(); ++k)
-        ml[k] += s.mtp_loss[k] / double(nb), mc[k] += s.mtp_correct[k], mn[k] += s.mtp_count[k];
+      V4StepStats s = tm.run(ids.data() + first_seq * a.seq, local_batch, a.seq, 1.0, false, mtp_eval);
+      loss += s.loss / double(P), correct += s.correct, count += s.count;
+      if (s.mtp_loss.size() != D) fail("internal: {} MTP losses, expected {}", s.mtp_loss.size(), D);
+      for (size_t k = 0; k < D; ++k)
+        ml[k] += s.mtp_loss[k] / double(nb) / double(P), mc[k] += s.mtp_correct[k], mn[k] += s.mtp_count[k];
     }
+    if (distributed) {
+      world.all_reduce_sum(&loss, 1, CommType::F64);
+      world.all_reduce_sum(ml), world.all_reduce_sum(mc), world.all_reduce_sum(mn);
+      world.all_reduce_sum(&correct, 1, CommType::I64), world.all_reduce_sum(&count, 1, CommType::I64);
+    }
+    if (!root) return;
     json vml = json::array(), vma = json::array();
     std::string mtp_s;
     for (size_t k = 0; k < ml.size(); ++k) {
@@ -294,14 +322,16 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
   const int64_t E = cfg.n_routed_experts;
   const std::string origin = !a.resume.empty() ? "resumed at step " + std::to_string(step) + " from " + a.resume
                              : a.init_from.empty() ? "from scratch" : "from " + a.init_from;
+  if (root)
   std::fprintf(stderr, "training DeepSeek-V4 %s on cpu with %s: %lld params (%zu moe + %lld hash layers), %lld steps of "
                "%lld tokens (batch %lld x seq %lld x accum %lld), data %s (%lld tokens)%s\n",
                origin.c_str(),
                a.optimizer.c_str(), (long long)n, moe_layers.size(), (long long)cfg.num_hash_layers(), (long long)total,
                (long long)tokens_per_step, (long long)a.batch, (long long)a.seq, (long long)a.grad_accum, a.data.c_str(),
                (long long)data.train_tokens(),
-               "");
-  if (mtp_lambda > 0)
+               distributed ? fmt::format(", data-parallel over {} ranks ({} sequences each)", P, local_batch).c_str()
+                           : "");
+  if (root && mtp_lambda > 0)
     std::fprintf(stderr, "MTP: %lld block(s) (%lld params), loss = main + %g * mean MTP cross-entropy\n",
                  (long long)cfg.num_nextn_predict_layers, (long long)v4_mtp_params(cfg), mtp_lambda);
   const SigintStop sigint_stop(handle_sigint);  // clears g_stop
@@ -317,7 +347,8 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     std::vector<double> mtp;
     for (int64_t micro = 0; micro < a.grad_accum; ++micro) {
       data.next_batch(a.batch, a.seq, ids.data());
-      V4StepStats s = tm.run(ids.data(), a.batch, a.seq, 1.0 / double(a.grad_accum), true, mtp_lambda);
+      V4StepStats s =
+          tm.run(ids.data() + first_seq * a.seq, local_batch, a.seq, 1.0 / double(a.grad_accum * P), true, mtp_lambda);
       if (!std::isfinite(s.total))
         fail("the loss is not finite ({}) at step {}: stopping without saving; lower --lr or check the data",
              std::isnan(s.total) ? "NaN" : "Inf", step + 1);
@@ -326,13 +357,29 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
       mtp.resize(s.mtp_loss.size());
       for (size_t k = 0; k < s.mtp_loss.size(); ++k) mtp[k] += s.mtp_loss[k] / double(a.grad_accum);
     }
+    if (distributed) {
+      // The global batch's gradient: reduce-scatter then all-gather (rather than one all-reduce), so every rank
+      // ends with the same bits by construction and the optimizer keeps the replicas identical.
+      const std::vector<int64_t> counts = even_counts(n, P);
+      std::vector<float> shard(static_cast<size_t>(counts[size_t(rank)]));
+      world.reduce_scatter_sum(shard.data(), grads.data(), counts, CommType::F32);
+      world.all_gather(grads.data(), shard.data(), counts, CommType::F32);
+      // The reported losses are the ranks' mean; the expert loads are summed, so the bias update sees the
+      // global counts.
+      loss = world.sum(loss) / double(P), bal = world.sum(bal) / double(P);
+      world.all_reduce_sum(mtp);
+      for (double& v : mtp) v /= double(P);
+    }
+    std::vector<std::vector<int64_t>> step_load = tm.load();
+    if (distributed)
+      for (auto& ld : step_load) world.all_reduce_sum(ld);
     const double gnorm = muon ? muon->step(w.flat.f32(), grads.data(), lr) : adam->step(w.flat.f32(), grads.data(), lr);
     if (!std::isfinite(gnorm)) fail("the gradient norm is not finite at step {}: stopping without saving", step + 1);
     // Auxiliary-loss-free balancing of the moe layers: b_e += gamma sign(mean load - load_e).
     json maxvio = json::array(), loads = json::array();
     double worst = 0;
     for (size_t r = 0; r < moe_layers.size(); ++r) {
-      const auto& ld = tm.load()[r];
+      const auto& ld = step_load[r];
       const double vio = max_vio(ld);
       worst = std::max(worst, vio);
       maxvio.push_back(vio), loads.push_back(ld);
@@ -352,21 +399,23 @@ TrainResult run_v4_training(const TrainArgs& a_in, const TrainCallback& on_step,
     json mj = {{"type", "train"}, {"step", step}, {"loss", loss}, {"lr", lr}, {"grad_norm", gnorm},
                {"balance_loss", bal}, {"tokens", tokens}, {"tok_per_s", tok_s}, {"step_s", dt}, {"maxvio", maxvio},
                {"load", loads}, {"moe_layers", moe_layers}, {"mtp_loss", mtp}, {"optimizer", a.optimizer}};
-    metrics << mj.dump() << "\n", metrics.flush();
+    if (root) metrics << mj.dump() << "\n", metrics.flush();
     bool stop = (on_step && !on_step(mj)) || g_stop;
-    if (step % std::max<int64_t>(a.log_every, 1) == 0 || step == total || step == first_step + 1)
+    if (distributed) stop = world.sum<int32_t>(stop ? 1 : 0) > 0;  // a stop on any rank stops all
+    if (root && (step % std::max<int64_t>(a.log_every, 1) == 0 || step == total || step == first_step + 1))
       std::fprintf(stderr, "step %lld/%lld | loss %.4f%s | lr %.2e | gnorm %.3f | %.0f tok/s | maxvio %.3f\n",
                    (long long)step, (long long)total, loss, mtp.empty() ? "" : fmt::format(" | mtp {:.4f}", mtp[0]).c_str(),
                    lr, gnorm, tok_s, worst);
     if (a.eval_every > 0 && (step % a.eval_every == 0 || step == total)) evaluate();
     if (stop || (a.stop_after > 0 && step - first_step >= a.stop_after && step < total)) {
       save(stop ? "interrupted" : "--stop-after");
-      if (stop) std::fprintf(stderr, "interrupted at step %lld; resume with --resume %s\n", (long long)step, ckpt.c_str());
+      if (stop && root) std::fprintf(stderr, "interrupted at step %lld; resume with --resume %s\n", (long long)step, ckpt.c_str());
       return {step, stop, ckpt};
     }
     if (a.save_every > 0 && step % a.save_every == 0 && step < total) save("periodic");
   }
   save("final");
+  if (!root) return {step, false, ckpt};
   metrics.close();
   const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   std::fprintf(stderr, "done: %lld steps, %lld tokens in %.1f s, last %.0f tok/s\n", (long long)step, (long long)tokens,

@@ -96,7 +96,7 @@ TEST(DistLocal, ExpertParallelOnOneRankEqualsExpertsKernel) {
   std::vector<int32_t> idx(N * K);
   for (int64_t t = 0; t < N; ++t) idx[t * K] = int32_t(t % E), idx[t * K + 1] = int32_t((t * 3 + 1) % E);
   auto one = make_local_communicator();
-  ExpertParallel ep(*one, E);
+  ExpertParallel ep(*one, *one, E);
   std::vector<float> o1(N * H, 0.5f), o2 = o1;
   auto s1 = be->new_moe_state();
   auto s2 = ep.new_state(*be);

@@ -60,7 +60,8 @@ void add_bench_train(CLI::App& app) {
     if (a->batch < 1 || a->seq < 2 || a->steps < 1 || a->warmup < 0)
       fail("--batch >= 1, --seq >= 2, --steps >= 1 and --warmup >= 0 are required");
     const TrainBackend::Precision precision = parse_precision(a->precision);
-    std::unique_ptr<TrainBackend> be = make_train_backend(a->device);
+    const std::string device = dist::rank_device(a->device);  // under mpirun, one GPU per rank by local rank
+    std::unique_ptr<TrainBackend> be = make_train_backend(device);
     be->set_precision(precision);
     const ModelConfig cfg = ModelConfig::load(a->config);
     if (a->seq > cfg.max_position_embeddings)
@@ -76,7 +77,7 @@ void add_bench_train(CLI::App& app) {
       check_same_on_all_ranks(world, cfg.to_json().dump() + fmt::format("{} {} {} {} {}", a->batch, a->seq, a->steps,
                                                                         a->warmup, a->seed), "config or options");
       if (a->batch % par.size() != 0) fail("--batch {} must be a multiple of the {} ranks", a->batch, par.size());
-      if (!be->is_host()) fail("distributed bench-train runs on CPU ranks (--device cpu), got --device {}", a->device);
+      if (!be->is_host()) attach_device_comms(par, dist::device_index(device));  // NCCL for the GPU's memory
     }
     if (par.ep > 1) params = slice_experts(params, par.expert_lo, par.expert_n);
     ModelWeights grads = alloc_weights(cfg, DType::F32, true, params.layout.expert_lo,
@@ -89,7 +90,7 @@ void add_bench_train(CLI::App& app) {
     TrainModel tm(*be, cfg, params, grads, mem.view());
     std::unique_ptr<ExpertParallel> ep;
     if (par.ep > 1) {
-      ep = std::make_unique<ExpertParallel>(*par.ep_group, cfg.n_routed_experts);
+      ep = std::make_unique<ExpertParallel>(*par.ep_group, par.bulk_ep_group(), cfg.n_routed_experts);
       tm.set_expert_parallel(ep.get());
     }
     const double ranks = double(par.size());

@@ -70,7 +70,7 @@ void add_grads(CLI::App& app) {
     TrainModel tm(*be, cfg, w, g, mem.view());
     std::unique_ptr<ExpertParallel> ep;
     if (par.ep > 1) {
-      ep = std::make_unique<ExpertParallel>(*par.ep_group, cfg.n_routed_experts);
+      ep = std::make_unique<ExpertParallel>(*par.ep_group, par.bulk_ep_group(), cfg.n_routed_experts);
       tm.set_expert_parallel(ep.get());
     }
     LossOptions opt;

@@ -11,8 +11,11 @@
 // experts' weight gradients locally. Routing (and so the selection bias, balance loss and expert counts)
 // stays on the token's rank; the result is the same as computing every expert locally.
 //
-// Host backends only (the MPI transport works on host memory). Dispatch and combine are blocking here: the
-// overlap design (sending the next chunk while the owner computes) is in README's distribution section.
+// Memory: the exchange plan (counts, positions) is built on the host from the downloaded expert indices and
+// weights; token rows stay in backend memory, moved by the backend's gather_rows and exchanged on the bulk
+// communicator (the same group as comm on CPU ranks, its NCCL twin on GPU ranks); the small per-assignment values
+// (routing weight, local expert, dw) travel on comm. Dispatch and combine are blocking here: the overlap design
+// (sending the next chunk while the owner computes) is in README's distribution section.
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -24,8 +27,9 @@ namespace dsv3 {
 
 class ExpertParallel {
  public:
-  // comm: the expert-parallel group (rank j owns experts [j * E / size, (j + 1) * E / size)); E: routed experts.
-  ExpertParallel(Communicator& comm, int64_t E);
+  // comm: the expert-parallel group (rank j owns experts [j * E / size, (j + 1) * E / size)) on the host; bulk:
+  // the same ranks for backend memory (comm itself for host backends); E: routed experts.
+  ExpertParallel(Communicator& comm, Communicator& bulk, int64_t E);
   int64_t local_experts() const { return El_; }
   int64_t expert_lo() const { return int64_t(comm_.rank()) * El_; }
 
@@ -40,6 +44,7 @@ class ExpertParallel {
 
  private:
   Communicator& comm_;
+  Communicator& bulk_;
   int64_t E_, El_;
 };
 

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "dist/nccl.h"
 
 namespace dsv3 {
 
@@ -33,6 +34,13 @@ Parallel make_parallel(Communicator& world, int ep, int dp, const ModelConfig& c
     p.expert_lo = int64_t(p.ep_rank) * p.expert_n;
   }
   return p;
+}
+
+void attach_device_comms(Parallel& p, int device) {
+  if (!have_nccl()) fail("distributed training on GPU ranks needs NCCL: this build has none (rebuild with the CUDA toolkit's NCCL)");
+  p.dev_world = make_nccl_communicator(*p.world, device);
+  p.dev_ep_group = p.dev_world->split(p.dp_rank, p.rank);
+  p.dev_replicas = p.dev_world->split(p.ep_rank, p.rank);
 }
 
 void check_same_on_all_ranks(Communicator& world, const std::string& what, const char* description) {

@@ -22,6 +22,8 @@ std::vector<ParamGroup> make_param_groups(const ParamLayout& layout, const Paral
   ParamGroup dense, experts;
   dense.comm = par.world;
   experts.comm = par.expert_replicas.get();
+  dense.bulk = &par.bulk_world();
+  experts.bulk = &par.bulk_replicas();
   const bool ep = par.ep > 1;
   for (auto& s : layout.specs) {
     if (s.is_bias) continue;

@@ -22,7 +22,8 @@ struct DecaySpan {
 };
 
 struct ParamGroup {
-  Communicator* comm = nullptr;
+  Communicator* comm = nullptr;  // the ranks holding the group (host values)
+  Communicator* bulk = nullptr;  // the same ranks for backend memory (comm itself on CPU ranks)
   std::vector<ParamPiece> pieces;   // contiguous runs of the flat buffer, merged
   std::vector<DecaySpan> decay;     // the decay flag along the packed order
   int64_t n = 0;                // elements in the group

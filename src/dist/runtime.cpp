@@ -57,6 +57,15 @@ Communicator& world() {
 
 int local_rank() { return g_local_rank; }
 
+std::string rank_device(const std::string& device) {
+  return device == "cuda" && world().size() > 1 ? "cuda:" + std::to_string(g_local_rank) : device;
+}
+int device_index(const std::string& device) {
+  if (device == "cuda") return 0;
+  if (device.rfind("cuda:", 0) == 0) return std::atoi(device.c_str() + 5);
+  return -1;
+}
+
 double timeout_s() {
   const char* v = std::getenv("DSV3_DIST_TIMEOUT");
   if (!v) return 300.0;

@@ -31,6 +31,11 @@ struct ScopedNoTimeout {
 };
 bool timeout_paused();
 
+// The --device of this rank: a bare "cuda" under mpirun with several ranks becomes "cuda:<local rank>" (one GPU per
+// rank); anything else is returned as given. device_index("cuda:N") = N ("cuda": 0, cpu: -1).
+std::string rank_device(const std::string& device);
+int device_index(const std::string& device);
+
 // "rank R: " when the world has more than one rank, else "" (prefix for messages).
 std::string rank_prefix();
 

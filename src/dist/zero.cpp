@@ -9,13 +9,15 @@ namespace dsv3 {
 
 ShardedAdamW::ShardedAdamW(TrainBackend& be, const ParamLayout& layout, const Parallel& par, AdamWConfig cfg)
     : be_(be), par_(par), groups_(make_param_groups(layout, par)), num_params_(layout.num_params), cfg_(cfg) {
-  if (!be.is_host()) fail("ZeRO data parallelism needs host memory (the {} backend is not host)", be.name());
   shards_.resize(groups_.size());
   for (size_t i = 0; i < groups_.size(); ++i) {
     const int64_t n = groups_[i].shard_n();
-    shards_[i].m.assign(n, 0.f), shards_[i].v.assign(n, 0.f);
-    shards_[i].g.resize(n), shards_[i].p.resize(n);
-    if (!groups_[i].contiguous()) shards_[i].packed.resize(groups_[i].n);
+    Shard& s = shards_[i];
+    for (TBuf<float>* b : {&s.m, &s.v, &s.g, &s.p, &s.packed}) b->bind(&be);
+    be.fill(s.m.resize(size_t(n)), 0.f, n);
+    be.fill(s.v.resize(size_t(n)), 0.f, n);
+    s.g.resize(size_t(n)), s.p.resize(size_t(n));
+    if (!groups_[i].contiguous()) s.packed.resize(size_t(groups_[i].n));
   }
 }
 
@@ -25,14 +27,22 @@ int64_t ShardedAdamW::state_elements() const {
   return s;
 }
 
+void ShardedAdamW::pack_dev(const ParamGroup& g, const float* flat, float* packed) {
+  for (const ParamPiece& p : g.pieces) be_.copy(packed, flat + p.offset, p.n), packed += p.n;
+}
+void ShardedAdamW::unpack_dev(const ParamGroup& g, const float* packed, float* flat) {
+  for (const ParamPiece& p : g.pieces) be_.copy(flat + p.offset, packed, p.n), packed += p.n;
+}
+
 double ShardedAdamW::step(float* params, float* grads, double lr) {
   double sq = 0;
   for (size_t i = 0; i < groups_.size(); ++i) {
     const ParamGroup& g = groups_[i];
     Shard& s = shards_[i];
     const float* in = g.contiguous() ? grads + g.pieces[0].offset : s.packed.data();
-    if (!g.contiguous()) pack(g, grads, s.packed.data());
-    g.comm->reduce_scatter_sum(s.g.data(), in, g.counts, CommType::F32);
+    if (!g.contiguous()) pack_dev(g, grads, s.packed.data());
+    be_.synchronize();  // a device transport (NCCL) runs on its own stream: the gradients must be complete
+    g.bulk->reduce_scatter_sum(s.g.data(), in, g.counts, CommType::F32);
     sq += be_.sum_squares(s.g.data(), int64_t(s.g.size()));
   }
   sq = par_.world->sum(sq);
@@ -48,10 +58,10 @@ double ShardedAdamW::step(float* params, float* grads, double lr) {
     Shard& s = shards_[i];
     const int64_t lo = g.shard_lo, hi = g.shard_lo + g.shard_n();
     if (g.contiguous()) {
-      std::copy_n(params + g.pieces[0].offset + lo, hi - lo, s.p.begin());
+      be_.copy(s.p.data(), params + g.pieces[0].offset + lo, hi - lo);
     } else {
-      pack(g, params, s.packed.data());
-      std::copy(s.packed.begin() + lo, s.packed.begin() + hi, s.p.begin());
+      pack_dev(g, params, s.packed.data());
+      be_.copy(s.p.data(), s.packed.data() + lo, hi - lo);
     }
     // The decay spans overlapping the shard.
     for (const DecaySpan& d : g.decay) {
@@ -60,11 +70,12 @@ double ShardedAdamW::step(float* params, float* grads, double lr) {
         be_.adamw_update(s.p.data() + (a - lo), s.g.data() + (a - lo), s.m.data() + (a - lo), s.v.data() + (a - lo),
                          0, b - a, b1, b2, eps, gs, d.decay ? decay_on : 1.f, step_size, inv_sqrt_bc2);
     }
+    be_.synchronize();
     if (g.contiguous()) {
-      g.comm->all_gather(params + g.pieces[0].offset, s.p.data(), g.counts, CommType::F32);
+      g.bulk->all_gather(params + g.pieces[0].offset, s.p.data(), g.counts, CommType::F32);
     } else {
-      g.comm->all_gather(s.packed.data(), s.p.data(), g.counts, CommType::F32);
-      unpack(g, s.packed.data(), params);
+      g.bulk->all_gather(s.packed.data(), s.p.data(), g.counts, CommType::F32);
+      unpack_dev(g, s.packed.data(), params);
     }
   }
   return norm;
@@ -75,11 +86,15 @@ void ShardedAdamW::get_moments(std::vector<float>& m, std::vector<float>& v) {
   for (size_t i = 0; i < groups_.size(); ++i) {
     const ParamGroup& g = groups_[i];
     Shard& s = shards_[i];
-    std::vector<float> packed(g.n);
-    g.comm->all_gather(packed.data(), s.m.data(), g.counts, CommType::F32);
-    unpack(g, packed.data(), m.data());
-    g.comm->all_gather(packed.data(), s.v.data(), g.counts, CommType::F32);
-    unpack(g, packed.data(), v.data());
+    TBuf<float> packed(&be_);
+    packed.resize(size_t(g.n));
+    std::vector<float> host(g.n);
+    for (auto [moment, out] : {std::pair{&s.m, &m}, std::pair{&s.v, &v}}) {
+      be_.synchronize();
+      g.bulk->all_gather(packed.data(), moment->data(), g.counts, CommType::F32);
+      be_.download(host.data(), packed.data(), host.size() * sizeof(float));
+      unpack(g, host.data(), out->data());
+    }
   }
 }
 
@@ -92,9 +107,9 @@ void ShardedAdamW::set_moments(const std::vector<float>& m, const std::vector<fl
     const int64_t lo = g.shard_lo, n = g.shard_n();
     std::vector<float> packed(g.n);
     pack(g, m.data(), packed.data());
-    std::copy_n(packed.begin() + lo, n, s.m.begin());
+    be_.upload(s.m.data(), packed.data() + lo, size_t(n) * sizeof(float));
     pack(g, v.data(), packed.data());
-    std::copy_n(packed.begin() + lo, n, s.v.begin());
+    be_.upload(s.v.data(), packed.data() + lo, size_t(n) * sizeof(float));
   }
 }
 

@@ -6,7 +6,9 @@
 //   3. AdamW (the backend's fused update, PyTorch semantics, clipping as train/optimizer.h) on the shard only,
 //      with moments of the shard's size;
 //   4. all-gathers the updated shards into every rank's parameters.
-// With one rank this is the plain AdamW of train/optimizer.h (same update, same clipping). Host backends.
+// With one rank this is the plain AdamW of train/optimizer.h (same update, same clipping). The shards live in the
+// backend's memory and the collectives run on each group's bulk communicator (MPI on CPU ranks, NCCL on GPU ranks);
+// the norm's partial sums travel on the host communicator.
 // Memory per rank: the parameters and gradients, plus 4 x the shard (moments, reduced gradient, updated
 // parameters); without expert parallelism the collectives work in place on the flat buffers.
 #include <cstdint>
@@ -33,9 +35,12 @@ class ShardedAdamW {
 
  private:
   struct Shard {
-    std::vector<float> m, v, g, p;  // [shard_n] moments, gradient, parameters
-    std::vector<float> packed;      // [group n] staging, only for a group of several runs (expert parallelism)
+    TBuf<float> m, v, g, p;  // [shard_n] moments, gradient, parameters (backend memory)
+    TBuf<float> packed;      // [group n] staging, only for a group of several runs (expert parallelism)
   };
+  // packed[g.n] = the group's pieces of flat, and back (backend copies).
+  void pack_dev(const ParamGroup& g, const float* flat, float* packed);
+  void unpack_dev(const ParamGroup& g, const float* packed, float* flat);
   TrainBackend& be_;
   const Parallel& par_;
   std::vector<ParamGroup> groups_;

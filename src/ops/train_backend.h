@@ -50,6 +50,9 @@ class TrainBackend {
   virtual void copy_2d(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows,
                        int64_t cols, bool accumulate) = 0;
   virtual void add(float* y, const float* x, int64_t n) = 0;  // y += x
+  // dst[i, :] (= or +=) src[rows[i], :] for i < n, H columns (rows: backend memory). Moves token rows between the
+  // layout of a layer and the send / receive buffers of expert parallelism.
+  virtual void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int64_t H, bool accumulate) = 0;
 
   // ---- products: C[M, N] = alpha op(A) op(B) + beta C, op = transpose when the flag is set (row-major).
   virtual void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,

@@ -139,7 +139,8 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
 
   // ---- backend, model, optimizer state
   const TrainBackend::Precision precision = parse_precision(a.precision);
-  std::unique_ptr<TrainBackend> be = make_train_backend(a.device);
+  const std::string device = dist::rank_device(a.device);  // under mpirun, one GPU per rank by local rank
+  std::unique_ptr<TrainBackend> be = make_train_backend(device);
   be->set_precision(precision);
   ModelConfig cfg;
   ModelWeights params;
@@ -182,7 +183,7 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
                             "model config or training options");
     if (a.batch % par.size() != 0)
       fail("--batch {} (the global batch) must be a multiple of the {} ranks", a.batch, par.size());
-    if (!be->is_host()) fail("distributed training runs on CPU ranks for now (--device cpu), got --device {}", a.device);
+    if (!be->is_host()) attach_device_comms(par, dist::device_index(device));  // NCCL for the GPU's memory
   }
   // Random init makes the whole model (the same on every rank); keep this rank's slice. A loaded model or
   // checkpoint is already the slice (the checkpoint has every expert: resharding on load).
@@ -204,7 +205,7 @@ TrainResult run_training(const TrainArgs& a_in, const TrainCallback& on_step, bo
   TrainModel tm(*be, cfg, params, grads, mem.view());
   std::unique_ptr<ExpertParallel> ep;
   if (par.ep > 1) {
-    ep = std::make_unique<ExpertParallel>(*par.ep_group, cfg.n_routed_experts);
+    ep = std::make_unique<ExpertParallel>(*par.ep_group, par.bulk_ep_group(), cfg.n_routed_experts);
     tm.set_expert_parallel(ep.get());
   }
   const bool root = par.is_root();

@@ -56,6 +56,17 @@ class CpuTrainBackend : public TrainBackend {
         std::copy_n(s, cols, d);
     }
   }
+  void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int64_t H, bool accumulate) override {
+#pragma omp parallel for schedule(static) if (n * H > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) {
+      const float* s = src + int64_t(rows[i]) * H;
+      float* d = dst + i * H;
+      if (accumulate)
+        for (int64_t j = 0; j < H; ++j) d[j] += s[j];
+      else
+        std::copy_n(s, H, d);
+    }
+  }
   void add(float* y, const float* x, int64_t n) override {
 #pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; ++i) y[i] += x[i];

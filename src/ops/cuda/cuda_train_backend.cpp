@@ -117,6 +117,10 @@ class CudaTrainBackend final : public TrainBackend {
     k::copy_2d(dst, dst_stride, src, src_stride, rows, cols, accumulate, ctx_.stream);
   }
   void add(float* y, const float* x, int64_t n) override { DSV3_TRAIN_PROF("add"); k::add(y, x, n, ctx_.stream); }
+  void gather_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int64_t H, bool accumulate) override {
+    DSV3_TRAIN_PROF("gather_rows");
+    k::gather_rows(dst, src, rows, n, H, ctx_.stream, accumulate);
+  }
 
   // ---- products
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,

@@ -132,11 +132,12 @@ __global__ void embedding_bwd_kernel(float* dtable, const float* dout, const int
 }
 
 __global__ void gather_rows_kernel(float* out, const float* src, const int32_t* rows, const float* scale, int64_t n,
-                                   int64_t H) {
+                                   int64_t H, bool accumulate) {
   DSV3_GRID_STRIDE(i, n * H) {
     const int64_t r = i / H;
     const float v = src[int64_t(rows[r]) * H + i % H];
-    out[i] = scale ? scale[r] * v : v;
+    const float x = scale ? scale[r] * v : v;
+    out[i] = accumulate ? out[i] + x : x;
   }
 }
 
@@ -218,16 +219,17 @@ void embedding_backward(float* dtable, const float* dout, const int32_t* row_id,
   DSV3_CUDA_KERNEL_CHECK();
 }
 
-void gather_rows(float* out, const float* src, const int32_t* rows, int64_t n, int64_t H, cudaStream_t s) {
+void gather_rows(float* out, const float* src, const int32_t* rows, int64_t n, int64_t H, cudaStream_t s,
+                 bool accumulate) {
   if (n <= 0 || H <= 0) return;
-  gather_rows_kernel<<<grid_for(n * H), 256, 0, s>>>(out, src, rows, nullptr, n, H);
+  gather_rows_kernel<<<grid_for(n * H), 256, 0, s>>>(out, src, rows, nullptr, n, H, accumulate);
   DSV3_CUDA_KERNEL_CHECK();
 }
 
 void gather_rows_scaled(float* out, const float* src, const int32_t* rows, const float* scale, int64_t n, int64_t H,
                         cudaStream_t s) {
   if (n <= 0 || H <= 0) return;
-  gather_rows_kernel<<<grid_for(n * H), 256, 0, s>>>(out, src, rows, scale, n, H);
+  gather_rows_kernel<<<grid_for(n * H), 256, 0, s>>>(out, src, rows, scale, n, H, false);
   DSV3_CUDA_KERNEL_CHECK();
 }
 

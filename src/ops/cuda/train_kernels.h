@@ -39,8 +39,9 @@ void embedding_forward(float* out, const float* table, const int32_t* ids, int64
 // per distinct id; the lists are built on the host, so repeated ids never race and the order is the token order).
 void embedding_backward(float* dtable, const float* dout, const int32_t* row_id, const int32_t* tok_off,
                         const int32_t* tok, int64_t nrows, int64_t H, cudaStream_t s);
-// out[i, :] = src[rows[i], :] for i < n (row gather, H columns).
-void gather_rows(float* out, const float* src, const int32_t* rows, int64_t n, int64_t H, cudaStream_t s);
+// out[i, :] (= or += with accumulate) src[rows[i], :] for i < n (row gather, H columns).
+void gather_rows(float* out, const float* src, const int32_t* rows, int64_t n, int64_t H, cudaStream_t s,
+                 bool accumulate = false);
 // out[i, :] = scale[i] * src[rows[i], :].
 void gather_rows_scaled(float* out, const float* src, const int32_t* rows, const float* scale, int64_t n, int64_t H,
                         cudaStream_t s);

@@ -150,7 +150,7 @@ TEST(V4Forward, BadInputsGiveOneLineErrors) {
   go.speculative_mtp = true;
   EXPECT_NE(error_of([&] { v4_generate(m, {3}, go); }).find("speculative"), std::string::npos);
   EXPECT_NE(error_of([&] { open_v4_model(kDir, "cuda"); }).find("CPU only"), std::string::npos);
-  EXPECT_NE(error_of([&] { open_v4_model(kDir, "cpu", "bf16"); }).find("fp32 only"), std::string::npos);
+  EXPECT_NE(error_of([&] { open_v4_model(kDir, "cpu", "fp8"); }).find("auto, f32 or bf16"), std::string::npos);
   EXPECT_NE(error_of([&] { open_v4_model(kDir + "/nope"); }).find("does not exist"), std::string::npos);
 }
 

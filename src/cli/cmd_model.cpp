@@ -32,7 +32,7 @@ void add_info(CLI::App& app) {
   c->add_flag("--json", *as_json, "Print one JSON object");
   c->add_option("--dtype", *dtype, "weights in memory: auto | f32 | bf16 | fp8 (for the reported weight bytes)");
   c->callback([=] {
-    if (config_model_type(*dir) == "deepseek_v4") return print_v4_info(*dir, *as_json);
+    if (config_model_type(*dir) == "deepseek_v4") return print_v4_info(*dir, *as_json, *dtype);
     ModelConfig cfg = ModelConfig::load(*dir);
     LoadOptions lo;
     lo.dtype = *dtype;

@@ -11,16 +11,21 @@
 #include "cli/common.h"
 #include "cli/info_v4.h"
 #include "model/v4_config.h"
+#include "model/v4_loader.h"
 #include "model/v4_weights.h"
 
 namespace dsv3::cli {
 
 using json = nlohmann::json;
 
-void print_v4_info(const std::string& dir, bool as_json) {
+void print_v4_info(const std::string& dir, bool as_json, const std::string& dtype) {
+  const DType matrices = v4_matrix_dtype(dtype);
   const V4Config asked = V4Config::load(dir);
   // Every tensor checked by name, shape and dtype; the MTP blocks when the checkpoint has mtp.* tensors.
-  const V4Weights w = load_v4_weights(asked, dir, /*dequantize=*/false);
+  const V4Weights w = load_v4_weights(asked, dir, /*dequantize=*/false, matrices);
+  // Resident weights (parameters and selection biases, MTP blocks included) as `logits` / `serve` would hold them.
+  const int64_t bytes = v4_weight_bytes(w.layout, matrices), bytes_f32 = v4_weight_bytes(w.layout, DType::F32);
+  const bool bf16 = matrices == DType::BF16;
   const V4Config& c = w.cfg;
   const int64_t total = v4_total_params(c), active = v4_active_params(c), mtp_params = v4_mtp_params(c);
   std::string mtp_line = fmt::format("{} MTP block{} ({} params", c.num_nextn_predict_layers,
@@ -78,6 +83,9 @@ void print_v4_info(const std::string& dir, bool as_json) {
             {"mtp_modules", c.num_nextn_predict_layers},
             {"mtp_params", mtp_params},
             {"mtp_absent", w.mtp_absent},
+            {"weights_dtype", bf16 ? "bf16" : "f32"},
+            {"weight_bytes", bytes},
+            {"weight_bytes_f32", bytes_f32},
             {"total_params", total},
             {"active_params_per_token", active},
             {"layer_types", types},
@@ -86,6 +94,7 @@ void print_v4_info(const std::string& dir, bool as_json) {
             {"cache_window_values", fixed},
             {"cache_bytes_1m_context_bf16", ctx_values * 2},
             {"cache_bytes_1m_context_f32", ctx_values * 4}};
+  if (bf16) j["bf16_rounded_tensors"] = w.bf16_from_float;  // F32/F16 matrices rounded to bf16 (0: exact)
   if (as_json) {
     std::printf("%s\n", j.dump().c_str());
     return;
@@ -109,6 +118,14 @@ void print_v4_info(const std::string& dir, bool as_json) {
   std::printf("mtp              %s\n", mtp_line.c_str());
   std::printf("checkpoint       %s%s\n", c.fp8 ? "fp8 e4m3 blocks" : "unquantized",
               c.expert_dtype.empty() ? "" : (", experts " + c.expert_dtype).c_str());
+  if (bf16)
+    std::printf("weights          bf16 matrices (FP8/FP4 weights, embedding, head, compressors, indexer projections), "
+                "fp32 norms / mHC / sinks / ape / router / biases: %s bytes in memory (f32: %s)%s\n",
+                human(bytes).c_str(), human(bytes_f32).c_str(),
+                w.bf16_from_float ? fmt::format("; {} F32/F16 matrices rounded to bf16", w.bf16_from_float).c_str()
+                                  : "; the checkpoint's matrices are FP8/FP4/BF16, held exactly (each value checked at load)");
+  else
+    std::printf("weights          fp32 in memory (every tensor expanded): %s bytes\n", human(bytes).c_str());
   for (auto& k : kinds)
     std::printf("cache %-28s %lld layers: %.2f values (%.2f bytes bf16) per token per layer + window of %lld x %lld\n",
                 k.name, (long long)k.layers, k.per_token, k.per_token * 2, (long long)W, (long long)hd);

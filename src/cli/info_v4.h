@@ -4,6 +4,7 @@
 
 namespace dsv3::cli {
 
-void print_v4_info(const std::string& dir, bool as_json);
+// dtype: the --dtype the model would load with (auto | f32 | bf16): the resident weight bytes reported.
+void print_v4_info(const std::string& dir, bool as_json, const std::string& dtype = "auto");
 
 }  // namespace dsv3::cli

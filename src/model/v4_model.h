@@ -1,5 +1,6 @@
 #pragma once
-// The DeepSeek-V4 model on the CPU reference backend (fp32), read top to bottom in this order:
+// The DeepSeek-V4 model on the CPU reference backend (fp32 activations; weights fp32, or under --dtype bf16 the
+// matrices the products read in bf16: v4_weights.h), read top to bottom in this order:
 //   v4_model.cpp       embedding -> N mHC streams -> decoder layers -> hc_head -> final norm -> lm_head
 //   v4_mhc.cpp         manifold-constrained hyper-connections: pre / post / Sinkhorn-projected comb, the head
 //   v4_attention.cpp   shared-KV attention: window + compressed entries, sinks, output de-rotation, grouped o-proj
@@ -32,7 +33,7 @@ struct V4RopeTable {
 // inv_freq of a rope table for r rope dims, as transformers computes it (fp32; YaRN ramp for rope type yarn).
 std::vector<float> v4_inv_freq(const V4Rope& p, int64_t r);
 
-// Tensors of one layer, views into V4Weights::flat (release names in the comments' shapes).
+// Tensors of one layer, views into V4Weights::flat / flat16 (release names in the comments' shapes).
 struct V4CompressorWeights {
   Tensor wkv, wgate;  // [w, d], w = 2c (CSA: lookahead and current halves) or c (HCA)
   Tensor ape;         // [m, w] position bias (added to the gate)

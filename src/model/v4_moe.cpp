@@ -36,7 +36,7 @@ void swiglu_clamped(Backend& be, float limit, const Tensor& x, const Tensor& gat
 Tensor expert(const Tensor& grouped, int64_t e) {
   Tensor t = grouped;
   t.shape = {grouped.dim(1), grouped.dim(2)};
-  t.data = static_cast<char*>(grouped.data) + size_t(e * grouped.dim(1) * grouped.dim(2)) * sizeof(float);
+  t.data = static_cast<char*>(grouped.data) + size_t(e * grouped.dim(1) * grouped.dim(2)) * dtype_size(grouped.dtype);
   return t;
 }
 

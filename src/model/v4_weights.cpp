@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "io/safetensors.h"
 #include "ops/backend.h"
@@ -149,7 +150,49 @@ std::vector<float> scale_values(const Tensor& sc, const std::string& name, const
   return v;
 }
 
+// A quantized weight [N, K] (FP8 codes [N, K] with [ceil(N/bn), ceil(K/bk)] block scales, or FP4 pairs [N, K/2]
+// with [N, K/32] scales) as bf16 into dst: code x scale in fp32 (the fp32 path's values), in chunks of rows so
+// that no fp32 copy of the tensor is made, each value checked to be exact in bf16 (see v4_weights.h).
+void quantized_to_bf16(uint16_t* dst, const uint8_t* data, bool fp4, const float* scale, int64_t N, int64_t K,
+                       int64_t bn, int64_t bk, const std::string& name, const std::string& dir) {
+  const int64_t chunk = fp4 ? 128 : bn, sk = (K + bk - 1) / bk;
+  std::vector<float> v(static_cast<size_t>(std::min(chunk, N) * K));
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0);
+    if (fp4) {
+      dequant_fp4_e2m1(v.data(), data + r0 * (K / 2), scale + r0 * sk, rows, K, bk);
+    } else {
+      convert_to_f32(DType::F8E4M3, data + r0 * K, v.data(), size_t(rows * K));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < K; ++c) v[size_t(r * K + c)] *= scale[((r0 + r) / bn) * sk + c / bk];
+    }
+    for (int64_t i = 0; i < rows * K; ++i) {
+      const float x = v[size_t(i)];
+      const uint16_t b = f32_to_bf16(x);
+      if (bf16_to_f32(b) != x && !std::isnan(x))
+        fail("tensor {} in {}: element [{}, {}] = {:g} (code x scale) is not exactly representable in bf16 (a scale "
+             "that is not a power of two, or a tiny one); load this checkpoint with --dtype f32",
+             name, dir, r0 + i / K, i % K, x);
+      dst[r0 * K + i] = b;
+    }
+  }
+}
+
 }  // namespace
+
+bool v4_bf16_resident(const ParamSpec& s) {
+  if (s.shape.size() != 2 || s.is_bias) return false;
+  const std::string& n = s.name;
+  auto ends = [&](const std::string& suf) { return n.size() >= suf.size() && n.compare(n.size() - suf.size(), suf.size(), suf) == 0; };
+  return n.find("hc_") == std::string::npos && !ends(".ape") && !ends("ffn.gate.weight");
+}
+
+int64_t v4_weight_bytes(const ParamLayout& L, DType matrices) {
+  int64_t b = 0;
+  for (const ParamSpec& s : L.specs)
+    b += shape_numel(s.shape) * (matrices == DType::BF16 && v4_bf16_resident(s) ? 2 : 4);
+  return b;
+}
 
 void dequant_fp4_e2m1(float* out, const uint8_t* packed, const float* scale, int64_t N, int64_t K, int64_t block) {
   const int64_t sk = (K + block - 1) / block;
@@ -162,15 +205,18 @@ void dequant_fp4_e2m1(float* out, const uint8_t* packed, const float* scale, int
 
 Tensor V4Weights::view(const std::string& name) const {
   const ParamSpec& s = layout.at(name);
-  const Tensor& base = s.is_bias ? bias_flat : flat;
+  const V4Place p = s.is_bias || place.empty() ? V4Place{false, s.offset} : place[layout.index.at(name)];
+  const Tensor& base = s.is_bias ? bias_flat : p.bf16 ? flat16 : flat;
   Tensor t = base;
   t.name = name;
   t.shape = s.shape;
-  t.data = static_cast<char*>(base.data) + size_t(s.offset) * dtype_size(base.dtype);
+  t.data = static_cast<char*>(base.data) + size_t(p.offset) * dtype_size(base.dtype);
   return t;
 }
 
-V4Weights load_v4_weights(const V4Config& c_in, const std::string& dir, bool dequantize) {
+V4Weights load_v4_weights(const V4Config& c_in, const std::string& dir, bool dequantize, DType matrices) {
+  if (matrices != DType::F32 && matrices != DType::BF16)
+    fail("DeepSeek-V4 weights load as F32 or BF16, not {}", dtype_name(matrices));
   WeightSet ws(dir);
   V4Weights w;
   w.cfg = c_in;
@@ -187,10 +233,26 @@ V4Weights load_v4_weights(const V4Config& c_in, const std::string& dir, bool deq
   }
   const V4Config& c = w.cfg;
   w.layout = make_v4_param_layout(c, &w.store);
+  const bool bf16 = matrices == DType::BF16;
+  int64_t n32 = w.layout.num_params, n16 = 0;
+  if (bf16) {  // the resident matrices packed into flat16, the rest into a smaller flat, both in layout order
+    n32 = 0;
+    w.place.resize(w.layout.specs.size());
+    for (size_t i = 0; i < w.layout.specs.size(); ++i) {
+      const ParamSpec& s = w.layout.specs[i];
+      if (s.is_bias) continue;
+      const bool r = v4_bf16_resident(s);
+      int64_t& counter = r ? n16 : n32;
+      w.place[i] = {r, counter};
+      counter += shape_numel(s.shape);
+    }
+  }
   if (dequantize) {
-    w.flat = Tensor::zeros(DType::F32, {w.layout.num_params}, "v4_params");
+    w.flat = Tensor::zeros(DType::F32, {std::max<int64_t>(n32, 1)}, "v4_params");
+    if (bf16) w.flat16 = Tensor::zeros(DType::BF16, {std::max<int64_t>(n16, 1)}, "v4_params_bf16");
     w.bias_flat = Tensor::zeros(DType::F32, {std::max<int64_t>(w.layout.num_bias, 1)}, "v4_biases");
   }
+  int64_t from_float = 0;
   auto find = [&](const std::string& n) -> std::string {
     for (const auto& cand : candidate_names(n))
       if (ws.has(cand)) return cand;
@@ -208,8 +270,9 @@ V4Weights load_v4_weights(const V4Config& c_in, const std::string& dir, bool deq
       fail("missing tensor {} in {} (expected shape {})", s.name, dir, shape_str(s.shape));
     }
     Tensor t = ws.get(src);
-    Tensor& dst = s.is_bias ? w.bias_flat : w.flat;
-    float* out = dequantize ? dst.ptr<float>() + s.offset : nullptr;
+    const V4Place p = s.is_bias || !bf16 ? V4Place{false, s.offset} : w.place[i];
+    Tensor& dst = s.is_bias ? w.bias_flat : p.bf16 ? w.flat16 : w.flat;
+    float* out = dequantize && !p.bf16 ? dst.ptr<float>() + p.offset : nullptr;
     const int64_t n = shape_numel(s.shape);
     if (t.dtype == DType::F8E4M3 || t.dtype == DType::I8) {
       const bool fp4 = t.dtype == DType::I8;
@@ -235,10 +298,13 @@ V4Weights load_v4_weights(const V4Config& c_in, const std::string& dir, bool deq
              fp4 ? "FP4" : "FP8", shape_str(s.shape), bn, bk, shape_str(sc.shape));
       std::vector<float> scale = scale_values(sc, sn, dir);
       if (!dequantize) return;
-      if (fp4) {
+      if (p.bf16) {
+        quantized_to_bf16(dst.ptr<uint16_t>() + p.offset, static_cast<const uint8_t*>(t.data), fp4, scale.data(), N, K,
+                          bn, bk, src, dir);
+      } else if (fp4) {
         dequant_fp4_e2m1(out, static_cast<const uint8_t*>(t.data), scale.data(), N, K);
       } else {
-        write_weights_fp8_host(dst, s.offset, static_cast<const uint8_t*>(t.data), scale.data(), N, K, bn, bk);
+        write_weights_fp8_host(dst, p.offset, static_cast<const uint8_t*>(t.data), scale.data(), N, K, bn, bk);
       }
       return;
     }
@@ -246,7 +312,21 @@ V4Weights load_v4_weights(const V4Config& c_in, const std::string& dir, bool deq
       fail("tensor {} in {} has dtype {}; expected a float type", src, dir, dtype_name(t.dtype));
     if (t.shape != s.shape)
       fail("tensor {} in {}: expected shape {} from config.json, got {}", src, dir, shape_str(s.shape), shape_str(t.shape));
-    if (dequantize) convert_to_f32(t.dtype, t.data, out, size_t(n));
+    if (p.bf16 && t.dtype != DType::BF16) {
+#pragma omp atomic
+      ++from_float;
+    }
+    if (!dequantize) return;
+    if (!p.bf16) {
+      convert_to_f32(t.dtype, t.data, out, size_t(n));
+    } else if (t.dtype == DType::BF16) {
+      std::memcpy(dst.ptr<uint16_t>() + p.offset, t.data, size_t(n) * 2);
+    } else {  // F32 / F16 rounded to nearest bf16, in chunks (no fp32 copy of the whole tensor)
+      const int64_t chunk = int64_t(1) << 20;
+      for (int64_t i0 = 0; i0 < n; i0 += chunk)
+        write_weights_host(dst, p.offset + i0, static_cast<const char*>(t.data) + size_t(i0) * dtype_size(t.dtype),
+                           t.dtype, std::min(chunk, n - i0));
+    }
   };
 #pragma omp parallel for schedule(dynamic)
   for (size_t i = 0; i < w.layout.specs.size(); ++i) {
@@ -261,6 +341,7 @@ V4Weights load_v4_weights(const V4Config& c_in, const std::string& dir, bool deq
     std::sort(errors.begin(), errors.end());
     throw InputError(errors.front());
   }
+  w.bf16_from_float = from_float;
   // Hash-routing tables: tid2eid [V, K] integer expert ids, each in [0, E).
   w.tid2eid.resize(size_t(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {

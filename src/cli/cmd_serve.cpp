@@ -68,8 +68,8 @@ void add_serve_commands(CLI::App& app) {
       };
       a->ec.speculative_mtp = *spec == "mtp";
       if (config_model_type(a->dir) == "deepseek_v4") {
-        // DeepSeek-V4: the same engine and HTTP server over V4Model (CPU, fp32; sequences of a step run one
-        // after another, each with its own window / compressed-entry cache).
+        // DeepSeek-V4: the same engine and HTTP server over V4Model (CPU, fp32; the sequences of a step run in
+        // one forward, each with its own window / compressed-entry cache).
         if (ranks) fail("DeepSeek-V4 models do not run under mpirun with several ranks yet");
         LoadedV4Model lm4 = open_v4_model(a->dir, a->device, a->dtype);
         V4Model& m4 = *lm4.model;

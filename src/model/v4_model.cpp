@@ -94,43 +94,89 @@ V4LayerWeights V4Model::make_layer(int64_t l) const {
   return L;
 }
 
-Tensor V4Model::forward(const std::vector<int32_t>& ids, V4Cache& cache, bool all_logits, Tensor* streams) {
+void V4Rows::add(const std::vector<int32_t>& new_ids, int64_t len) {
+  for (size_t t = 0; t < new_ids.size(); ++t) pos.push_back(int32_t(len + int64_t(t)));
+  ids.insert(ids.end(), new_ids.begin(), new_ids.end());
+  off.push_back(off.back() + int64_t(new_ids.size()));
+}
+
+V4Rows V4Model::batch_rows(const std::vector<V4Seq>& batch, int64_t mtp_block) {
   const V4Config& c = w_.cfg;
-  const int64_t T = int64_t(ids.size()), N = c.hc_mult, d = c.hidden_size, V = c.vocab_size;
-  if (T == 0) fail("forward: no tokens");
-  if (cache.layers_for != c.num_hidden_layers || int64_t(cache.layers.size()) != c.num_hidden_layers)
-    fail("forward: the cache was made for a model with {} layers, this one has {}", cache.layers_for,
-         c.num_hidden_layers);
-  if (cache.len + T > c.max_position_embeddings)
-    fail("sequence of {} tokens exceeds max_position_embeddings = {}", cache.len + T, c.max_position_embeddings);
-  for (int32_t id : ids)
-    if (id < 0 || id >= V) fail("token id {} is out of range for vocab_size {}", id, V);
-  std::vector<int32_t> pos(static_cast<size_t>(T));
-  for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = int32_t(cache.len + t);
-  rope_main_.ensure(cache.len + T);
-  rope_compress_.ensure(cache.len + T);
+  const char* what = mtp_block < 0 ? "forward" : "mtp_forward";
+  V4Rows rows;
+  int64_t max_len = 0;
+  std::vector<const V4Cache*> seen;
+  for (const V4Seq& b : batch) {
+    const int64_t T = int64_t(b.ids.size());
+    if (!b.cache) fail("{}: a batch entry without a cache", what);
+    if (T == 0) fail("{}: no tokens", what);
+    const V4Cache& cache = *b.cache;
+    if (std::find(seen.begin(), seen.end(), &cache) != seen.end()) fail("{}: one cache twice in a batch", what);
+    seen.push_back(&cache);
+    if (cache.layers_for != c.num_hidden_layers || int64_t(cache.layers.size()) != c.num_hidden_layers)
+      fail("{}: the cache was made for a model with {} layers, this one has {}", what, cache.layers_for,
+           c.num_hidden_layers);
+    if (mtp_block >= 0 && int64_t(cache.mtp.size()) != mtp_depth())
+      fail("mtp_forward: the cache was made for another MTP depth");
+    const int64_t len = mtp_block < 0 ? cache.len : cache.mtp_len[size_t(mtp_block)];
+    if (len + T > c.max_position_embeddings)
+      fail("sequence of {} tokens exceeds max_position_embeddings = {}", len + T, c.max_position_embeddings);
+    for (int32_t id : b.ids)
+      if (id < 0 || id >= c.vocab_size) fail("token id {} is out of range for vocab_size {}", id, c.vocab_size);
+    rows.add(b.ids, len);
+    max_len = std::max(max_len, len + T);
+  }
+  rope_main_.ensure(max_len);
+  rope_compress_.ensure(max_len);
+  return rows;
+}
+
+Tensor V4Model::forward(const std::vector<int32_t>& ids, V4Cache& cache, bool all_logits, Tensor* streams) {
+  return forward(std::vector<V4Seq>{V4Seq{ids, &cache, all_logits}}, streams);
+}
+
+Tensor V4Model::forward(const std::vector<V4Seq>& batch, Tensor* streams) {
+  const V4Config& c = w_.cfg;
+  const int64_t N = c.hc_mult, d = c.hidden_size, V = c.vocab_size;
+  const V4Rows rows = batch_rows(batch, -1);
+  const int64_t T = rows.rows(), S = rows.seqs();
+  if (T == 0) {  // an empty batch
+    if (streams) *streams = Tensor::f32_from({}, {0, N, d});
+    return Tensor::f32_from({}, {0, V});
+  }
 
   Tensor e = v4_new(be_, {T, d}, "embed");
-  be_.embedding(e, embed_, ids);
+  be_.embedding(e, embed_, rows.ids);
   Tensor X = v4_new(be_, {T, N, d}, "streams");
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < N; ++j) std::copy_n(e.f32() + t * d, d, X.f32() + (t * N + j) * d);
-  for (const auto& L : layers_) X = layer_forward(L, X, ids, pos, cache.layers[size_t(L.index)]);
+  std::vector<V4LayerCache*> lc(static_cast<size_t>(S));
+  for (const auto& L : layers_) {
+    for (int64_t s = 0; s < S; ++s) lc[size_t(s)] = &batch[size_t(s)].cache->layers[size_t(L.index)];
+    X = layer_forward(L, X, rows, lc);
+  }
   if (streams) *streams = X;
 
   Tensor h = v4_new(be_, {T, d}, "hc_head");
   v4_hc_head(be_, c, hc_head_fn_, hc_head_base_, hc_head_scale_, X, h);
-  const int64_t r0 = all_logits ? 0 : T - 1;
-  Tensor hr = v4_new(be_, {T - r0, d}, "final_hidden");
-  be_.rmsnorm(hr, h.rows(r0, T), final_norm_, float(c.rms_norm_eps));
-  Tensor logits = v4_new(be_, {T - r0, V}, "logits");
+  // The rows that give logits: each sequence's every row (all_logits) or its last.
+  std::vector<int64_t> out_rows;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t t = batch[size_t(s)].all_logits ? 0 : rows.count(s) - 1; t < rows.count(s); ++t)
+      out_rows.push_back(rows.begin(s) + t);
+  const int64_t R = int64_t(out_rows.size());
+  Tensor hs = v4_new(be_, {R, d}, "final_rows");
+  for (int64_t i = 0; i < R; ++i) std::copy_n(h.f32() + out_rows[size_t(i)] * d, d, hs.f32() + i * d);
+  Tensor hr = v4_new(be_, {R, d}, "final_hidden");
+  be_.rmsnorm(hr, hs, final_norm_, float(c.rms_norm_eps));
+  Tensor logits = v4_new(be_, {R, V}, "logits");
   be_.linear(logits, hr, head_);
-  cache.len += T;
+  for (const V4Seq& b : batch) b.cache->len += int64_t(b.ids.size());
   return logits;
 }
 
-Tensor V4Model::layer_forward(const V4LayerWeights& L, const Tensor& X, const std::vector<int32_t>& ids,
-                              const std::vector<int32_t>& pos, V4LayerCache& lc) {
+Tensor V4Model::layer_forward(const V4LayerWeights& L, const Tensor& X, const V4Rows& rows,
+                              const std::vector<V4LayerCache*>& lc) {
   const V4Config& c = w_.cfg;
   const int64_t T = X.dim(0), d = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
@@ -140,13 +186,13 @@ Tensor V4Model::layer_forward(const V4LayerWeights& L, const Tensor& X, const st
   // Attention block.
   v4_hc_pre(be_, c, L.hc_attn, X, u, post, comb);
   be_.rmsnorm(xn, u, L.attn_norm, eps);
-  Tensor a = v4_attention(be_, c, L, xn, pos, lc, rope);
+  Tensor a = v4_attention(be_, c, L, xn, rows, lc, rope);
   Tensor X1 = v4_new(be_, X.shape, "streams");
   v4_hc_post(c, X1, X, a, post, comb);
-  // MoE block: routing, then the routed experts on top of the shared expert.
+  // MoE block: routing over every row of the batch, then the routed experts on top of the shared expert.
   v4_hc_pre(be_, c, L.hc_ffn, X1, u, post, comb);
   be_.rmsnorm(xn, u, L.ffn_norm, eps);
-  V4Routing r = v4_route(be_, c, L, xn, ids);
+  V4Routing r = v4_route(be_, c, L, xn, rows.ids);
   Tensor f = v4_new(be_, {T, d}, "moe_out");
   v4_shared_expert(be_, c, L, xn, f);
   v4_experts_acc(be_, c, L, xn, r, f);
@@ -157,26 +203,25 @@ Tensor V4Model::layer_forward(const V4LayerWeights& L, const Tensor& X, const st
 
 Tensor V4Model::mtp_forward(int64_t k, const Tensor& X, const std::vector<int32_t>& next_ids, V4Cache& cache,
                             Tensor* streams_out) {
+  return mtp_forward(k, X, std::vector<V4Seq>{V4Seq{next_ids, &cache, true}}, streams_out);
+}
+
+Tensor V4Model::mtp_forward(int64_t k, const Tensor& X, const std::vector<V4Seq>& batch, Tensor* streams_out) {
   const V4Config& c = w_.cfg;
-  const int64_t T = int64_t(next_ids.size()), N = c.hc_mult, d = c.hidden_size, V = c.vocab_size;
+  const int64_t N = c.hc_mult, d = c.hidden_size, V = c.vocab_size;
   if (k < 0 || k >= mtp_depth()) fail("this model has no MTP block {} (it has {})", k, mtp_depth());
-  if (T == 0) fail("mtp_forward: no tokens");
+  const V4Rows rows = batch_rows(batch, k);
+  const int64_t T = rows.rows(), S = rows.seqs();
   if (X.shape != Shape{T, N, d}) fail("mtp_forward: streams {} for {} tokens", shape_str(X.shape), T);
-  if (int64_t(cache.mtp.size()) != mtp_depth()) fail("mtp_forward: the cache was made for another MTP depth");
-  for (int32_t id : next_ids)
-    if (id < 0 || id >= V) fail("token id {} is out of range for vocab_size {}", id, V);
+  if (T == 0) {
+    if (streams_out) *streams_out = Tensor::f32_from({}, {0, N, d});
+    return Tensor::f32_from({}, {0, V});
+  }
   const V4MtpWeights& M = mtp_[size_t(k)];
-  const int64_t len = cache.mtp_len[size_t(k)];
-  if (len + T > c.max_position_embeddings)
-    fail("sequence of {} tokens exceeds max_position_embeddings = {}", len + T, c.max_position_embeddings);
-  std::vector<int32_t> pos(static_cast<size_t>(T));
-  for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = int32_t(len + t);
-  rope_main_.ensure(len + T);
-  rope_compress_.ensure(len + T);
   const float eps = float(c.rms_norm_eps);
   // X0_j = rmsnorm(X_j, hnorm) h_proj^T + rmsnorm(embed[next], enorm) e_proj^T
   Tensor e = v4_new(be_, {T, d}, "mtp_embed"), en = v4_new(be_, {T, d}, "mtp_enorm"), pe = v4_new(be_, {T, d}, "mtp_e_proj");
-  be_.embedding(e, embed_, next_ids);
+  be_.embedding(e, embed_, rows.ids);
   be_.rmsnorm(en, e, M.enorm, eps);
   be_.linear(pe, en, M.e_proj);
   Tensor Xs = X.reshape({T * N, d});
@@ -188,14 +233,16 @@ Tensor V4Model::mtp_forward(int64_t k, const Tensor& X, const std::vector<int32_
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < N; ++j)
       for (int64_t i = 0; i < d; ++i) X0.f32()[(t * N + j) * d + i] += pe.f32()[t * d + i];
-  Tensor X1 = layer_forward(M.block, X0, next_ids, pos, cache.mtp[size_t(k)]);
+  std::vector<V4LayerCache*> lc(static_cast<size_t>(S));
+  for (int64_t s = 0; s < S; ++s) lc[size_t(s)] = &batch[size_t(s)].cache->mtp[size_t(k)];
+  Tensor X1 = layer_forward(M.block, X0, rows, lc);
   if (streams_out) *streams_out = X1;
   Tensor h = v4_new(be_, {T, d}, "mtp_hc_head"), hn = v4_new(be_, {T, d}, "mtp_hidden");
   v4_hc_head(be_, c, M.hc_fn, M.hc_base, M.hc_scale, X1, h);
   be_.rmsnorm(hn, h, M.norm, eps);
   Tensor logits = v4_new(be_, {T, V}, "mtp_logits");
   be_.linear(logits, hn, head_);
-  cache.mtp_len[size_t(k)] += T;
+  for (const V4Seq& b : batch) b.cache->mtp_len[size_t(k)] += int64_t(b.ids.size());
   return logits;
 }
 

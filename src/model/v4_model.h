@@ -9,7 +9,8 @@
 //   v4_moe.cpp         sqrtsoftplus / hash routing, then clamped-SwiGLU experts (grouped) and the shared expert
 //   v4_rope.cpp        the main and compress (YaRN) rope tables
 // The math is transformers' `deepseek_v4` (the spec, docs/deepseek-v4.md). Forward appends tokens to a
-// V4Cache, so a prompt in one call, in chunks or token by token computes the same function.
+// V4Cache, so a prompt in one call, in chunks or token by token computes the same function; one forward takes
+// several sequences (each its own cache), and the one-sequence forward is the batch of one.
 // The V4-specific ops (mHC, compressors, indexer, sink attention, routing) are host loops over fp32 tensors;
 // matrix products, norms, rope and embedding go through the Backend, which must be the CPU backend for now.
 #include <cstdint>
@@ -82,6 +83,15 @@ struct V4MtpWeights {
   V4LayerWeights block;              // layer id num_hidden_layers + k
 };
 
+struct V4Rows;  // the rows of a batch (v4_parts.h)
+
+// One sequence of a batched forward: new tokens appended to its own cache (positions cache->len, ...).
+struct V4Seq {
+  std::vector<int32_t> ids;
+  V4Cache* cache = nullptr;
+  bool all_logits = false;  // forward: logits for every new token, else its last; mtp_forward: not read (every row)
+};
+
 class V4Model {
  public:
   V4Model(V4Weights w, Backend& be);
@@ -89,21 +99,31 @@ class V4Model {
   const V4Weights& weights() const { return w_; }
   Backend& backend() { return be_; }
 
-  // Appends ids to the cache (positions cache.len ...) and returns host fp32 logits [rows, V]: every new token
-  // with all_logits, else the last one. InputError on bad ids, positions past max_position_embeddings, or a
-  // cache made for another config.
-  // streams: when given, the final streams [T, N, d] of the new tokens (before hc_head; what MTP block 1 reads).
+  // Several sequences in one forward, any mix of prefill chunks and single-token decodes, each on its own cache:
+  // the token-parallel parts (embedding, mHC, norms, projections, routing and experts, head) run over the rows of
+  // every sequence at once, the cache-dependent parts per sequence. Returns host fp32 logits in batch order
+  // (each sequence's rows as the one-sequence forward gives them); an empty batch gives [0, V]. InputError (before
+  // any cache changes) on no tokens, bad ids, positions past max_position_embeddings, a cache made for another
+  // config, or one cache twice in the batch.
+  // streams: when given, the final streams [T, N, d] of every new token in batch order (before hc_head; what MTP
+  // block 1 reads).
+  Tensor forward(const std::vector<V4Seq>& batch, Tensor* streams = nullptr);
+  // One sequence (the batch of one): logits [rows, V], every new token with all_logits, else the last one.
   Tensor forward(const std::vector<int32_t>& ids, V4Cache& cache, bool all_logits = false, Tensor* streams = nullptr);
-  // MTP block k (0-based) over rows i of X [T, N, d] (the previous stage's streams at cache.mtp_len[k] + i) with
-  // next_ids[i] the token after row i's: logits [T, V] predicting the token after next_ids[i] (all rows);
-  // streams_out: the block's output streams (the next block's input).
+  // MTP block k (0-based) over rows i of X [T, N, d] (the previous stage's streams, rows of the batch's sequences
+  // in order, sequence s's rows at positions cache->mtp_len[k] + i) with ids[i] the token after row i's: logits
+  // [T, V] predicting the token after ids[i] (all rows); streams_out: the block's output streams (the next block's
+  // input).
   int64_t mtp_depth() const { return int64_t(mtp_.size()); }
+  Tensor mtp_forward(int64_t k, const Tensor& X, const std::vector<V4Seq>& batch, Tensor* streams_out = nullptr);
   Tensor mtp_forward(int64_t k, const Tensor& X, const std::vector<int32_t>& next_ids, V4Cache& cache,
                      Tensor* streams_out = nullptr);
 
  private:
-  Tensor layer_forward(const V4LayerWeights& L, const Tensor& X, const std::vector<int32_t>& ids,
-                       const std::vector<int32_t>& pos, V4LayerCache& lc);
+  Tensor layer_forward(const V4LayerWeights& L, const Tensor& X, const V4Rows& rows,
+                       const std::vector<V4LayerCache*>& lc);
+  // Checks the batch (as forward documents; mtp: MTP block k's lengths) and lays out its rows.
+  V4Rows batch_rows(const std::vector<V4Seq>& batch, int64_t mtp_block);
 
   V4Weights w_;
   Backend& be_;

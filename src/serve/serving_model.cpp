@@ -1,7 +1,6 @@
 #include "serve/serving_model.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "core/error.h"
 
@@ -87,22 +86,9 @@ static void check_reserved(const SeqCache& s, int64_t n, int64_t block) {
              s.len + n, int64_t(s.blocks.size()) * block);
 }
 
-// Host fp32 rows of every part, one after another: [sum of rows, cols].
-static Tensor concat_rows(const std::vector<Tensor>& parts, int64_t cols) {
-  int64_t rows = 0;
-  for (const Tensor& p : parts) rows += p.numel() / cols;
-  Tensor t = Tensor::f32_from(std::vector<float>(size_t(rows * cols)), {rows, cols});
-  float* dst = t.f32();
-  for (const Tensor& p : parts) {
-    std::memcpy(dst, p.f32(), size_t(p.numel()) * sizeof(float));
-    dst += p.numel();
-  }
-  return t;
-}
-
 ForwardResult V4ServingModel::forward(std::vector<BatchSeq>& batch, const ForwardOptions& opt) {
-  const V4Config& cfg = m_.config();
-  std::vector<Tensor> logits, streams;
+  std::vector<V4Seq> seqs;
+  seqs.reserve(batch.size());
   for (BatchSeq& b : batch) {
     DSV3_CHECK(b.cache && !b.tokens.empty(), "forward: a batch entry without a cache or tokens");
     check_reserved(*b.cache, int64_t(b.tokens.size()), block_);
@@ -116,14 +102,14 @@ ForwardResult V4ServingModel::forward(std::vector<BatchSeq>& batch, const Forwar
     } else if (u != undo_.end()) {
       undo_.erase(u);  // the previous verify step's draft was kept
     }
-    Tensor X;
-    logits.push_back(m_.forward(b.tokens, c, b.all_logits || opt.all_logits, opt.keep_hidden ? &X : nullptr));
-    if (opt.keep_hidden) streams.push_back(X);
-    b.cache->len = c.len;
+    seqs.push_back(V4Seq{b.tokens, &c, b.all_logits || opt.all_logits});
   }
+  // Every sequence of the step in one V4 forward.
   ForwardResult r;
-  r.logits = concat_rows(logits, cfg.vocab_size);
-  if (opt.keep_hidden) r.hidden = concat_rows(streams, cfg.hc_mult * cfg.hidden_size);
+  Tensor X;
+  r.logits = m_.forward(seqs, opt.keep_hidden ? &X : nullptr);
+  if (opt.keep_hidden) r.hidden = X.reshape({X.dim(0), X.dim(1) * X.dim(2)});
+  for (size_t i = 0; i < batch.size(); ++i) batch[i].cache->len = seqs[i].cache->len;
   return r;
 }
 
@@ -131,21 +117,19 @@ Tensor V4ServingModel::mtp_logits(std::vector<BatchSeq>& batch, const std::vecto
   const V4Config& cfg = m_.config();
   DSV3_CHECK(m_.mtp_depth() >= 1, "DeepSeek-V4 serving: this model has no MTP block");
   const int64_t N = cfg.hc_mult, d = cfg.hidden_size;
-  std::vector<Tensor> logits;
-  size_t off = 0;
+  std::vector<V4Seq> seqs;
+  int64_t T = 0;
   for (BatchSeq& b : batch) {
     DSV3_CHECK(b.cache && !b.tokens.empty(), "mtp_logits: a batch entry without a cache or tokens");
-    const int64_t T = int64_t(b.tokens.size());
-    DSV3_CHECK(off + size_t(T * N * d) <= h.size(), "mtp_logits: {} hidden values for more rows", h.size());
-    check_reserved(*b.cache, T, block_);
-    V4Cache& c = cache_of(*b.cache);  // only its MTP block state is used
-    Tensor X = Tensor::f32_from(std::vector<float>(h.begin() + off, h.begin() + off + size_t(T * N * d)), {T, N, d});
-    off += size_t(T * N * d);
-    logits.push_back(m_.mtp_forward(0, X, b.tokens, c));
-    b.cache->len = c.mtp_len[0];
+    check_reserved(*b.cache, int64_t(b.tokens.size()), block_);
+    seqs.push_back(V4Seq{b.tokens, &cache_of(*b.cache), true});  // only its MTP block state is used
+    T += int64_t(b.tokens.size());
   }
-  DSV3_CHECK(off == h.size(), "mtp_logits: {} hidden values for {} rows", h.size(), off / size_t(N * d));
-  return concat_rows(logits, cfg.vocab_size);
+  DSV3_CHECK(h.size() == size_t(T * N * d), "mtp_logits: {} hidden values for {} rows", h.size(), T);
+  // Every sequence's rows through MTP block 0 in one forward.
+  Tensor logits = m_.mtp_forward(0, Tensor::f32_from(h, {T, N, d}), seqs);
+  for (size_t i = 0; i < batch.size(); ++i) batch[i].cache->len = seqs[i].cache->mtp_len[0];
+  return logits;
 }
 
 void V4ServingModel::mark_draft(SeqCache& s) { undo_[&s].armed = true; }

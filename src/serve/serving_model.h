@@ -9,7 +9,8 @@
 //   LatentServingModel  DeepSeek-V3 / R1 / V3.2 (Model): the paged latent cache (KvCache), batched forward,
 //                       the MTP module for speculative drafts (a rejected draft's row is simply forgotten).
 //   V4ServingModel      DeepSeek-V4 (V4Model, CPU): one V4Cache per sequence (window rings, compressed entries,
-//                       indexer keys), the batch's sequences run one after another; the pool only counts tokens.
+//                       indexer keys), the batch's sequences in one V4 forward (and one MTP forward); the pool
+//                       only counts tokens.
 //                       MTP block 0 drafts from the main model's final mHC streams; the V4 cache is not
 //                       position-addressed, so a verify step keeps a copy of the cache before it and a rejected
 //                       draft restores that copy and runs the kept token again (as v4_generate does).

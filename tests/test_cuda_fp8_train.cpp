@@ -98,6 +98,7 @@ TEST(CudaFp8Train, ColumnTilesOfSegmentsBitExact) {
   const int64_t M = off.back(), K = 70, ldx = 72;
   V x = randn(size_t(M * ldx), 2.0, 11);
   for (int64_t r = 5; r < 133; ++r) x[size_t(r * ldx + 3)] = 0.f;  // an all-zero column tile: scale 1
+  for (int64_t r = 5; r < 133; ++r) x[size_t(r * ldx + 4)] = r % 3 ? 1e-45f : 0.f;  // denormal: scale 2^-126
   std::vector<cuda::ColTile> tiles;
   std::vector<int64_t> po{0}, ts{0};
   for (size_t e = 0; e + 1 < off.size(); ++e) {
@@ -244,8 +245,8 @@ void expect_close(const char* what, const V& got, const V& ref, double tol) {
 
 }  // namespace
 
-// fp8_linear_forward / backward on the CUDA training backend against the CPU emulation: a kernel shape and one
-// whose contractions are not multiples of 16 (the dequantized path).
+// fp8_linear_forward / backward on the CUDA training backend against the CPU emulation: kernel shapes, ones whose
+// contractions are not multiples of 16 (the dequantized path) and ones whose Wgrad is split along the tokens.
 TEST(CudaFp8Train, BackendLinearMatchesCpuEmulation) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   auto be = make_cuda_train_backend(0);
@@ -253,7 +254,9 @@ TEST(CudaFp8Train, BackendLinearMatchesCpuEmulation) {
   struct Shape {
     int64_t M, N, K;
   };
-  for (const Shape s : {Shape{300, 192, 384}, Shape{37, 72, 40}, Shape{129, 40, 64}}) {
+  // 2048 and 1500 rows: the Wgrad is split along the tokens (4 and 2 chunks, the second uneven).
+  for (const Shape s : {Shape{300, 192, 384}, Shape{37, 72, 40}, Shape{129, 40, 64}, Shape{2048, 192, 256},
+                        Shape{1500, 128, 128}}) {
     const V x = randn(size_t(s.M * s.K), 1.0, 80), W = randn(size_t(s.N * s.K), 0.05, 81),
             dy = randn(size_t(s.M * s.N), 1.0, 82), dx0 = randn(size_t(s.M * s.K), 1.0, 83),
             dW0 = randn(size_t(s.N * s.K), 1.0, 84);

@@ -202,14 +202,23 @@ TEST_P(CudaTrainModel, Fp8PrecisionFollowsCpuEmulation) {
   opt.balance_alpha = 1e-2;
   auto cpu = make_cpu_train_backend();
   auto gpu = make_gpu(f32);
+  const Result exact = run_on(*cpu, cfg, w, ids, B, T, opt);  // fp32 products: how far FP8 itself moves things
   cpu->set_precision(TrainBackend::Precision::FP8);
   gpu->set_precision(TrainBackend::Precision::FP8);
   Result c = run_on(*cpu, cfg, w, ids, B, T, opt);
   Result g = run_on(*gpu, cfg, w, ids, B, T, opt);
-  if (f32) {
-    EXPECT_LT(std::abs(g.st.loss - c.st.loss) / c.st.loss, 1e-3) << "fp8 main loss";
-  }
-  compare(std::string("tiny-mtp fp8 vs cpu fp8") + (f32 ? " (fp32 elsewhere)" : ""), g, c, false);
+  const int64_t n = c.grads.flat.numel();
+  const double fp8_effect = rel(c.grads.flat.ptr<float>(), exact.grads.flat.ptr<float>(), n);
+  const double gap = rel(g.grads.flat.ptr<float>(), c.grads.flat.ptr<float>(), n);
+  std::printf("[ cuda-train ] fp8 %s: loss gpu %.6f cpu %.6f (fp32 products %.6f); gradients gpu vs cpu fp8 %.2e, "
+              "cpu fp8 vs fp32 %.2e\n", f32 ? "(fp32 elsewhere)" : "(bf16 elsewhere)", g.st.total, c.st.total,
+              exact.st.total, gap, fp8_effect);
+  // This random model's gradients are sensitive (near-tied routers, cancelling sums): FP8 itself moves them by
+  // ~20%. The two FP8 implementations must agree much better than that; with fp32 products elsewhere they differ
+  // only where a summation-order difference lands a value on another e4m3 code.
+  EXPECT_LT(std::abs(g.st.total - c.st.total) / c.st.total, f32 ? 1e-4 : 2e-3) << "fp8 loss";
+  EXPECT_LT(gap, (f32 ? 0.35 : 0.8) * fp8_effect) << "fp8 gradients";
+  if (f32) compare("tiny-mtp fp8 vs cpu fp8 (fp32 elsewhere)", g, c, false);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CudaTrainModel, ::testing::Values(true, false),

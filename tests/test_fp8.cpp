@@ -59,7 +59,7 @@ std::vector<float> ref_act(std::vector<float> x, int64_t M, int64_t K) {
       const int64_t k1 = std::min(K, k0 + 128);
       float amax = 0;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[size_t(m * K + k)]));
-      const float s = amax > 0 ? amax / 448.f : 1.f;
+      const float s = amax > 0 ? std::max(amax / 448.f, 1.17549435e-38f) : 1.f;  // scales stay normal
       for (int64_t k = k0; k < k1; ++k) {
         float& v = x[size_t(m * K + k)];
         v = f8e4m3_to_f32(f32_to_f8e4m3(v / s)) * s;

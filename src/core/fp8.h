@@ -3,7 +3,7 @@
 //   activations  1x128 tiles  (per row, per 128 columns of K)     scales [M, ceil(K/128)]
 //   weights      128x128 blocks                                  scales [ceil(N/128), ceil(K/128)]
 //   transposed   128x1 tiles  (per column, per 128 rows)         scales [ceil(M/128), K]   (Wgrad operands)
-//   scale = amax / 448 (fp32), code = e4m3(x / scale) rounded to nearest even and saturated to +-448;
+//   scale = max(amax / 448, 2^-126) (fp32), code = e4m3(x / scale) rounded to nearest even and saturated to +-448;
 //   value = code * scale (the hub's `weight_scale_inv` is this scale). A tile of zeros gets scale 1.
 // These functions are the specification: the CUDA kernels compute bit-identical codes and scales (IEEE fp32
 // division and the hardware's round-to-nearest-even satfinite conversion), and tests compare them.
@@ -16,8 +16,18 @@ namespace dsv3::fp8 {
 inline constexpr int64_t kTile = 128;
 inline constexpr float kMax = 448.f;
 
+// The smallest scale: FLT_MIN (2^-126). For amax below 448 x 2^-126 (~5e-36; gradients reach such tiles)
+// amax / 448 is a denormal or rounds to 0, and a zero scale would make x / scale infinite, or NaN for the tile's
+// zeros (0 / 0). A normal scale keeps every code finite: such a tile's values are far below its smallest code and
+// quantize to 0 (or the smallest codes).
+inline constexpr float kMinScale = 1.17549435e-38f;
+
 inline int64_t tiles(int64_t n) { return (n + kTile - 1) / kTile; }
-inline float scale_from_amax(float amax) { return amax > 0.f ? amax / kMax : 1.f; }
+inline float scale_from_amax(float amax) {
+  if (!(amax > 0.f)) return 1.f;
+  const float s = amax / kMax;
+  return s < kMinScale ? kMinScale : s;
+}
 
 // Round-to-nearest-even fp32 -> e4m3fn with saturation to +-448 (NaN -> 0x7f), exactly what
 // cvt.rn.satfinite.e4m3x2.f32 does; bit manipulation, so it is usable on hot paths.

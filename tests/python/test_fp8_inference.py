@@ -97,7 +97,7 @@ def _fake_quant_transformers(model):
         for k0 in range(0, shp[-1], 128):
             blk = x[:, k0:k0 + 128]
             amax = blk.abs().amax(dim=1, keepdim=True)
-            s = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+            s = torch.where(amax > 0, (amax / 448.0).clamp(min=2.0 ** -126), torch.ones_like(amax))
             out[:, k0:k0 + 128] = (blk / s).to(torch.float8_e4m3fn).float() * s
         return out.reshape(shp)
 
@@ -107,7 +107,7 @@ def _fake_quant_transformers(model):
             for k0 in range(0, w.shape[1], 128):
                 blk = w[n0:n0 + 128, k0:k0 + 128]
                 amax = blk.abs().max()
-                s = amax / 448.0 if amax > 0 else torch.tensor(1.0)
+                s = (amax / 448.0).clamp(min=2.0 ** -126) if amax > 0 else torch.tensor(1.0)
                 w[n0:n0 + 128, k0:k0 + 128] = (blk / s).to(torch.float8_e4m3fn).float() * s
         return w
 

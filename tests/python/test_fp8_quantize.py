@@ -25,6 +25,9 @@ ALIGNED = {
     "torch_dtype": "bfloat16",
 }
 
+# Scales stay normal (core/fp8.h): amax / 448 of a tile of tiny values would underflow to 0 (x / 0 = inf, 0 / 0 = NaN).
+MIN_SCALE = np.float32(2.0 ** -126)
+
 
 def run(dsv3_bin, *args, check=True):
     p = subprocess.run([dsv3_bin, *map(str, args)], capture_output=True, text=True)
@@ -79,7 +82,7 @@ def ref_quantize_128x128(w):
         for j in range(tk):
             blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
             amax = np.float32(np.abs(blk).max())
-            s = np.float32(amax / np.float32(448.0)) if amax > 0 else np.float32(1.0)
+            s = np.maximum(np.float32(amax / np.float32(448.0)), MIN_SCALE) if amax > 0 else np.float32(1.0)
             scales[i, j] = s
             codes[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = e4m3(blk / s)
     return codes, scales
@@ -204,7 +207,8 @@ def ref_quantize_tiles(x, rows):
     for t in range(kt):
         blk = xt[:, t * 128:(t + 1) * 128]
         amax = np.abs(blk).max(axis=1).astype(np.float32)
-        s = np.where(amax > 0, (amax / np.float32(448.0)).astype(np.float32), np.float32(1.0)).astype(np.float32)
+        s = np.where(amax > 0, np.maximum((amax / np.float32(448.0)).astype(np.float32), MIN_SCALE),
+                     np.float32(1.0)).astype(np.float32)
         scales[:, t] = s
         codes[:, t * 128:(t + 1) * 128] = e4m3(blk / s[:, None])
     return (codes.T, scales.T) if rows else (codes, scales)
@@ -217,6 +221,8 @@ def test_tile_quantizers_match_numpy(tmp_path, dsv3_bin, tile):
     x[7, :] = 0  # an all-zero row: scale 1
     x[9, 10] = 1e30  # saturation of nothing: amax is the value itself
     x[11, 12] = 1e-40  # subnormal input
+    x[13, :] = 1e-45  # tiles of the smallest denormal: amax / 448 underflows, the scale stays 2^-126
+    x[128:, 256:] = -3e-43  # a tiny 128x128 block, and tiny 128x1 tiles
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
     run(dsv3_bin, "fp8-quantize-debug", "--input", tmp_path / "x.safetensors", "--output", tmp_path / "q.safetensors",
         "--tile", tile)
@@ -228,3 +234,4 @@ def test_tile_quantizers_match_numpy(tmp_path, dsv3_bin, tile):
     assert q["scales"].shape == scales.shape
     assert np.array_equal(q["scales"].view(np.uint32), scales.view(np.uint32))
     assert np.array_equal(q["codes"], codes)
+    assert not np.isin(q["codes"], [0x7F, 0xFF]).any()  # no NaN codes

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <numeric>
 #include <string>
@@ -69,6 +71,8 @@ class CudaTrainBackend final : public TrainBackend {
     else if (m == "bf16") math_ = Math::Bf16Copies;
     else if (m == "fp32ops") math_ = Math::Fp32Operands;
     else if (!m.empty() && m != "default") fail("DSV3_CUDA_TRAIN_MATH={}: use default, bf16, fp32ops or tf32", m);
+    const char* nc = std::getenv("DSV3_CUDA_NAN_CHECK");
+    nan_check_ = nc && std::string(nc) == "1";
     const char* x = std::getenv("DSV3_CUDA_TRAIN_EXPERTS");
     experts_kernel_ = !(x && std::string(x) == "cublas");
     // DSV3_CUDA_TRAIN_EXPERTS=mma: the mma.sync grouped kernel instead of the sm90 wgmma/TMA one (where built).
@@ -131,12 +135,27 @@ class CudaTrainBackend final : public TrainBackend {
   // ---- FP8 products (--precision fp8): fp8_train.h, a dense layer is one segment of rows.
   void fp8_linear_forward(float* y, const float* x, const float* W, int64_t M, int64_t N, int64_t K) override {
     DSV3_TRAIN_PROF("fp8_linear_forward");
+    nan_check("fp8_linear_forward x", x, M * K), nan_check("fp8_linear_forward W", W, N * K);
     fp8().forward({0, M}, x, K, N, {{y, W}});
+    nan_check("fp8_linear_forward y", y, M * N);
   }
   void fp8_linear_backward(float* dx, bool dx_accumulate, float* dW, const float* dy, const float* x, const float* W,
                            int64_t M, int64_t N, int64_t K) override {
     DSV3_TRAIN_PROF("fp8_linear_backward");
+    nan_check("fp8_linear_backward dy", dy, M * N), nan_check("fp8_linear_backward x", x, M * K);
+    nan_check("fp8_linear_backward W", W, N * K);
+    if (dx && dx_accumulate) nan_check("fp8_linear_backward dx before accumulating", dx, M * K);
     fp8().backward({0, M}, dx, dx_accumulate, dW, dy, x, W, K, N);
+    if (dx) nan_check("fp8_linear_backward dx", dx, M * K);
+    if (dW) nan_check("fp8_linear_backward dW", dW, N * K);
+  }
+  // DSV3_CUDA_NAN_CHECK=1: fail naming the first FP8 product whose input or output holds a NaN or an infinity
+  // (a debugging aid: each check waits for the GPU).
+  void nan_check(const char* what, const float* p, int64_t n) {
+    if (!nan_check_ || n <= 0) return;
+    const double s = sum_squares(p, n);
+    if (!std::isfinite(s))
+      fail("DSV3_CUDA_NAN_CHECK: {} has non-finite values ({} elements, sum of squares {})", what, n, s);
   }
 
   // ---- norms, rope, swiglu, embedding
@@ -329,9 +348,12 @@ class CudaTrainBackend final : public TrainBackend {
     float* A = scratch<float>(kMoeA, size_t(NK * I));
     k::gather_rows(Xs, x, xrow, NK, H, ctx_.stream);
     if (precision() == Precision::FP8) {  // the recipe's products per expert (CPU: cpu/backward_moe.cpp)
+      nan_check("experts fp8 x", Xs, NK * H);
       fp8().forward(s.offsets, Xs, H, I, {{G, Wg}, {U, Wu}});
+      nan_check("experts fp8 G", G, NK * I), nan_check("experts fp8 U", U, NK * I);
       k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
       fp8().forward(s.offsets, A, I, H, {{Y, Wd}});
+      nan_check("experts fp8 Y", Y, NK * H);
       k::moe_combine(out, Y, w, s.rows.data() + 2 * NK, N, K, H, ctx_.stream);
       return;
     }
@@ -377,11 +399,16 @@ class CudaTrainBackend final : public TrainBackend {
     k::swiglu_forward(A, G, U, NK * I, ctx_.stream);
     if (precision() == Precision::FP8) {
       // dWd += dY^T A, dA = dY Wd (into A); dG, dU in place; dX = dG Wg + dU Wu into dY's buffer; dWg, dWu.
+      nan_check("experts fp8 dY", dY, NK * H), nan_check("experts fp8 A", A, NK * I);
       fp8().backward(s.offsets, A, false, dWd, dY, A, Wd, I, H);
+      nan_check("experts fp8 dA", A, NK * I), nan_check("experts fp8 dWd", dWd, E * H * I);
       k::swiglu_backward(G, U, A, G, U, NK * I, ctx_.stream);
+      nan_check("experts fp8 dG", G, NK * I), nan_check("experts fp8 dU", U, NK * I);
       float* DX = dY;
       fp8().backward(s.offsets, DX, false, dWg, G, Xs, Wg, H, I);
       fp8().backward(s.offsets, DX, true, dWu, U, Xs, Wu, H, I);
+      nan_check("experts fp8 dX", DX, NK * H), nan_check("experts fp8 dWg", dWg, E * I * H),
+          nan_check("experts fp8 dWu", dWu, E * I * H);
       k::moe_sum_pairs(dx, DX, where, N, K, H, ctx_.stream);
       return;
     }
@@ -723,6 +750,7 @@ class CudaTrainBackend final : public TrainBackend {
   cuda::OpProfiler prof_{"training steps"};
   DeviceContext& ctx_;
   bool f32_ = false;
+  bool nan_check_ = false;  // DSV3_CUDA_NAN_CHECK=1
   // How the non-exact fp32 products run (DSV3_CUDA_TRAIN_MATH): bf16 operand copies by the size rule (default),
   // copies always, cuBLAS on the fp32 operands (bf16 inside its kernels) always, or TF32 tensor cores.
   enum class Math { Rule, Bf16Copies, Fp32Operands, Tf32 } math_ = Math::Rule;

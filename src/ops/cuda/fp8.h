@@ -45,6 +45,9 @@ struct ColTile {
 };
 void quantize_128x1_t(uint8_t* codes_t, int64_t ldq, float* scales_t, int64_t lds, const float* x, int64_t ldx,
                       int64_t K, const ColTile* tiles, int64_t n_tiles, cudaStream_t s);
+// out[i] += parts[i] + parts[n + i] + ... + parts[(S - 1) n + i] (in that order) for i < n: the split-K partial
+// products of fp8_grouped_gemm summed deterministically.
+void add_partials(float* out, const float* parts, int64_t n, int S, cudaStream_t s);
 // out [rows, cols] fp32 dense = e4m3(codes[r * ldq + c]) * scales[(r / row_div) * lds + c / 128]: one operand of an
 // Fp8Problem as fp32 (row_div 1: a scale per row, 128: block scales), for the fp32 fallback of its product.
 void dequantize_operand(float* out, const uint8_t* codes, int64_t ldq, const float* scales, int64_t lds, int64_t rows,

@@ -11,7 +11,10 @@ namespace dsv3::cuda {
 
 namespace {
 
-__device__ __forceinline__ float scale_of(float amax) { return amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f; }
+// core/fp8.h's scale_from_amax: at least 2^-126, so a tile of tiny values never gets a zero scale.
+__device__ __forceinline__ float scale_of(float amax) {
+  return amax > 0.f ? fmaxf(__fdiv_rn(amax, 448.f), 1.17549435e-38f) : 1.f;
+}
 __device__ __forceinline__ uint8_t e4m3(float v) {
   return uint8_t(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
@@ -195,6 +198,14 @@ __global__ void quantize_128x1_t_kernel(uint8_t* codes_t, int64_t ldq, float* sc
   *reinterpret_cast<uint4*>(codes_t + kk * ldq + t.col0 + 16 * j) = make_uint4(wd[0], wd[1], wd[2], wd[3]);
 }
 
+__global__ void add_partials_kernel(float* out, const float* parts, int64_t n, int S) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int j = 0; j < S; ++j) v += parts[j * n + i];
+    out[i] += v;
+  }
+}
+
 __global__ void dequantize_operand_kernel(float* out, const uint8_t* codes, int64_t ldq, const float* scales,
                                           int64_t lds, int64_t rows, int64_t cols, int row_div) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * cols;
@@ -271,6 +282,12 @@ void quantize_128x1_t(uint8_t* codes_t, int64_t ldq, float* scales_t, int64_t ld
   DSV3_CHECK(n_tiles <= INT32_MAX && (K + 31) / 32 <= 65535, "quantize_128x1_t: {} tiles x {} columns", n_tiles, K);
   dim3 grid(unsigned(n_tiles), unsigned((K + 31) / 32));
   quantize_128x1_t_kernel<<<grid, 256, 0, s>>>(codes_t, ldq, scales_t, lds, x, ldx, K, tiles);
+  DSV3_CUDA_KERNEL_CHECK();
+}
+
+void add_partials(float* out, const float* parts, int64_t n, int S, cudaStream_t s) {
+  if (n <= 0 || S <= 0) return;
+  add_partials_kernel<<<blocks_for(n, 256), 256, 0, s>>>(out, parts, n, S);
   DSV3_CUDA_KERNEL_CHECK();
 }
 

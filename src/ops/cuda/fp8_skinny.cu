@@ -34,7 +34,7 @@ __device__ __forceinline__ void quantize_tile(uint8_t* codes, float* scale, cons
     amax = fmaxf(amax, fabsf(v[j]));
   }
   amax = warp_max(amax);
-  const float s = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
+  const float s = amax > 0.f ? fmaxf(__fdiv_rn(amax, 448.f), 1.17549435e-38f) : 1.f;  // core/fp8.h scale_from_amax
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int k = k0 + lane * 4 + j;

@@ -77,6 +77,7 @@ void Fp8TrainProducts::backward(const std::vector<int64_t>& offsets, float* dA, 
   if (R <= 0 || N <= 0 || K <= 0) return;
   const int64_t tk = fp8::tiles(K), tn = fp8::tiles(N);
   const cudaStream_t st = ctx_.stream;
+  split_ = 1;
   // Every quantization first (dA may alias A), then the products.
   std::vector<Fp8Problem> dgrad, wgrad;
   if (dA) {
@@ -117,18 +118,39 @@ void Fp8TrainProducts::backward(const std::vector<int64_t>& offsets, float* dA, 
     float* Ats = take<float>(kAts, size_t(K * T));
     quantize_128x1_t(Ctq, P, Cts, T, dC, N, N, dtiles, int64_t(tiles_.size()), st);
     quantize_128x1_t(Atq, P, Ats, T, A, K, K, dtiles, int64_t(tiles_.size()), st);
+    // Split along the tokens when the output tiles would not fill the GPU twice over (one segment only: the
+    // experts' many segments already give enough tiles). Chunks are whole 128-token tiles.
+    const int64_t out_tiles = fp8::tiles(N) * fp8::tiles(K);
+    int S = 1;
+    if (E == 1 && !dequant_) {
+      const int64_t want = 2 * int64_t(ctx_.prop.multiProcessorCount);
+      while (S < 8 && out_tiles * S * 2 <= want && fp8::tiles(R) >= 4 * S * 2) S *= 2;
+    }
+    split_ = S;
+    float* parts = S > 1 ? take<float>(kParts, size_t(S) * size_t(N * K)) : nullptr;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t kp = po[e + 1] - po[e];
       if (kp <= 0) continue;
-      Fp8Problem p{Ctq + po[e], Cts + ts[e], Atq + po[e], Ats + ts[e], dW + e * N * K, as_int(N, "N"),
-                   as_int(K, "K"), as_int(kp, "rows"), as_int(P, "P"), as_int(P, "P"), as_int(K, "ldc"),
-                   as_int(T, "T"), as_int(T, "T"), 1, 1, 0};
-      p.b_rows = 1;
-      wgrad.push_back(p);
+      const int64_t chunk = S > 1 ? (fp8::tiles(kp) + S - 1) / S * 128 : kp;
+      for (int j = 0; j * chunk < kp; ++j) {
+        const int64_t c0 = j * chunk, cn = std::min(chunk, kp - c0);
+        Fp8Problem p{Ctq + po[e] + c0, Cts + ts[e] + c0 / 128, Atq + po[e] + c0, Ats + ts[e] + c0 / 128,
+                     S > 1 ? parts + j * N * K : dW + e * N * K, as_int(N, "N"), as_int(K, "K"), as_int(cn, "rows"),
+                     as_int(P, "P"), as_int(P, "P"), as_int(K, "ldc"), as_int(T, "T"), as_int(T, "T"), 1,
+                     S > 1 ? 0 : 1, 0};
+        p.b_rows = 1;
+        wgrad.push_back(p);
+      }
+      if (S > 1) {  // chunks past the end (kp smaller than S chunks) leave their partial unwritten: zero it
+        const int written = int((kp + chunk - 1) / chunk);
+        if (written < S)
+          DSV3_CUDA_CHECK(cudaMemsetAsync(parts + written * N * K, 0, size_t(S - written) * N * K * 4, st));
+      }
     }
   }
   run(dgrad);
   run(wgrad);
+  if (split_ > 1) add_partials(dW, take<float>(kParts, size_t(split_) * size_t(N * K)), N * K, split_, ctx_.stream);
 }
 
 void Fp8TrainProducts::run(std::vector<Fp8Problem>& probs) {

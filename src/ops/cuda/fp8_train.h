@@ -10,6 +10,9 @@
 // W [E, N, K] (the routed experts in sorted order; a dense layer is one segment). The Wgrad operands of each segment
 // are quantized from its first row, as the CPU does per expert, into transposed code buffers whose segments start
 // at multiples of 16 columns (zero-padded): the contraction of the product is then always a multiple of 16.
+// A Wgrad with few output tiles (a dense layer: [out, in] tiles over thousands of tokens) is split along the
+// tokens at 128-token tile boundaries into partial products summed in a fixed order (add_partials), so the
+// GPU's SMs all take part and the result stays deterministic.
 // The tensor-core kernel needs the contraction of Fprop (K) and Dgrad (N) to be a multiple of 16; other shapes, and
 // every shape with DSV3_CUDA_FP8_TRAIN=dequant, multiply the same codes dequantized to fp32 with cuBLAS in fp32
 // (the reference path the tests compare the kernel with).
@@ -38,7 +41,7 @@ class Fp8TrainProducts {
                 const float* A, const float* W, int64_t K, int64_t N);
 
  private:
-  enum Slot { kAq, kAs, kW0q, kW0s, kW1q, kW1s, kTiles, kCtq, kCts, kAtq, kAts, kProbs, kDeqA, kDeqB, kNumSlots };
+  enum Slot { kAq, kAs, kW0q, kW0s, kW1q, kW1s, kTiles, kCtq, kCts, kAtq, kAts, kProbs, kDeqA, kDeqB, kParts, kNumSlots };
   void* slot(Slot s, size_t bytes);
   template <typename T>
   T* take(Slot s, size_t n) {
@@ -49,6 +52,7 @@ class Fp8TrainProducts {
 
   DeviceContext& ctx_;
   bool dequant_ = false;  // DSV3_CUDA_FP8_TRAIN=dequant
+  int split_ = 1;         // the last Wgrad's split along the tokens
   struct Block {
     void* p = nullptr;
     size_t bytes = 0, rounded = 0;

@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
   double best = 0;
   uint64_t checksum = 0;
   for (int64_t rep = 0; rep < repeat; ++rep) {
-    V4ServingModel sm(model, S * (P + steps + 1), 16);
+    V4ServingModel sm(model, S * ((P + steps + 15) / 16) * 16, 16);
     std::vector<SeqCache> caches(static_cast<size_t>(S));
     std::vector<int32_t> last(static_cast<size_t>(S));
     auto step = [&](std::vector<std::vector<int32_t>> toks) {
@@ -86,7 +86,10 @@ int main(int argc, char** argv) {
     };
     std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(S));
     for (int64_t s = 0; s < S; ++s) {
-      if (!sm.reserve(caches[size_t(s)], P + steps)) return 1;
+      if (!sm.reserve(caches[size_t(s)], P + steps)) {
+        std::fprintf(stderr, "the cache pool is short\n");
+        return 1;
+      }
       for (int64_t t = 0; t < P; ++t) prompts[size_t(s)].push_back(int32_t((s * 131 + t * 17 + 3) % V));
     }
     step(prompts);

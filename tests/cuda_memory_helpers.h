@@ -15,6 +15,9 @@ T* dev_copy(const std::vector<T>& h) {
   T* d = nullptr;
   EXPECT_EQ(cudaMalloc(&d, std::max<size_t>(h.size(), 1) * sizeof(T)), cudaSuccess);
   EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  // A copy from pageable memory may return before its DMA lands, and the backend's stream does not wait for the
+  // legacy stream: finish it before a kernel on that stream reads the buffer.
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return d;
 }
 template <typename T>

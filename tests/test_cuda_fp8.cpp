@@ -101,7 +101,8 @@ TEST(CudaFp8, QuantizeActivationsBitExact) {
   std::vector<float> x = randn(size_t(M * K), 3.0, 1);
   for (int64_t k = 0; k < 128; ++k) x[size_t(5 * K + k)] = 0.f;  // an all-zero tile: scale 1, codes 0
   x[7] = 1e-9f;                                                  // a subnormal code
-  for (int64_t k = 128; k < 256; ++k) x[size_t(6 * K + k)] = 1e-45f;  // a denormal tile: the scale stays 2^-126
+  // A tile of denormals (2^-133, exact in bf16 too): amax / 448 underflows, the scale stays 2^-126.
+  for (int64_t k = 128; k < 256; ++k) x[size_t(6 * K + k)] = std::ldexp(1.f, -133);
   const Quantized ref = q_act(x, M, K);
   for (DType dt : {DType::BF16, DType::F32}) {
     void* dx = dt == DType::BF16 ? static_cast<void*>(dev_copy(to_bf16(x))) : static_cast<void*>(dev_copy(x));
